@@ -1,0 +1,798 @@
+//! The command line: `bayard serve`, `bayard certs …` and the client commands. This is the edge
+//! where errors become `anyhow` messages on stderr and a non-zero exit; results are JSON on stdout.
+
+use std::io::{IsTerminal, Read};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::certs::{self, CertificateAuthority, Validity};
+use crate::client::{Client, ClientError, ClientOptions, WriteReceipt};
+use crate::index::{FacetRequest, SearchRequest, SortSpec, DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
+use crate::node::{self, NodeConfig};
+use crate::protocol::{Consistency, DocumentInput, NodeStatus};
+use crate::telemetry::{self, LogFormat};
+use crate::transport::{self, Role, TlsFiles};
+
+#[derive(Debug, Parser)]
+#[command(name = "bayard", version, about = "A distributed full-text search server")]
+pub struct Arguments {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node.
+    Serve(ServeArguments),
+    /// Make certificates for a cluster.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Upsert a document (`--id` and JSON), or many with `--bulk` (NDJSON, each line with "_id").
+    Put(PutArguments),
+    /// Upsert documents from NDJSON (same as `put --bulk`).
+    BulkPut(BulkArguments),
+    /// Print the committed document with this id.
+    Get(GetArguments),
+    /// Delete a document, or many with `--bulk` (NDJSON of ids or of objects with "_id").
+    Delete(DeleteArguments),
+    /// Delete documents listed in NDJSON (same as `delete --bulk`).
+    BulkDelete(BulkArguments),
+    /// Make the writes so far searchable.
+    Commit(ConnectionArguments),
+    /// Discard the writes since the last commit.
+    Rollback(ConnectionArguments),
+    /// Merge the index segments into one.
+    Merge(ConnectionArguments),
+    /// Print the index schema.
+    Schema(ConnectionArguments),
+    /// Search with a query string.
+    Search(SearchArguments),
+    /// Print the node's status.
+    Status(ConnectionArguments),
+    /// Print the cluster members and their addresses.
+    Peers(ConnectionArguments),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArguments {
+    /// Node id, unique in the cluster.
+    #[arg(long, env = "BAYARD_ID", default_value_t = 1)]
+    pub id: u64,
+    /// Address to bind the UDP port on.
+    #[arg(long, env = "BAYARD_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    #[arg(long, env = "BAYARD_PORT", default_value_t = 5001)]
+    pub port: u16,
+    /// Host name or address other nodes and clients reach this node by (default: the bound address).
+    #[arg(long, env = "BAYARD_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// Data directory (default: ./data/<id>).
+    #[arg(long, env = "BAYARD_DATA_DIRECTORY")]
+    pub data_directory: Option<PathBuf>,
+    /// tantivy schema JSON (default: etc/schema.json if present, else the built-in example).
+    #[arg(long, env = "BAYARD_SCHEMA_FILE")]
+    pub schema_file: Option<PathBuf>,
+    /// Analyzer declarations (default: etc/tokenizer.json if present, else the built-in set).
+    #[arg(long, env = "BAYARD_TOKENIZER_FILE")]
+    pub tokenizer_file: Option<PathBuf>,
+    /// Cluster CA certificate. Without --ca/--cert/--key, development certificates are made in --certs-directory.
+    #[arg(long, env = "BAYARD_CA")]
+    pub ca: Option<PathBuf>,
+    /// This node's certificate (its URI SAN must be spiffe://<trust-domain>/node/<id>).
+    #[arg(long, env = "BAYARD_CERT")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, env = "BAYARD_KEY")]
+    pub key: Option<PathBuf>,
+    /// Where development certificates are made when no certificate flags are given.
+    #[arg(long, env = "BAYARD_CERTS_DIRECTORY", default_value = "certs")]
+    pub certs_directory: PathBuf,
+    #[arg(long, env = "BAYARD_TRUST_DOMAIN", default_value = transport::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Automatic commit period (e.g. 1s, 500ms); 0 commits only on request.
+    #[arg(long, env = "BAYARD_COMMIT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub commit_interval: Duration,
+    /// Largest frame accepted on a stream, in bytes.
+    #[arg(long, env = "BAYARD_MAX_FRAME_BYTES", default_value_t = transport::DEFAULT_MAX_FRAME_BYTES)]
+    pub max_frame_bytes: usize,
+    /// Memory of the index writer, in MiB.
+    #[arg(long, env = "BAYARD_WRITER_MEMORY_MB", default_value_t = 128)]
+    pub writer_memory_mb: usize,
+    #[arg(long, env = "BAYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionArguments {
+    /// Nodes to try, comma-separated host:port.
+    #[arg(long, env = "BAYARD_SERVERS", default_value = "127.0.0.1:5001", value_delimiter = ',')]
+    pub servers: Vec<String>,
+    #[arg(long, env = "BAYARD_CA", default_value = "certs/ca.pem")]
+    pub ca: PathBuf,
+    #[arg(long, env = "BAYARD_CERT", default_value = "certs/admin-dev.pem")]
+    pub cert: PathBuf,
+    #[arg(long, env = "BAYARD_KEY", default_value = "certs/admin-dev.key")]
+    pub key: PathBuf,
+    /// Deadline of each request (e.g. 30s).
+    #[arg(long, env = "BAYARD_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    #[arg(long, env = "BAYARD_MAX_FRAME_BYTES", default_value_t = transport::DEFAULT_MAX_FRAME_BYTES)]
+    pub max_frame_bytes: usize,
+    #[arg(long, env = "BAYARD_TRUST_DOMAIN", default_value = transport::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PutArguments {
+    #[command(flatten)]
+    pub connection: ConnectionArguments,
+    /// Document id (or an "_id" field in the document).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Read the document (or NDJSON with --bulk) from this file; `-` is stdin.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Treat the input as NDJSON, one document with "_id" per line.
+    #[arg(long)]
+    pub bulk: bool,
+    /// The document JSON (else --file, else stdin).
+    pub document: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BulkArguments {
+    #[command(flatten)]
+    pub connection: ConnectionArguments,
+    /// NDJSON file; `-` or absent is stdin.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArguments {
+    #[command(flatten)]
+    pub connection: ConnectionArguments,
+    #[arg(long)]
+    pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArguments {
+    #[command(flatten)]
+    pub connection: ConnectionArguments,
+    #[arg(long, required_unless_present = "bulk")]
+    pub id: Option<String>,
+    #[arg(long)]
+    pub bulk: bool,
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SearchArguments {
+    #[command(flatten)]
+    pub connection: ConnectionArguments,
+    /// Offset of the first hit.
+    #[arg(long, default_value_t = 0)]
+    pub from: usize,
+    /// Hits per page.
+    #[arg(long, default_value_t = 10)]
+    pub limit: usize,
+    /// Do not count all matches.
+    #[arg(long)]
+    pub exclude_count: bool,
+    /// Return no documents (counts and facets only).
+    #[arg(long)]
+    pub exclude_docs: bool,
+    /// Facet field to count (repeatable).
+    #[arg(long)]
+    pub facet_field: Vec<String>,
+    /// Facet prefix whose children are counted (repeatable; default `/`).
+    #[arg(long)]
+    pub facet_prefix: Vec<String>,
+    /// Sort by a fast field instead of relevance: `field`, `field:asc` or `field:desc`.
+    #[arg(long)]
+    pub sort: Option<String>,
+    /// local: this node; leader: the leader's index; linearizable: the leader after a read-index check.
+    #[arg(long, env = "BAYARD_CONSISTENCY", default_value = "local", value_parser = parse_consistency)]
+    pub consistency: Consistency,
+    /// tantivy query syntax, e.g. 'title:hello AND body:world'; `*` matches everything.
+    pub query: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Make the cluster CA (ca.pem, ca.key).
+    Ca(CaArguments),
+    /// Make a node certificate (node-<id>.pem/.key).
+    Node(NodeCertArguments),
+    /// Make a client certificate (client-<name>.pem/.key): search and write, read-only admin.
+    Client(NamedCertArguments),
+    /// Make an admin certificate (admin-<name>.pem/.key): everything but Raft.
+    Admin(NamedCertArguments),
+}
+
+#[derive(Debug, Args)]
+pub struct CaArguments {
+    #[arg(long, default_value = "certs")]
+    pub out_dir: PathBuf,
+    #[arg(long, default_value_t = certs::DEFAULT_CA_VALIDITY_DAYS)]
+    pub days: i64,
+    /// Replace existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SigningArguments {
+    #[arg(long, default_value = "certs")]
+    pub out_dir: PathBuf,
+    /// CA certificate (default: <out-dir>/ca.pem).
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
+    /// CA key (default: <out-dir>/ca.key).
+    #[arg(long)]
+    pub ca_key: Option<PathBuf>,
+    #[arg(long, default_value = transport::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    #[arg(long, default_value_t = certs::DEFAULT_LEAF_VALIDITY_DAYS)]
+    pub days: i64,
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeCertArguments {
+    #[arg(long)]
+    pub id: u64,
+    /// Extra host names and IP addresses the node is reached by, comma-separated
+    /// (localhost, 127.0.0.1 and ::1 are always included).
+    #[arg(long, value_delimiter = ',')]
+    pub san: Vec<String>,
+    #[command(flatten)]
+    pub signing: SigningArguments,
+}
+
+#[derive(Debug, Args)]
+pub struct NamedCertArguments {
+    #[arg(long)]
+    pub name: String,
+    #[command(flatten)]
+    pub signing: SigningArguments,
+}
+
+/// Parses `1s`, `500ms`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|character: char| !character.is_ascii_digit() && character != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 1s or 500ms"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown duration unit `{other}` (use ms, s, m or h)")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("`{text}` is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn parse_consistency(text: &str) -> Result<Consistency, String> {
+    match text {
+        "local" => Ok(Consistency::Local),
+        "leader" => Ok(Consistency::Leader),
+        "linearizable" => Ok(Consistency::Linearizable),
+        other => Err(format!("unknown consistency `{other}` (use local, leader or linearizable)")),
+    }
+}
+
+/// Parses `--sort field[:asc|:desc]`.
+pub fn parse_sort(text: &str) -> anyhow::Result<SortSpec> {
+    let (field, order) = match text.rsplit_once(':') {
+        Some((field, order)) => (field, order),
+        None => (text, "asc"),
+    };
+    if field.is_empty() {
+        bail!("--sort needs a field name, as in `year:desc`");
+    }
+    let descending = match order {
+        "asc" => false,
+        "desc" => true,
+        other => bail!("unknown sort order `{other}` in --sort (use asc or desc)"),
+    };
+    Ok(SortSpec {
+        field: field.to_string(),
+        descending,
+    })
+}
+
+pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
+    match arguments.command {
+        Command::Serve(serve) => run_serve(serve).await,
+        Command::Certs(command) => run_certs(command),
+        command => {
+            telemetry::init_logging(LogFormat::Text, "warn");
+            run_client_command(command).await
+        }
+    }
+}
+
+fn read_file_or_embedded(path: Option<&Path>, default_path: &str, embedded: &'static str, what: &str) -> anyhow::Result<String> {
+    match path {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {what} {}", path.display())),
+        None if Path::new(default_path).exists() => {
+            tracing::info!(path = default_path, "using {what}");
+            std::fs::read_to_string(default_path).with_context(|| format!("cannot read {what} {default_path}"))
+        }
+        None => {
+            tracing::info!("using the built-in {what}");
+            Ok(embedded.to_string())
+        }
+    }
+}
+
+async fn run_serve(arguments: ServeArguments) -> anyhow::Result<()> {
+    telemetry::init_logging(arguments.log_format, "info");
+    let tls = match (&arguments.ca, &arguments.cert, &arguments.key) {
+        (Some(ca), Some(cert), Some(key)) => TlsFiles {
+            ca_certificate: ca.clone(),
+            certificate: cert.clone(),
+            private_key: key.clone(),
+        },
+        (None, None, None) => {
+            let mut names = Vec::new();
+            if !arguments.host.is_unspecified() {
+                names.push(arguments.host.to_string());
+            }
+            if let Some(advertise_host) = &arguments.advertise_host {
+                names.push(advertise_host.clone());
+            }
+            let development = certs::ensure_development_certificates(
+                &arguments.certs_directory,
+                arguments.id,
+                &arguments.trust_domain,
+                &names,
+            )
+            .context("cannot make development certificates")?;
+            if !development.created.is_empty() {
+                let created: Vec<String> = development.created.iter().map(|path| path.display().to_string()).collect();
+                tracing::warn!(
+                    files = %created.join(", "),
+                    "no --ca/--cert/--key given: made development certificates; do not use them in production"
+                );
+            }
+            TlsFiles {
+                ca_certificate: development.ca_certificate,
+                certificate: development.node_certificate,
+                private_key: development.node_key,
+            }
+        }
+        _ => bail!("give --ca, --cert and --key together (or none of them for development certificates)"),
+    };
+    let schema_json = read_file_or_embedded(arguments.schema_file.as_deref(), "etc/schema.json", DEFAULT_SCHEMA_JSON, "schema file")?;
+    let tokenizer_json = read_file_or_embedded(
+        arguments.tokenizer_file.as_deref(),
+        "etc/tokenizer.json",
+        DEFAULT_TOKENIZER_JSON,
+        "tokenizer file",
+    )?;
+    let data_directory = arguments
+        .data_directory
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("data").join(arguments.id.to_string()));
+    let listen_address = SocketAddr::new(arguments.host, arguments.port);
+    let mut config = NodeConfig::new(arguments.id, listen_address, data_directory, schema_json, tokenizer_json, tls);
+    config.advertise_address = arguments
+        .advertise_host
+        .as_ref()
+        .map(|host| format!("{host}:{}", arguments.port));
+    config.trust_domain = arguments.trust_domain.clone();
+    config.commit_interval = arguments.commit_interval;
+    config.max_frame_bytes = arguments.max_frame_bytes;
+    config.writer_memory_bytes = arguments.writer_memory_mb.max(16) * 1024 * 1024;
+    node::run(config, shutdown_signal()).await.map_err(|error| anyhow!(error))
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
+    let written = match command {
+        CertsCommand::Ca(arguments) => {
+            let (_, pair) = CertificateAuthority::generate("bayard cluster ca", Validity::days_from_now(arguments.days))?;
+            certs::write_pair(&arguments.out_dir, "ca", &pair, arguments.force)?
+        }
+        CertsCommand::Node(arguments) => {
+            let mut names = certs::default_node_subject_alternative_names();
+            for name in arguments.san.iter().map(|name| name.trim()).filter(|name| !name.is_empty()) {
+                if !names.iter().any(|existing| existing == name) {
+                    names.push(name.to_string());
+                }
+            }
+            issue_leaf(&arguments.signing, &Role::Node { node_id: arguments.id }, &names, &format!("node-{}", arguments.id))?
+        }
+        CertsCommand::Client(arguments) => {
+            check_certificate_name(&arguments.name)?;
+            issue_leaf(
+                &arguments.signing,
+                &Role::Client {
+                    name: arguments.name.clone(),
+                },
+                &[],
+                &format!("client-{}", arguments.name),
+            )?
+        }
+        CertsCommand::Admin(arguments) => {
+            check_certificate_name(&arguments.name)?;
+            issue_leaf(
+                &arguments.signing,
+                &Role::Admin {
+                    name: arguments.name.clone(),
+                },
+                &[],
+                &format!("admin-{}", arguments.name),
+            )?
+        }
+    };
+    print_json(&json!({
+        "certificate": written.0.display().to_string(),
+        "key": written.1.display().to_string(),
+    }));
+    Ok(())
+}
+
+fn check_certificate_name(name: &str) -> anyhow::Result<()> {
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|character| character.is_ascii_alphanumeric() || matches!(character, '-' | '_' | '.'));
+    if !valid {
+        bail!("certificate name `{name}` may only hold letters, digits, '-', '_' and '.'");
+    }
+    Ok(())
+}
+
+fn issue_leaf(arguments: &SigningArguments, role: &Role, names: &[String], stem: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let ca_certificate = arguments.ca_cert.clone().unwrap_or_else(|| arguments.out_dir.join("ca.pem"));
+    let ca_key = arguments.ca_key.clone().unwrap_or_else(|| arguments.out_dir.join("ca.key"));
+    let authority = CertificateAuthority::load(&ca_certificate, &ca_key)
+        .with_context(|| "cannot load the CA; make one with `bayard certs ca` first".to_string())?;
+    let pair = authority.issue(role, &arguments.trust_domain, names, Validity::days_from_now(arguments.days))?;
+    Ok(certs::write_pair(&arguments.out_dir, stem, &pair, arguments.force)?)
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{value}");
+}
+
+fn connect(arguments: &ConnectionArguments) -> anyhow::Result<Client> {
+    let servers: Vec<String> = arguments
+        .servers
+        .iter()
+        .map(|server| server.trim().to_string())
+        .filter(|server| !server.is_empty())
+        .collect();
+    let mut options = ClientOptions::new(
+        servers,
+        TlsFiles {
+            ca_certificate: arguments.ca.clone(),
+            certificate: arguments.cert.clone(),
+            private_key: arguments.key.clone(),
+        },
+    );
+    options.request_timeout = arguments.timeout;
+    options.max_frame_bytes = arguments.max_frame_bytes;
+    options.trust_domain = arguments.trust_domain.clone();
+    options.trace_context = std::env::var("TRACEPARENT").ok().filter(|value| !value.is_empty());
+    Ok(Client::connect(options)?)
+}
+
+fn receipt_json(receipt: WriteReceipt) -> serde_json::Value {
+    json!({"status": "OK", "operations": receipt.operations, "applied_index": receipt.applied_index})
+}
+
+fn status_json(status: &NodeStatus) -> serde_json::Value {
+    let nodes: Vec<serde_json::Value> = status
+        .members
+        .iter()
+        .map(|member| {
+            json!({
+                "id": member.node_id,
+                "address": member.address,
+                "role": member.role,
+                "applied_index": member.applied_index,
+                "state": member.state,
+            })
+        })
+        .collect();
+    json!({
+        "node_id": status.node_id,
+        "cluster_id": status.cluster_id,
+        "address": status.address,
+        "role": status.role,
+        "leader": status.leader,
+        "term": status.term,
+        "applied_index": status.applied_index,
+        "document_count": status.document_count,
+        "segment_count": status.segment_count,
+        "version": status.version,
+        "nodes": nodes,
+        "status": "OK",
+    })
+}
+
+/// Reads `path` (`-` or none: stdin) to a string.
+fn read_input(path: Option<&Path>) -> anyhow::Result<String> {
+    match path {
+        Some(path) if path != Path::new("-") => {
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+        }
+        _ => {
+            if std::io::stdin().is_terminal() {
+                eprintln!("reading from stdin (end with Ctrl-D)");
+            }
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).context("cannot read stdin")?;
+            Ok(text)
+        }
+    }
+}
+
+/// Non-blank lines of an NDJSON input, with their 1-based line numbers.
+fn ndjson_lines(text: &str) -> Vec<(usize, &str)> {
+    text.lines()
+        .enumerate()
+        .map(|(number, line)| (number + 1, line.trim()))
+        .filter(|(_, line)| !line.is_empty())
+        .collect()
+}
+
+/// Validates NDJSON documents locally (JSON syntax, object, "_id") so errors name the line.
+fn parse_bulk_documents(text: &str) -> anyhow::Result<(Vec<DocumentInput>, Vec<usize>)> {
+    let mut documents = Vec::new();
+    let mut line_numbers = Vec::new();
+    for (line_number, line) in ndjson_lines(text) {
+        let value: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("line {line_number}: malformed JSON"))?;
+        let Some(object) = value.as_object() else {
+            bail!("line {line_number}: expected a JSON object");
+        };
+        match object.get("_id") {
+            Some(serde_json::Value::String(id)) if !id.is_empty() => {}
+            _ => bail!("line {line_number}: the document has no \"_id\" string"),
+        }
+        documents.push(DocumentInput {
+            id: None,
+            document_json: line.to_string(),
+        });
+        line_numbers.push(line_number);
+    }
+    if documents.is_empty() {
+        bail!("no documents in the input");
+    }
+    Ok((documents, line_numbers))
+}
+
+/// Bulk ids: each line is a JSON string, an object with "_id", or a bare id.
+fn parse_bulk_ids(text: &str) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for (line_number, line) in ndjson_lines(text) {
+        let id = match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(serde_json::Value::String(id)) => id,
+            Ok(serde_json::Value::Object(object)) => match object.get("_id") {
+                Some(serde_json::Value::String(id)) => id.clone(),
+                _ => bail!("line {line_number}: the object has no \"_id\" string"),
+            },
+            Ok(serde_json::Value::Number(number)) => number.to_string(),
+            Ok(_) => bail!("line {line_number}: expected an id"),
+            Err(_) => line.to_string(),
+        };
+        if id.is_empty() {
+            bail!("line {line_number}: empty id");
+        }
+        ids.push(id);
+    }
+    if ids.is_empty() {
+        bail!("no ids in the input");
+    }
+    Ok(ids)
+}
+
+fn progress_bar(total: usize) -> indicatif::ProgressBar {
+    // Draws on stderr only when it is a terminal.
+    let bar = indicatif::ProgressBar::new(total as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} documents ({per_sec}, eta {eta})") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Rewrites "document K" in a node's error into "line L" of the input.
+fn name_the_line(error: ClientError, line_numbers: &[usize]) -> anyhow::Error {
+    if let ClientError::Remote { message, .. } = &error {
+        if let Some(rest) = message.strip_prefix("document ") {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if let Some(line_number) = digits.parse::<usize>().ok().and_then(|position| line_numbers.get(position)) {
+                return anyhow!("line {line_number}{}", &rest[digits.len()..]);
+            }
+        }
+    }
+    anyhow!(error)
+}
+
+async fn bulk_put(connection: &ConnectionArguments, file: Option<&Path>) -> anyhow::Result<()> {
+    let text = read_input(file)?;
+    let (documents, line_numbers) = parse_bulk_documents(&text)?;
+    drop(text);
+    let client = connect(connection)?;
+    let bar = progress_bar(documents.len());
+    let receipt = client
+        .bulk_put(documents, |written| bar.set_position(written as u64))
+        .await
+        .map_err(|error| name_the_line(error, &line_numbers))?;
+    bar.finish_and_clear();
+    print_json(&receipt_json(receipt));
+    Ok(())
+}
+
+async fn bulk_delete(connection: &ConnectionArguments, file: Option<&Path>) -> anyhow::Result<()> {
+    let ids = parse_bulk_ids(&read_input(file)?)?;
+    let client = connect(connection)?;
+    let bar = progress_bar(ids.len());
+    let receipt = client.bulk_delete(ids, |deleted| bar.set_position(deleted as u64)).await?;
+    bar.finish_and_clear();
+    print_json(&receipt_json(receipt));
+    Ok(())
+}
+
+async fn run_client_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Put(arguments) => {
+            if arguments.bulk {
+                if arguments.document.is_some() {
+                    bail!("--bulk reads NDJSON from --file or stdin, not from the command line");
+                }
+                return bulk_put(&arguments.connection, arguments.file.as_deref()).await;
+            }
+            let document = match (&arguments.document, &arguments.file) {
+                (Some(_), Some(_)) => bail!("give the document either on the command line or with --file, not both"),
+                (Some(document), None) => document.clone(),
+                (None, file) => read_input(file.as_deref())?,
+            };
+            let document = document.trim();
+            let client = connect(&arguments.connection)?;
+            let input = DocumentInput {
+                id: arguments.id.clone(),
+                document_json: document.to_string(),
+            };
+            let receipt = client.put_documents(vec![input]).await.map_err(|error| match error {
+                // One document: "document 0 (id `x`): unknown field …" says no more than "unknown field …".
+                ClientError::Remote { message, .. } if message.starts_with("document 0") => match message.split_once(": ") {
+                    Some((_, reason)) => anyhow!("invalid document: {reason}"),
+                    None => anyhow!(message),
+                },
+                other => anyhow!(other),
+            })?;
+            print_json(&receipt_json(receipt));
+        }
+        Command::BulkPut(arguments) => bulk_put(&arguments.connection, arguments.file.as_deref()).await?,
+        Command::Get(arguments) => {
+            let client = connect(&arguments.connection)?;
+            match client.get(&arguments.id).await? {
+                Some(document) => print_json(&json!({"id": document.id, "fields": document.fields})),
+                None => bail!("no document with id `{}`", arguments.id),
+            }
+        }
+        Command::Delete(arguments) => {
+            if arguments.bulk {
+                return bulk_delete(&arguments.connection, arguments.file.as_deref()).await;
+            }
+            let Some(id) = &arguments.id else {
+                bail!("give --id, or --bulk with --file");
+            };
+            let client = connect(&arguments.connection)?;
+            print_json(&receipt_json(client.delete(id).await?));
+        }
+        Command::BulkDelete(arguments) => bulk_delete(&arguments.connection, arguments.file.as_deref()).await?,
+        Command::Commit(connection) => print_json(&receipt_json(connect(&connection)?.commit().await?)),
+        Command::Rollback(connection) => print_json(&receipt_json(connect(&connection)?.rollback().await?)),
+        Command::Merge(connection) => print_json(&receipt_json(connect(&connection)?.merge().await?)),
+        Command::Schema(connection) => print_json(&connect(&connection)?.schema().await?),
+        Command::Status(connection) => print_json(&status_json(&connect(&connection)?.status().await?)),
+        Command::Peers(connection) => {
+            let peers = connect(&connection)?.peers().await?;
+            let object: serde_json::Map<String, serde_json::Value> = peers
+                .into_iter()
+                .map(|(node_id, address)| (node_id.to_string(), serde_json::Value::String(address)))
+                .collect();
+            print_json(&serde_json::Value::Object(object));
+        }
+        Command::Search(arguments) => {
+            let sort = arguments.sort.as_deref().map(parse_sort).transpose()?;
+            let facets = arguments
+                .facet_field
+                .iter()
+                .map(|field| FacetRequest {
+                    field: field.clone(),
+                    prefixes: arguments.facet_prefix.clone(),
+                })
+                .collect();
+            let request = SearchRequest {
+                query: arguments.query.clone(),
+                from: arguments.from,
+                limit: arguments.limit,
+                exclude_count: arguments.exclude_count,
+                exclude_docs: arguments.exclude_docs,
+                facets,
+                sort,
+            };
+            let client = connect(&arguments.connection)?;
+            let result = client.search(request, arguments.consistency).await?;
+            print_json(&serde_json::to_value(&result)?);
+        }
+        Command::Serve(_) | Command::Certs(_) => unreachable!("handled by run"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn sort_specs_parse() {
+        assert_eq!(parse_sort("year:desc").unwrap(), SortSpec { field: "year".into(), descending: true });
+        assert_eq!(parse_sort("year").unwrap(), SortSpec { field: "year".into(), descending: false });
+        assert!(parse_sort("year:sideways").is_err());
+        assert!(parse_sort(":desc").is_err());
+    }
+
+    #[test]
+    fn ndjson_errors_name_the_line() {
+        let error = parse_bulk_documents("{\"_id\":\"1\"}\n\n{oops}\n").unwrap_err();
+        assert!(error.to_string().starts_with("line 3"), "{error}");
+        let error = parse_bulk_documents("{\"title\":\"x\"}").unwrap_err();
+        assert!(error.to_string().contains("no \"_id\""), "{error}");
+        let (documents, lines) = parse_bulk_documents("{\"_id\":\"1\"}\n\n{\"_id\":\"2\"}").unwrap();
+        assert_eq!(documents.len(), 2);
+        assert_eq!(lines, vec![1, 3]);
+        assert_eq!(parse_bulk_ids("\"a\"\n{\"_id\":\"b\"}\nc\n7").unwrap(), vec!["a", "b", "c", "7"]);
+    }
+}

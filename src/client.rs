@@ -1,0 +1,524 @@
+//! `bayard::client`: the typed async client the CLI and the tests use.
+//!
+//! A [`Client`] holds one QUIC endpoint and one pooled connection per server. Each call is one
+//! stream. When a server does not answer (or says it is unavailable) the call moves on to the next
+//! server in the list, for a bounded number of rounds; an answer that is an error (a bad query, a
+//! schema violation) is returned at once, since another server would say the same.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), bayard::client::ClientError> {
+//! use bayard::client::{Client, ClientOptions};
+//! use bayard::transport::TlsFiles;
+//! let tls = TlsFiles {
+//!     ca_certificate: "certs/ca.pem".into(),
+//!     certificate: "certs/client-app.pem".into(),
+//!     private_key: "certs/client-app.key".into(),
+//! };
+//! let client = Client::connect(ClientOptions::new(vec!["127.0.0.1:5001".into()], tls))?;
+//! client.put("1", r#"{"title":"hello"}"#).await?;
+//! client.commit().await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::index::{SearchRequest, SearchResponse};
+use crate::protocol::{
+    AdminRequest, AdminResponse, ClientRequest, ClientResponse, Consistency, DocumentInput, ErrorCode, NodeStatus,
+    StreamKind, WireError,
+};
+use crate::transport::frame::FrameError;
+use crate::transport::pool::{ConnectError, ConnectionPool};
+use crate::transport::{self, CallError, TlsFiles, TlsMaterial};
+
+/// Documents per bulk request, at most; requests are also kept under half the frame limit.
+pub const BULK_CHUNK_DOCUMENTS: usize = 1_000;
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// `host:port` of the nodes to try, in order.
+    pub servers: Vec<String>,
+    pub tls: TlsFiles,
+    pub trust_domain: String,
+    /// Deadline of one request, sent to the node with it.
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_frame_bytes: usize,
+    /// Passes over the server list before giving up on transport failures.
+    pub retry_rounds: usize,
+    /// W3C traceparent to send with every request (the CLI takes it from `TRACEPARENT`).
+    pub trace_context: Option<String>,
+}
+
+impl ClientOptions {
+    pub fn new(servers: Vec<String>, tls: TlsFiles) -> Self {
+        ClientOptions {
+            servers,
+            tls,
+            trust_domain: transport::identity::DEFAULT_TRUST_DOMAIN.to_string(),
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(3),
+            max_frame_bytes: transport::DEFAULT_MAX_FRAME_BYTES,
+            retry_rounds: 2,
+            trace_context: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Tls(#[from] transport::TlsError),
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+    #[error("no server given; pass --servers host:port")]
+    NoServers,
+    #[error("no server answered: {}", attempts.join("; "))]
+    Unavailable { attempts: Vec<String> },
+    /// The node answered with an error.
+    #[error("{message}")]
+    Remote {
+        code: ErrorCode,
+        message: String,
+        server: String,
+    },
+    #[error("request not sent: {0}")]
+    Request(FrameError),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("unexpected answer from {server} to `{request}`")]
+    UnexpectedResponse { server: String, request: &'static str },
+}
+
+impl ClientError {
+    /// The error code a node answered with, if it answered.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Remote { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// What a write reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WriteReceipt {
+    pub operations: u64,
+    pub applied_index: u64,
+}
+
+/// A stored document as `get` returns it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Document {
+    pub id: String,
+    pub fields: serde_json::Value,
+}
+
+/// One search hit with its stored fields parsed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Hit {
+    pub id: String,
+    pub fields: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sort_value: Option<serde_json::Value>,
+}
+
+/// A search answer, shaped as the CLI prints it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SearchResult {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    pub docs: Vec<Hit>,
+    pub facet: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The node that answered, and how far its index had applied the log.
+    pub node_id: u64,
+    pub applied_index: u64,
+}
+
+impl SearchResult {
+    fn from_response(response: SearchResponse, node_id: u64, applied_index: u64) -> Self {
+        let docs = response
+            .docs
+            .into_iter()
+            .map(|hit| Hit {
+                fields: parse_json_or_string(&hit.fields_json),
+                sort_value: hit.sort_value.as_deref().map(parse_json_or_string),
+                id: hit.id,
+                score: hit.score,
+            })
+            .collect();
+        let facet = response
+            .facets
+            .into_iter()
+            .map(|facet| (facet.field, facet.counts.into_iter().collect()))
+            .collect();
+        SearchResult {
+            count: response.count,
+            docs,
+            facet,
+            node_id,
+            applied_index,
+        }
+    }
+}
+
+/// The node sends stored fields as JSON text; should it ever not parse, keep the text.
+fn parse_json_or_string(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.to_string()))
+}
+
+pub struct Client {
+    pool: ConnectionPool,
+    options: ClientOptions,
+    /// The server that answered last; calls start there.
+    preferred_server: AtomicUsize,
+}
+
+impl Client {
+    /// Reads the certificate files and prepares the endpoint. No connection is made until the
+    /// first call.
+    pub fn connect(options: ClientOptions) -> Result<Self, ClientError> {
+        let material = TlsMaterial::load(&options.tls)?;
+        let quic_config = transport::tls::client_config(&material, transport::DEFAULT_MAX_CONCURRENT_STREAMS)?;
+        Self::with_quic_config(options, quic_config)
+    }
+
+    /// Like [`Client::connect`] with a ready QUIC client configuration (tests use it to present
+    /// no certificate or a foreign one).
+    pub fn with_quic_config(options: ClientOptions, quic_config: quinn::ClientConfig) -> Result<Self, ClientError> {
+        if options.servers.is_empty() {
+            return Err(ClientError::NoServers);
+        }
+        let ipv6 = options.servers.iter().all(|server| server.starts_with('['));
+        let endpoint = transport::bind_client_endpoint(quic_config, ipv6)?;
+        let pool = ConnectionPool::new(endpoint, options.trust_domain.clone(), options.connect_timeout);
+        Ok(Client {
+            pool,
+            options,
+            preferred_server: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
+    }
+
+    /// Sends one request, moving through the servers on transport failures.
+    async fn call<Request, Response>(&self, kind: StreamKind, request: &Request) -> Result<(Response, String), ClientError>
+    where
+        Request: Serialize,
+        Response: DeserializeOwned,
+    {
+        let servers = &self.options.servers;
+        let first = self.preferred_server.load(Ordering::Relaxed) % servers.len();
+        let mut attempts = Vec::new();
+        for round in 0..self.options.retry_rounds.max(1) {
+            if round > 0 {
+                tokio::time::sleep(Duration::from_millis(200 * round as u64)).await;
+            }
+            for offset in 0..servers.len() {
+                let position = (first + offset) % servers.len();
+                let server = &servers[position];
+                let connection = match self.pool.get(server).await {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        // A refused certificate is not going to change by asking again.
+                        if matches!(error, ConnectError::NotANode { .. }) {
+                            return Err(ClientError::Unavailable {
+                                attempts: vec![error.to_string()],
+                            });
+                        }
+                        attempts.push(error.to_string());
+                        continue;
+                    }
+                };
+                let outcome = transport::call::<Request, Response>(
+                    &connection,
+                    kind,
+                    self.options.trace_context.clone(),
+                    request,
+                    self.options.request_timeout,
+                    self.options.max_frame_bytes,
+                )
+                .await;
+                match outcome {
+                    Ok(Ok(response)) => {
+                        self.preferred_server.store(position, Ordering::Relaxed);
+                        return Ok((response, server.clone()));
+                    }
+                    Ok(Err(WireError { code, message })) if code == ErrorCode::Unavailable => {
+                        attempts.push(format!("{server}: {message}"));
+                    }
+                    Ok(Err(WireError { code, message })) => {
+                        return Err(ClientError::Remote {
+                            code,
+                            message,
+                            server: server.clone(),
+                        })
+                    }
+                    Err(CallError::Frame(error @ (FrameError::TooLarge { .. } | FrameError::Encode(_)))) => {
+                        return Err(ClientError::Request(error));
+                    }
+                    Err(error) => {
+                        self.pool.forget(server);
+                        let reason = match &error {
+                            CallError::Connection(connection_error) => {
+                                transport::pool::describe_connection_error(connection_error)
+                            }
+                            other => other.to_string(),
+                        };
+                        attempts.push(format!("{server}: {reason}"));
+                    }
+                }
+            }
+        }
+        Err(ClientError::Unavailable { attempts })
+    }
+
+    async fn client_call(&self, request: ClientRequest) -> Result<ClientResponse, ClientError> {
+        Ok(self.call(StreamKind::Client, &request).await?.0)
+    }
+
+    async fn write(&self, request: ClientRequest) -> Result<WriteReceipt, ClientError> {
+        let name = request.name();
+        let (response, server) = self.call(StreamKind::Client, &request).await?;
+        match response {
+            ClientResponse::Written {
+                operations,
+                applied_index,
+            } => Ok(WriteReceipt {
+                operations,
+                applied_index,
+            }),
+            _ => Err(ClientError::UnexpectedResponse { server, request: name }),
+        }
+    }
+
+    /// Upserts one document under `id`.
+    pub async fn put(&self, id: &str, document_json: &str) -> Result<WriteReceipt, ClientError> {
+        self.put_documents(vec![DocumentInput {
+            id: Some(id.to_string()),
+            document_json: document_json.to_string(),
+        }])
+        .await
+    }
+
+    /// Upserts documents in one request (one batch: all or nothing).
+    pub async fn put_documents(&self, documents: Vec<DocumentInput>) -> Result<WriteReceipt, ClientError> {
+        self.write(ClientRequest::Put { documents }).await
+    }
+
+    /// Upserts any number of documents, split into requests under the frame limit, in order.
+    /// `on_progress` is told how many documents have been written so far.
+    pub async fn bulk_put(
+        &self,
+        documents: Vec<DocumentInput>,
+        mut on_progress: impl FnMut(usize),
+    ) -> Result<WriteReceipt, ClientError> {
+        let chunk_limit_bytes = self.options.max_frame_bytes / 2;
+        let mut written = 0_usize;
+        let mut last_receipt = WriteReceipt {
+            operations: 0,
+            applied_index: 0,
+        };
+        let mut chunk: Vec<DocumentInput> = Vec::new();
+        let mut chunk_bytes = 0_usize;
+        let mut remaining = documents.into_iter().peekable();
+        while let Some(document) = remaining.next() {
+            let document_bytes = document.document_json.len() + document.id.as_ref().map_or(0, String::len) + 16;
+            if document_bytes > self.options.max_frame_bytes {
+                return Err(ClientError::InvalidArgument(format!(
+                    "document {} is {document_bytes} bytes, over the frame limit of {} bytes",
+                    written + chunk.len(),
+                    self.options.max_frame_bytes
+                )));
+            }
+            chunk_bytes += document_bytes;
+            chunk.push(document);
+            let next_bytes = remaining.peek().map_or(0, |next| next.document_json.len() + 16);
+            let full = chunk.len() >= BULK_CHUNK_DOCUMENTS || chunk_bytes + next_bytes > chunk_limit_bytes;
+            if full || remaining.peek().is_none() {
+                let count = chunk.len();
+                let receipt = self.put_documents(std::mem::take(&mut chunk)).await.map_err(|error| {
+                    offset_document_positions(error, written)
+                })?;
+                written += count;
+                chunk_bytes = 0;
+                last_receipt = WriteReceipt {
+                    operations: written as u64,
+                    applied_index: receipt.applied_index,
+                };
+                on_progress(written);
+            }
+        }
+        Ok(last_receipt)
+    }
+
+    pub async fn delete(&self, id: &str) -> Result<WriteReceipt, ClientError> {
+        self.write(ClientRequest::Delete { ids: vec![id.to_string()] }).await
+    }
+
+    /// Deletes any number of ids, in requests of at most [`BULK_CHUNK_DOCUMENTS`].
+    pub async fn bulk_delete(&self, ids: Vec<String>, mut on_progress: impl FnMut(usize)) -> Result<WriteReceipt, ClientError> {
+        let mut receipt = WriteReceipt {
+            operations: 0,
+            applied_index: 0,
+        };
+        let mut deleted = 0_usize;
+        for chunk in ids.chunks(BULK_CHUNK_DOCUMENTS) {
+            let chunk_receipt = self.write(ClientRequest::Delete { ids: chunk.to_vec() }).await?;
+            deleted += chunk.len();
+            receipt = WriteReceipt {
+                operations: deleted as u64,
+                applied_index: chunk_receipt.applied_index,
+            };
+            on_progress(deleted);
+        }
+        Ok(receipt)
+    }
+
+    pub async fn commit(&self) -> Result<WriteReceipt, ClientError> {
+        self.write(ClientRequest::Commit).await
+    }
+
+    pub async fn rollback(&self) -> Result<WriteReceipt, ClientError> {
+        self.write(ClientRequest::Rollback).await
+    }
+
+    pub async fn merge(&self) -> Result<WriteReceipt, ClientError> {
+        self.write(ClientRequest::Merge).await
+    }
+
+    /// The committed document with this id, if any.
+    pub async fn get(&self, id: &str) -> Result<Option<Document>, ClientError> {
+        let (response, server) = self.call(StreamKind::Client, &ClientRequest::Get { id: id.to_string() }).await?;
+        match response {
+            ClientResponse::Document { document } => Ok(document.map(|document| Document {
+                fields: parse_json_or_string(&document.fields_json),
+                id: document.id,
+            })),
+            _ => Err(ClientError::UnexpectedResponse { server, request: "get" }),
+        }
+    }
+
+    pub async fn search(&self, request: SearchRequest, consistency: Consistency) -> Result<SearchResult, ClientError> {
+        let (response, server) = self
+            .call(StreamKind::Client, &ClientRequest::Search { request, consistency })
+            .await?;
+        match response {
+            ClientResponse::Search {
+                response,
+                node_id,
+                applied_index,
+            } => Ok(SearchResult::from_response(response, node_id, applied_index)),
+            _ => Err(ClientError::UnexpectedResponse {
+                server,
+                request: "search",
+            }),
+        }
+    }
+
+    /// The index schema as tantivy JSON.
+    pub async fn schema(&self) -> Result<serde_json::Value, ClientError> {
+        match self.client_call(ClientRequest::Schema).await? {
+            ClientResponse::Schema { schema_json } => Ok(parse_json_or_string(&schema_json)),
+            _ => Err(ClientError::UnexpectedResponse {
+                server: String::new(),
+                request: "schema",
+            }),
+        }
+    }
+
+    pub async fn status(&self) -> Result<NodeStatus, ClientError> {
+        let (response, server) = self.call(StreamKind::Admin, &AdminRequest::Status).await?;
+        match response {
+            AdminResponse::Status(status) => Ok(status),
+            _ => Err(ClientError::UnexpectedResponse {
+                server,
+                request: "status",
+            }),
+        }
+    }
+
+    /// Member id to address.
+    pub async fn peers(&self) -> Result<BTreeMap<u64, String>, ClientError> {
+        let (response, server) = self.call(StreamKind::Admin, &AdminRequest::Peers).await?;
+        match response {
+            AdminResponse::Peers(peers) => Ok(peers),
+            _ => Err(ClientError::UnexpectedResponse { server, request: "peers" }),
+        }
+    }
+
+    /// Sends an arbitrary stream kind and body; for diagnostics and tests of refusals.
+    pub async fn raw_call<Request: Serialize>(
+        &self,
+        kind_byte: u8,
+        request: &Request,
+    ) -> Result<Result<(), WireError>, ClientError> {
+        let server = &self.options.servers[0];
+        let connection = self.pool.get(server).await.map_err(|error| ClientError::Unavailable {
+            attempts: vec![error.to_string()],
+        })?;
+        raw_stream_call(&connection, kind_byte, request, self.options.request_timeout, self.options.max_frame_bytes)
+            .await
+            .map_err(|error| ClientError::Unavailable {
+                attempts: vec![format!("{server}: {error}")],
+            })
+    }
+}
+
+/// Error messages from a bulk chunk count documents from the chunk start; make them count from
+/// the start of the whole load.
+fn offset_document_positions(error: ClientError, offset: usize) -> ClientError {
+    match error {
+        ClientError::Remote { code, message, server } if offset > 0 => {
+            let message = match message.strip_prefix("document ") {
+                Some(rest) => {
+                    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                    match digits.parse::<usize>() {
+                        Ok(position) => format!("document {}{}", position + offset, &rest[digits.len()..]),
+                        Err(_) => message,
+                    }
+                }
+                None => message,
+            };
+            ClientError::Remote { code, message, server }
+        }
+        other => other,
+    }
+}
+
+/// Like [`transport::call`] but with a raw kind byte, so tests can send kinds that do not exist.
+async fn raw_stream_call<Request: Serialize>(
+    connection: &quinn::Connection,
+    kind_byte: u8,
+    request: &Request,
+    timeout: Duration,
+    max_frame_bytes: usize,
+) -> Result<Result<(), WireError>, CallError> {
+    let header = crate::protocol::StreamHeader {
+        kind: kind_byte,
+        trace_context: None,
+        deadline_millis: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+    };
+    let exchange = async {
+        let (mut send, mut receive) = connection.open_bi().await?;
+        let header_frame = transport::frame::encode_frame(&header, max_frame_bytes)?;
+        let body_frame = transport::frame::encode_frame(request, max_frame_bytes)?;
+        let _ = send.write_all(&header_frame).await;
+        let _ = send.write_all(&body_frame).await;
+        let _ = send.finish();
+        let answer = transport::frame::read_frame::<_, Result<(), WireError>>(&mut receive, max_frame_bytes).await?;
+        Ok(answer)
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or(Err(CallError::TimedOut(timeout)))
+}

@@ -1,0 +1,410 @@
+//! `SearchIndex`: one tantivy index on disk with its writer and reader, and the operations
+//! that replication applies to it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as JsonValue};
+use tantivy::collector::TopDocs;
+use tantivy::directory::MmapDirectory;
+use tantivy::query::TermQuery;
+use tantivy::schema::{Field, FieldType, IndexRecordOption, Schema};
+use tantivy::{
+    Index, IndexReader, IndexSettings, IndexWriter, ReloadPolicy, TantivyDocument, TantivyError,
+    Term,
+};
+
+use super::analyzers::{check_schema_tokenizers, AnalyzerConfig};
+use super::document::{
+    build_tantivy_document, check_document_id, embedded_document_id, parse_json_object,
+    render_stored_document,
+};
+use super::schema::{check_id_field, describe_schema_differences};
+use super::{IndexError, ID_FIELD};
+
+/// A change to the index. This is what gets replicated: every node applies the same
+/// operations in the same order with [`SearchIndex::apply`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum IndexOperation {
+    /// Upsert: replaces any document with the same `_id`. `document_json` is a JSON object
+    /// that already contains `_id`.
+    Put { id: String, document_json: String },
+    /// Removes the document with this `_id`, if any.
+    Delete { id: String },
+    /// Makes every previous operation durable and visible to searches.
+    Commit,
+    /// Discards every operation since the last commit.
+    Rollback,
+    /// Merges all searchable segments into one.
+    Merge,
+}
+
+/// What [`SearchIndex::apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ApplyOutcome {
+    /// Whether the batch contained a commit (which succeeded).
+    pub committed: bool,
+    /// Number of `Put` operations applied.
+    pub documents_put: usize,
+    /// Number of `Delete` operations applied (tantivy does not report whether a document with
+    /// that id existed).
+    pub documents_deleted: usize,
+}
+
+/// A document read back from the index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredDocument {
+    pub id: String,
+    /// The stored fields except `_id`, as a JSON object; a single value is rendered as a
+    /// scalar, several values as an array.
+    pub fields_json: String,
+}
+
+/// A tantivy index with its single writer and a reader that only sees committed data.
+///
+/// Shared through `Arc`; all methods take `&self`. Writes are serialized by the writer mutex.
+pub struct SearchIndex {
+    pub(crate) index_directory: PathBuf,
+    pub(crate) index: Index,
+    pub(crate) schema: Schema,
+    pub(crate) schema_json: String,
+    pub(crate) id_field: Field,
+    /// Fields searched when a query term names no field: every indexed text field but `_id`.
+    pub(crate) default_search_fields: Vec<Field>,
+    pub(crate) writer: Mutex<IndexWriter>,
+    pub(crate) reader: IndexReader,
+    /// Set by puts and deletes, cleared by commit and rollback.
+    pub(crate) has_uncommitted_changes: AtomicBool,
+}
+
+impl std::fmt::Debug for SearchIndex {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SearchIndex")
+            .field("index_directory", &self.index_directory)
+            .field("has_uncommitted_changes", &self.has_uncommitted_changes())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SearchIndex {
+    /// Opens the index in `index_directory`, or creates it (and the directory) when there is
+    /// none. An existing index must have been created with exactly `schema`.
+    ///
+    /// The analyzers are registered on every open because tantivy only persists their names.
+    /// `writer_memory_bytes` is the indexing memory budget, split among the indexing threads
+    /// (at least 15 MB per thread; tantivy uses fewer threads for a smaller budget).
+    pub fn open_or_create(
+        index_directory: &Path,
+        schema: Schema,
+        analyzers: &AnalyzerConfig,
+        writer_memory_bytes: usize,
+    ) -> Result<Self, IndexError> {
+        check_id_field(&schema)?;
+        // Check the schema against the analyzers before anything is written to disk, so that a
+        // wrong configuration never leaves a half-usable index behind. The index's own
+        // managers get exactly the same registrations below.
+        let validation_tokenizers = analyzers.tokenizer_manager()?;
+        check_schema_tokenizers(&schema, &validation_tokenizers, &validation_tokenizers)?;
+
+        std::fs::create_dir_all(index_directory).map_err(|source| IndexError::Io {
+            context: format!(
+                "cannot create the index directory {}",
+                index_directory.display()
+            ),
+            source,
+        })?;
+        let open_error = |source: TantivyError| IndexError::OpenIndex {
+            path: index_directory.to_path_buf(),
+            source,
+        };
+        let directory =
+            MmapDirectory::open(index_directory).map_err(|error| open_error(error.into()))?;
+        let index_exists = Index::exists(&directory).map_err(|error| open_error(error.into()))?;
+        let index = if index_exists {
+            let index = Index::open(directory).map_err(open_error)?;
+            if index.schema() != schema {
+                return Err(IndexError::SchemaMismatch {
+                    path: index_directory.to_path_buf(),
+                    details: format!(
+                        "{}; use the schema the index was created with, or move the index \
+                         directory away to build a new index",
+                        describe_schema_differences(&index.schema(), &schema)
+                    ),
+                });
+            }
+            index
+        } else {
+            Index::create(directory, schema.clone(), IndexSettings::default())
+                .map_err(open_error)?
+        };
+
+        analyzers.register_into(index.tokenizers())?;
+        analyzers.register_into(index.fast_field_tokenizer())?;
+        check_schema_tokenizers(&schema, index.tokenizers(), index.fast_field_tokenizer())?;
+
+        let writer: IndexWriter = index.writer(writer_memory_bytes).map_err(open_error)?;
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()
+            .map_err(open_error)?;
+
+        let id_field = schema.get_field(ID_FIELD)?;
+        let default_search_fields = schema
+            .fields()
+            .filter(|(field, field_entry)| {
+                *field != id_field
+                    && matches!(field_entry.field_type(), FieldType::Str(options)
+                        if options.get_indexing_options().is_some())
+            })
+            .map(|(field, _field_entry)| field)
+            .collect();
+        let schema_json = serde_json::to_string_pretty(&schema).map_err(|error| {
+            IndexError::Internal(format!("cannot serialize the schema: {error}"))
+        })?;
+
+        tracing::info!(
+            index_directory = %index_directory.display(),
+            created = !index_exists,
+            "opened the search index"
+        );
+        Ok(SearchIndex {
+            index_directory: index_directory.to_path_buf(),
+            index,
+            schema,
+            schema_json,
+            id_field,
+            default_search_fields,
+            writer: Mutex::new(writer),
+            reader,
+            has_uncommitted_changes: AtomicBool::new(false),
+        })
+    }
+
+    /// Validates a document before it is replicated and returns the `Put` to apply.
+    ///
+    /// The document must be a JSON object with schema fields only, each with values of the
+    /// right type. Its `_id` is set to `id`; an `_id` already in the document must equal `id`.
+    pub fn prepare_put(&self, id: &str, document_json: &str) -> Result<IndexOperation, IndexError> {
+        check_document_id(id)?;
+        let document_object = parse_json_object(document_json)?;
+        if let Some(embedded_id) = embedded_document_id(&document_object)? {
+            if embedded_id != id {
+                return Err(IndexError::InvalidDocument(format!(
+                    "the document's `{ID_FIELD}` ({embedded_id:?}) differs from the id it is \
+                     stored under ({id:?})"
+                )));
+            }
+        }
+        self.prepare_put_object(id.to_string(), document_object)
+    }
+
+    /// Like [`prepare_put`](Self::prepare_put) for documents that carry their own `_id`
+    /// (bulk NDJSON lines): `_id` must be present and be a non-empty string.
+    pub fn prepare_put_with_embedded_id(
+        &self,
+        document_json: &str,
+    ) -> Result<IndexOperation, IndexError> {
+        let document_object = parse_json_object(document_json)?;
+        let Some(id) = embedded_document_id(&document_object)? else {
+            return Err(IndexError::InvalidDocument(format!(
+                "document has no `{ID_FIELD}` field"
+            )));
+        };
+        self.prepare_put_object(id, document_object)
+    }
+
+    fn prepare_put_object(
+        &self,
+        id: String,
+        mut document_object: Map<String, JsonValue>,
+    ) -> Result<IndexOperation, IndexError> {
+        document_object.insert(ID_FIELD.to_string(), JsonValue::String(id.clone()));
+        // Built only to validate: the replicated operation carries JSON, and every node builds
+        // its own tantivy document when applying it.
+        build_tantivy_document(&self.schema, &document_object)?;
+        let document_json = serde_json::to_string(&document_object).map_err(|error| {
+            IndexError::Internal(format!("cannot serialize document `{id}`: {error}"))
+        })?;
+        Ok(IndexOperation::Put { id, document_json })
+    }
+
+    /// Applies operations in order. A failing operation stops the batch; the operations
+    /// before it stay applied (uncommitted unless a `Commit` came before the failure).
+    ///
+    /// `commit_payload` is stored with every `Commit` of the batch (for instance the last
+    /// applied log id), and read back by [`last_commit_payload`](Self::last_commit_payload).
+    /// `None` commits without a payload.
+    pub fn apply(
+        &self,
+        operations: &[IndexOperation],
+        commit_payload: Option<&str>,
+    ) -> Result<ApplyOutcome, IndexError> {
+        let mut writer = self.lock_writer();
+        let mut outcome = ApplyOutcome::default();
+        for operation in operations {
+            match operation {
+                IndexOperation::Put { id, document_json } => {
+                    self.apply_put(&writer, id, document_json)?;
+                    outcome.documents_put += 1;
+                }
+                IndexOperation::Delete { id } => {
+                    writer.delete_term(self.id_term(id));
+                    self.has_uncommitted_changes.store(true, Ordering::SeqCst);
+                    outcome.documents_deleted += 1;
+                }
+                IndexOperation::Commit => {
+                    self.commit_with_writer(&mut writer, commit_payload)?;
+                    outcome.committed = true;
+                }
+                IndexOperation::Rollback => self.rollback_with_writer(&mut writer)?,
+                IndexOperation::Merge => self.merge_with_writer(&mut writer)?,
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Whether puts or deletes happened since the last commit or rollback.
+    pub fn has_uncommitted_changes(&self) -> bool {
+        self.has_uncommitted_changes.load(Ordering::SeqCst)
+    }
+
+    /// Commits pending changes (used by the auto-commit timer); same as applying `Commit`.
+    pub fn commit(&self, commit_payload: Option<&str>) -> Result<(), IndexError> {
+        let mut writer = self.lock_writer();
+        self.commit_with_writer(&mut writer, commit_payload)
+    }
+
+    /// The payload of the last commit, so that a restarted node knows which operations the
+    /// index already contains. `None` for a new index or a commit without payload.
+    pub fn last_commit_payload(&self) -> Result<Option<String>, IndexError> {
+        Ok(self.index.load_metas()?.payload)
+    }
+
+    /// Reads a committed document by id.
+    pub fn get(&self, id: &str) -> Result<Option<StoredDocument>, IndexError> {
+        let searcher = self.reader.searcher();
+        let id_query = TermQuery::new(self.id_term(id), IndexRecordOption::Basic);
+        let top_documents = searcher.search(&id_query, &TopDocs::with_limit(1).order_by_score())?;
+        let Some((_score, document_address)) = top_documents.into_iter().next() else {
+            return Ok(None);
+        };
+        let document: TantivyDocument = searcher.doc(document_address)?;
+        let rendered = render_stored_document(&self.schema, &document)?;
+        Ok(Some(StoredDocument {
+            id: rendered.id,
+            fields_json: rendered.fields_json,
+        }))
+    }
+
+    /// The schema of the index, `_id` included.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// The schema in tantivy's JSON format (pretty-printed).
+    pub fn schema_json(&self) -> String {
+        self.schema_json.clone()
+    }
+
+    /// Number of live committed documents.
+    pub fn document_count(&self) -> u64 {
+        self.reader.searcher().num_docs()
+    }
+
+    /// Number of committed segments currently searchable.
+    pub fn segment_count(&self) -> usize {
+        self.reader.searcher().segment_readers().len()
+    }
+
+    /// The directory holding the index files.
+    pub fn index_directory(&self) -> &Path {
+        &self.index_directory
+    }
+
+    fn lock_writer(&self) -> MutexGuard<'_, IndexWriter> {
+        // A poisoned mutex means a panic happened while writing; tantivy's writer keeps a
+        // consistent state (uncommitted work can still be rolled back), so keep serving.
+        self.writer.lock().unwrap_or_else(|poisoned| {
+            tracing::warn!("the index writer mutex was poisoned by a panic; continuing");
+            poisoned.into_inner()
+        })
+    }
+
+    fn id_term(&self, id: &str) -> Term {
+        Term::from_field_text(self.id_field, id)
+    }
+
+    fn apply_put(
+        &self,
+        writer: &IndexWriter,
+        id: &str,
+        document_json: &str,
+    ) -> Result<(), IndexError> {
+        // The document was validated by `prepare_put` before replication; failing here means
+        // a bug or a log written by another version, so report it rather than panic.
+        let mut document_object = parse_json_object(document_json)?;
+        match embedded_document_id(&document_object)? {
+            Some(embedded_id) if embedded_id != id => {
+                return Err(IndexError::InvalidDocument(format!(
+                    "the put of document {id:?} carries a document whose `{ID_FIELD}` is \
+                     {embedded_id:?}"
+                )));
+            }
+            Some(_) => {}
+            None => {
+                check_document_id(id)?;
+                document_object.insert(ID_FIELD.to_string(), JsonValue::String(id.to_string()));
+            }
+        }
+        let document = build_tantivy_document(&self.schema, &document_object)?;
+        // Delete then add: tantivy applies a delete to every document added before it, so the
+        // new version survives and any older one (even from this batch) is removed.
+        writer.delete_term(self.id_term(id));
+        writer.add_document(document)?;
+        self.has_uncommitted_changes.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn commit_with_writer(
+        &self,
+        writer: &mut IndexWriter,
+        commit_payload: Option<&str>,
+    ) -> Result<(), IndexError> {
+        let mut prepared_commit = writer.prepare_commit()?;
+        if let Some(payload) = commit_payload {
+            prepared_commit.set_payload(payload);
+        }
+        let opstamp = prepared_commit.commit()?;
+        self.has_uncommitted_changes.store(false, Ordering::SeqCst);
+        // The reload policy is manual so that searches only ever see committed data, and see
+        // it right after the commit returns.
+        self.reader.reload()?;
+        tracing::debug!(opstamp, "committed the index");
+        Ok(())
+    }
+
+    fn rollback_with_writer(&self, writer: &mut IndexWriter) -> Result<(), IndexError> {
+        let opstamp = writer.rollback()?;
+        self.has_uncommitted_changes.store(false, Ordering::SeqCst);
+        self.reader.reload()?;
+        tracing::debug!(opstamp, "rolled back the index to the last commit");
+        Ok(())
+    }
+
+    fn merge_with_writer(&self, writer: &mut IndexWriter) -> Result<(), IndexError> {
+        let segment_ids = self.index.searchable_segment_ids()?;
+        if segment_ids.len() < 2 {
+            return Ok(());
+        }
+        let segment_count = segment_ids.len();
+        writer.merge(&segment_ids).wait()?;
+        // The merged segment is published in the index metas; make searches use it.
+        self.reader.reload()?;
+        tracing::debug!(segment_count, "merged all searchable segments into one");
+        Ok(())
+    }
+}

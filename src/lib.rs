@@ -1,0 +1,28 @@
+//! bayard: a distributed full-text search server.
+//!
+//! A node is one process with one UDP port: a QUIC endpoint with mutual TLS on which Raft
+//! traffic, client requests and admin requests are separate streams. The module map, from the
+//! wire inwards:
+//!
+//! - [`transport`]: QUIC endpoint, rustls configuration, length-prefixed postcard frames, the
+//!   stream header, peer identity from certificates, connection pooling. Knows nothing of search.
+//! - [`protocol`]: the request and response types of each stream kind, shared by node and client.
+//! - [`node`]: wiring: accept loop, authorization by certificate role, handlers, the write path
+//!   through which every index operation is applied, shutdown and drain.
+//! - [`index`]: schema and analyzer files, tantivy writer and reader, search with facets, sort and
+//!   pagination. Synchronous and free of networking and Raft; callers run it on blocking threads.
+//! - [`client`]: the typed async client used by the CLI and the tests.
+//! - [`certs`]: certificate generation with rcgen (CA, node, client, admin roles).
+//! - [`cli`]: the `bayard` command line; the only place that uses `anyhow`.
+//! - [`telemetry`]: logging setup.
+//!
+//! See `docs/architecture.md` for the invariants and the reasons behind them.
+
+pub mod certs;
+pub mod cli;
+pub mod client;
+pub mod index;
+pub mod node;
+pub mod protocol;
+pub mod telemetry;
+pub mod transport;

@@ -1,0 +1,118 @@
+//! `node.json` in the data directory: who this directory belongs to.
+//!
+//! The incarnation is drawn once, when the directory is first used, so a node that lost its data
+//! and starts again under the same id is recognisably a different incarnation.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const METADATA_FILE_NAME: &str = "node.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeMetadata {
+    pub node_id: u64,
+    pub cluster_id: String,
+    pub incarnation: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("cannot use data directory {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is damaged: {reason}")]
+    Damaged { path: PathBuf, reason: String },
+    #[error("data directory {path} belongs to node {found}, not node {expected}; use --data-directory to pick another")]
+    WrongNode { path: PathBuf, found: u64, expected: u64 },
+}
+
+/// Whether the directory was new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectoryState {
+    Created,
+    Existing,
+}
+
+/// Reads `node.json`, or writes a new one (fsynced, with its directory) when there is none.
+pub fn load_or_create(data_directory: &Path, node_id: u64) -> Result<(NodeMetadata, DirectoryState), MetadataError> {
+    let io_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| MetadataError::Io { path, source }
+    };
+    fs::create_dir_all(data_directory).map_err(io_error(data_directory))?;
+    let path = data_directory.join(METADATA_FILE_NAME);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let metadata: NodeMetadata = serde_json::from_str(&text).map_err(|error| MetadataError::Damaged {
+                path: path.clone(),
+                reason: error.to_string(),
+            })?;
+            if metadata.node_id != node_id {
+                return Err(MetadataError::WrongNode {
+                    path: data_directory.to_path_buf(),
+                    found: metadata.node_id,
+                    expected: node_id,
+                });
+            }
+            Ok((metadata, DirectoryState::Existing))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let metadata = NodeMetadata {
+                node_id,
+                cluster_id: random_hex_id(),
+                incarnation: rand::random::<u64>() >> 1,
+            };
+            write_durably(&path, &metadata).map_err(io_error(&path))?;
+            Ok((metadata, DirectoryState::Created))
+        }
+        Err(error) => Err(MetadataError::Io { path, source: error }),
+    }
+}
+
+/// Replaces `node.json` atomically (temp file, fsync, rename, fsync of the directory).
+pub fn store(data_directory: &Path, metadata: &NodeMetadata) -> Result<(), MetadataError> {
+    let path = data_directory.join(METADATA_FILE_NAME);
+    write_durably(&path, metadata).map_err(|source| MetadataError::Io { path, source })
+}
+
+fn write_durably(path: &Path, metadata: &NodeMetadata) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(metadata).map_err(std::io::Error::other)?;
+    let temporary = path.with_extension("json.tmp");
+    {
+        let mut file = fs::File::create(&temporary)?;
+        file.write_all(text.as_bytes())?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+    }
+    fs::rename(&temporary, path)?;
+    if let Some(parent) = path.parent() {
+        fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// A random 128-bit id as 32 hex characters.
+pub fn random_hex_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_is_created_once_and_guards_the_node_id() {
+        let directory = tempfile::tempdir().unwrap();
+        let (first, state) = load_or_create(directory.path(), 3).unwrap();
+        assert_eq!(state, DirectoryState::Created);
+        let (second, state) = load_or_create(directory.path(), 3).unwrap();
+        assert_eq!(state, DirectoryState::Existing);
+        assert_eq!(first, second);
+        let error = load_or_create(directory.path(), 4).unwrap_err();
+        assert!(error.to_string().contains("belongs to node 3, not node 4"), "{error}");
+        fs::write(directory.path().join(METADATA_FILE_NAME), "{not json").unwrap();
+        assert!(matches!(load_or_create(directory.path(), 3), Err(MetadataError::Damaged { .. })));
+    }
+}

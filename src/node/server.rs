@@ -1,0 +1,269 @@
+//! The accept loop: connections, streams, headers, authorization, dispatch by kind.
+//!
+//! Every failure here is confined to its stream (or, for a bad certificate, its connection): an
+//! error frame goes back, the stream ends, and everything else keeps being served.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::authorization::{authorize_admin_request, authorize_stream};
+use super::{handlers, NodeState};
+use crate::protocol::{AdminRequest, ClientRequest, ErrorCode, StreamHeader, StreamKind, WireError};
+use crate::transport::frame::{self, FrameError};
+use crate::transport::identity::{peer_of_connection, Peer};
+
+/// QUIC application error codes used when a stream or connection is cut short.
+mod close_code {
+    pub const REFUSED_STREAM: u32 = 1;
+    pub const IDENTITY_REFUSED: u32 = 2;
+    pub const SHUTTING_DOWN: u32 = 3;
+}
+
+pub(crate) async fn serve(state: Arc<NodeState>, endpoint: quinn::Endpoint, mut shutdown: watch::Receiver<bool>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                connections.spawn(serve_connection(state.clone(), incoming, shutdown.clone()));
+            }
+            // Reap finished connection tasks so the set does not grow without bound.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+    // Stop taking new connections, let the open ones finish their streams.
+    endpoint.set_server_config(None);
+    let drained = tokio::time::timeout(state.config.drain_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(timeout = ?state.config.drain_timeout, "streams still running at shutdown; closing them");
+        connections.abort_all();
+    }
+    endpoint.close(close_code::SHUTTING_DOWN.into(), b"node shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    tracing::info!(node_id = state.config.node_id, "node stopped");
+}
+
+async fn serve_connection(state: Arc<NodeState>, incoming: quinn::Incoming, mut shutdown: watch::Receiver<bool>) {
+    let remote_address = incoming.remote_address();
+    let connection = match tokio::time::timeout(state.config.handshake_timeout, incoming).await {
+        Err(_) => {
+            tracing::warn!(%remote_address, reason = "handshake_timeout", "refused connection");
+            return;
+        }
+        Ok(Err(error)) => {
+            // Certificate problems (none, foreign CA, expired) end here: rustls refused the handshake.
+            tracing::warn!(%remote_address, reason = "handshake", %error, "refused connection");
+            return;
+        }
+        Ok(Ok(connection)) => connection,
+    };
+    let peer = match peer_of_connection(&connection, &state.config.trust_domain) {
+        Ok(peer) => Arc::new(peer),
+        Err(error) => {
+            tracing::warn!(%remote_address, reason = "identity", %error, "refused connection");
+            let reason = format!("certificate refused: {error}");
+            connection.close(close_code::IDENTITY_REFUSED.into(), reason.as_bytes());
+            return;
+        }
+    };
+    tracing::debug!(%remote_address, peer = %peer.role, "connection established");
+
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = connection.accept_bi() => {
+                match accepted {
+                    Ok((send, receive)) => {
+                        streams.spawn(serve_stream(state.clone(), peer.clone(), send, receive));
+                    }
+                    Err(error) => {
+                        tracing::debug!(%remote_address, %error, "connection ended");
+                        break;
+                    }
+                }
+            }
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+    // In-flight streams finish; the caller bounds how long that may take.
+    while streams.join_next().await.is_some() {}
+}
+
+/// Sends one answer frame and finishes the stream. An answer too large for a frame becomes an
+/// error that says so, rather than a silently dropped stream.
+async fn reply<T: Serialize>(send: &mut quinn::SendStream, answer: &Result<T, WireError>, max_frame_bytes: usize) {
+    let encoded = match frame::encode_frame(answer, max_frame_bytes) {
+        Ok(encoded) => encoded,
+        Err(error) => {
+            let refusal: Result<(), WireError> = Err(WireError::new(
+                ErrorCode::FrameTooLarge,
+                format!("response does not fit in a frame: {error}; ask for fewer documents"),
+            ));
+            match frame::encode_frame(&refusal, max_frame_bytes) {
+                Ok(encoded) => encoded,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(error) = send.write_all(&encoded).await {
+        tracing::debug!(%error, "could not send answer");
+        return;
+    }
+    let _ = send.finish();
+}
+
+/// Answers with an error without reading the rest of the stream, and tells the peer to stop
+/// sending.
+async fn refuse(send: &mut quinn::SendStream, receive: &mut quinn::RecvStream, error: WireError, max_frame_bytes: usize) {
+    let _ = receive.stop(close_code::REFUSED_STREAM.into());
+    reply::<()>(send, &Err(error), max_frame_bytes).await;
+}
+
+fn frame_error_to_wire(what: &str, error: FrameError) -> WireError {
+    match error {
+        FrameError::TooLarge { .. } => WireError::new(ErrorCode::FrameTooLarge, format!("{what} refused: {error}")),
+        other => WireError::new(ErrorCode::MalformedFrame, format!("{what} is malformed: {other}")),
+    }
+}
+
+async fn serve_stream(
+    state: Arc<NodeState>,
+    peer: Arc<Peer>,
+    mut send: quinn::SendStream,
+    mut receive: quinn::RecvStream,
+) {
+    let max_frame_bytes = state.config.max_frame_bytes;
+    let first_frame_timeout = state.config.first_frame_timeout;
+    let header = match tokio::time::timeout(
+        first_frame_timeout,
+        frame::read_frame::<_, StreamHeader>(&mut receive, max_frame_bytes),
+    )
+    .await
+    {
+        Err(_) => {
+            let error = WireError::new(
+                ErrorCode::DeadlineExceeded,
+                format!("no stream header within {first_frame_timeout:?}"),
+            );
+            return refuse(&mut send, &mut receive, error, max_frame_bytes).await;
+        }
+        Ok(Err(FrameError::Closed)) => return,
+        Ok(Err(error)) => {
+            tracing::warn!(peer = %peer.role, %error, "malformed stream header");
+            return refuse(&mut send, &mut receive, frame_error_to_wire("stream header", error), max_frame_bytes).await;
+        }
+        Ok(Ok(header)) => header,
+    };
+    let Some(kind) = StreamKind::from_byte(header.kind) else {
+        tracing::warn!(peer = %peer.role, kind = header.kind, "unknown stream kind");
+        let error = WireError::new(
+            ErrorCode::UnknownStreamKind,
+            format!("unknown stream kind {}; this node speaks raft (1), membership (2), client (3) and admin (4)", header.kind),
+        );
+        return refuse(&mut send, &mut receive, error, max_frame_bytes).await;
+    };
+    if let Err(error) = authorize_stream(&peer.role, kind) {
+        tracing::warn!(peer = %peer.role, kind = kind.name(), reason = "permission", "refused stream");
+        return refuse(&mut send, &mut receive, error, max_frame_bytes).await;
+    }
+    let deadline = Duration::from_millis(u64::from(header.deadline_millis))
+        .min(state.config.max_request_timeout)
+        .max(Duration::from_millis(1));
+
+    match kind {
+        StreamKind::Client => {
+            let request = match read_request::<ClientRequest>(&mut receive, first_frame_timeout, max_frame_bytes).await {
+                Ok(request) => request,
+                Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
+            };
+            let request_name = request.name();
+            let answer = with_deadline(deadline, handlers::handle_client(&state, request)).await;
+            log_outcome(&peer, kind, request_name, &answer);
+            reply(&mut send, &answer, max_frame_bytes).await;
+        }
+        StreamKind::Admin => {
+            let request = match read_request::<AdminRequest>(&mut receive, first_frame_timeout, max_frame_bytes).await {
+                Ok(request) => request,
+                Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
+            };
+            if let Err(error) = authorize_admin_request(&peer.role, &request) {
+                tracing::warn!(peer = %peer.role, request = request.name(), reason = "permission", "refused request");
+                return reply::<()>(&mut send, &Err(error), max_frame_bytes).await;
+            }
+            let request_name = request.name();
+            let answer = with_deadline(deadline, handlers::handle_admin(&state, request)).await;
+            log_outcome(&peer, kind, request_name, &answer);
+            reply(&mut send, &answer, max_frame_bytes).await;
+        }
+        StreamKind::Raft | StreamKind::Membership => {
+            let error = WireError::new(
+                ErrorCode::Unavailable,
+                format!("{} streams are not served: this node runs standalone", kind.name()),
+            );
+            refuse(&mut send, &mut receive, error, max_frame_bytes).await;
+        }
+    }
+}
+
+async fn read_request<T: serde::de::DeserializeOwned>(
+    receive: &mut quinn::RecvStream,
+    timeout: Duration,
+    max_frame_bytes: usize,
+) -> Result<T, WireError> {
+    match tokio::time::timeout(timeout, frame::read_frame::<_, T>(receive, max_frame_bytes)).await {
+        Err(_) => Err(WireError::new(
+            ErrorCode::DeadlineExceeded,
+            format!("no request frame within {timeout:?}"),
+        )),
+        Ok(Err(FrameError::Closed)) => Err(WireError::new(
+            ErrorCode::MalformedFrame,
+            "stream ended after the header, before a request frame",
+        )),
+        Ok(Err(error)) => Err(frame_error_to_wire("request frame", error)),
+        Ok(Ok(request)) => Ok(request),
+    }
+}
+
+async fn with_deadline<T>(
+    deadline: Duration,
+    work: impl std::future::Future<Output = Result<T, WireError>>,
+) -> Result<T, WireError> {
+    match tokio::time::timeout(deadline, work).await {
+        Ok(answer) => answer,
+        Err(_) => Err(WireError::new(
+            ErrorCode::DeadlineExceeded,
+            format!("request did not finish within its deadline of {deadline:?}"),
+        )),
+    }
+}
+
+fn log_outcome<T>(peer: &Peer, kind: StreamKind, request: &'static str, answer: &Result<T, WireError>) {
+    match answer {
+        Ok(_) => tracing::debug!(peer = %peer.role, kind = kind.name(), request, "request served"),
+        Err(error) => tracing::info!(
+            peer = %peer.role,
+            kind = kind.name(),
+            request,
+            code = error.code.name(),
+            error = %error.message,
+            "request failed"
+        ),
+    }
+}

@@ -1,0 +1,131 @@
+//! The messages that travel on a stream, shared by the node and the client library.
+//!
+//! Every request is one bidirectional QUIC stream: the opener writes a [`StreamHeader`] frame,
+//! then one request frame whose type depends on the header's kind ([`ClientRequest`] for
+//! `Client`, [`AdminRequest`] for `Admin`, …). The acceptor answers with one
+//! `Result<Response, WireError>` frame and finishes the stream. Refusals that happen before the
+//! body is read (unknown kind, malformed header, permission denied) are sent as
+//! `Result::<(), WireError>::Err`, which postcard encodes exactly like the `Err` of any other
+//! response type, so the opener always decodes them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::index::{SearchRequest, SearchResponse, StoredDocument};
+pub use crate::transport::stream::{ErrorCode, StreamHeader, StreamKind, WireError};
+
+/// A document to put. `id: None` means the document carries its own `_id` (bulk NDJSON lines).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocumentInput {
+    pub id: Option<String>,
+    pub document_json: String,
+}
+
+/// How fresh a search must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Consistency {
+    /// This node's committed index.
+    #[default]
+    Local,
+    /// The leader's committed index.
+    Leader,
+    /// The leader's index after a read-index check: never older than a write acknowledged before
+    /// the search began.
+    Linearizable,
+}
+
+/// Requests on a `Client` stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    Put { documents: Vec<DocumentInput> },
+    Delete { ids: Vec<String> },
+    Get { id: String },
+    Commit,
+    Rollback,
+    Merge,
+    Search { request: SearchRequest, consistency: Consistency },
+    Schema,
+}
+
+impl ClientRequest {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ClientRequest::Put { .. } => "put",
+            ClientRequest::Delete { .. } => "delete",
+            ClientRequest::Get { .. } => "get",
+            ClientRequest::Commit => "commit",
+            ClientRequest::Rollback => "rollback",
+            ClientRequest::Merge => "merge",
+            ClientRequest::Search { .. } => "search",
+            ClientRequest::Schema => "schema",
+        }
+    }
+}
+
+/// Answers on a `Client` stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientResponse {
+    /// A write was applied (and, in a cluster, committed to the log).
+    Written { operations: u64, applied_index: u64 },
+    Document { document: Option<StoredDocument> },
+    Search {
+        response: SearchResponse,
+        node_id: u64,
+        applied_index: u64,
+    },
+    Schema { schema_json: String },
+}
+
+/// Requests on an `Admin` stream. `Status` and `Peers` are read-only and open to client
+/// certificates; the others need a node or admin certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    Status,
+    Peers,
+}
+
+impl AdminRequest {
+    pub fn name(&self) -> &'static str {
+        match self {
+            AdminRequest::Status => "status",
+            AdminRequest::Peers => "peers",
+        }
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, AdminRequest::Status | AdminRequest::Peers)
+    }
+}
+
+/// One member as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub node_id: u64,
+    pub address: String,
+    pub role: String,
+    pub applied_index: u64,
+    pub state: String,
+}
+
+/// What `bayard status` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: u64,
+    pub cluster_id: String,
+    pub address: String,
+    pub role: String,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub applied_index: u64,
+    pub document_count: u64,
+    pub segment_count: u64,
+    pub version: String,
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminResponse {
+    Status(NodeStatus),
+    Peers(BTreeMap<u64, String>),
+}

@@ -1,0 +1,145 @@
+//! Length-prefixed postcard frames.
+//!
+//! A frame is a `u32` big-endian length followed by that many postcard bytes. The length is
+//! checked against the limit *before* anything is allocated, so a peer cannot make a node reserve
+//! memory by announcing a huge frame.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Default largest frame a node or client accepts: 16 MiB.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// Bytes of the length prefix in front of every frame.
+pub const FRAME_PREFIX_BYTES: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {frame_bytes} bytes exceeds the limit of {limit_bytes} bytes")]
+    TooLarge {
+        frame_bytes: usize,
+        limit_bytes: usize,
+    },
+    #[error("frame does not decode: {0}")]
+    Decode(#[source] postcard::Error),
+    #[error("frame does not encode: {0}")]
+    Encode(#[source] postcard::Error),
+    #[error("stream ended before a complete frame")]
+    Truncated,
+    #[error("stream closed")]
+    Closed,
+    #[error("stream i/o failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Encodes `value` as a frame (prefix included), refusing it when it is over `max_frame_bytes`.
+pub fn encode_frame<T: Serialize>(value: &T, max_frame_bytes: usize) -> Result<Vec<u8>, FrameError> {
+    // Encode after a zeroed prefix so the frame is built in one buffer, then patch the length in.
+    let mut frame = postcard::to_extend(value, vec![0_u8; FRAME_PREFIX_BYTES]).map_err(FrameError::Encode)?;
+    let body_bytes = frame.len() - FRAME_PREFIX_BYTES;
+    if body_bytes > max_frame_bytes {
+        return Err(FrameError::TooLarge {
+            frame_bytes: body_bytes,
+            limit_bytes: max_frame_bytes,
+        });
+    }
+    let prefix = u32::try_from(body_bytes).map_err(|_| FrameError::TooLarge {
+        frame_bytes: body_bytes,
+        limit_bytes: max_frame_bytes,
+    })?;
+    frame[..FRAME_PREFIX_BYTES].copy_from_slice(&prefix.to_be_bytes());
+    Ok(frame)
+}
+
+/// Writes one frame.
+pub async fn write_frame<W, T>(writer: &mut W, value: &T, max_frame_bytes: usize) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let frame = encode_frame(value, max_frame_bytes)?;
+    writer.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Reads the raw bytes of one frame. `Closed` means the stream ended cleanly before a new frame.
+pub async fn read_frame_bytes<R>(reader: &mut R, max_frame_bytes: usize) -> Result<Vec<u8>, FrameError>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut prefix = [0_u8; FRAME_PREFIX_BYTES];
+    let mut filled = 0;
+    while filled < FRAME_PREFIX_BYTES {
+        let read = reader.read(&mut prefix[filled..]).await?;
+        if read == 0 {
+            return Err(if filled == 0 { FrameError::Closed } else { FrameError::Truncated });
+        }
+        filled += read;
+    }
+    let frame_bytes = u32::from_be_bytes(prefix) as usize;
+    if frame_bytes > max_frame_bytes {
+        return Err(FrameError::TooLarge {
+            frame_bytes,
+            limit_bytes: max_frame_bytes,
+        });
+    }
+    let mut body = vec![0_u8; frame_bytes];
+    reader.read_exact(&mut body).await.map_err(|error| match error.kind() {
+        std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+        _ => FrameError::Io(error),
+    })?;
+    Ok(body)
+}
+
+/// Reads and decodes one frame.
+pub async fn read_frame<R, T>(reader: &mut R, max_frame_bytes: usize) -> Result<T, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let body = read_frame_bytes(reader, max_frame_bytes).await?;
+    postcard::from_bytes(&body).map_err(FrameError::Decode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_end_cleanly() {
+        let mut buffer = Vec::new();
+        write_frame(&mut buffer, &("hello".to_string(), 42_u64), 1024).await.unwrap();
+        write_frame(&mut buffer, &vec![1_u8, 2, 3], 1024).await.unwrap();
+        let mut reader = buffer.as_slice();
+        let first: (String, u64) = read_frame(&mut reader, 1024).await.unwrap();
+        assert_eq!(first, ("hello".to_string(), 42));
+        let second: Vec<u8> = read_frame(&mut reader, 1024).await.unwrap();
+        assert_eq!(second, vec![1, 2, 3]);
+        assert!(matches!(read_frame::<_, Vec<u8>>(&mut reader, 1024).await, Err(FrameError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_is_refused_before_allocation() {
+        // Announce 4 GiB - 1 with no body: the reader must refuse on the prefix alone.
+        let buffer = u32::MAX.to_be_bytes().to_vec();
+        let mut reader = buffer.as_slice();
+        let error = read_frame_bytes(&mut reader, 1024).await.unwrap_err();
+        assert!(matches!(error, FrameError::TooLarge { frame_bytes, limit_bytes: 1024 } if frame_bytes == u32::MAX as usize));
+        let encode_error = encode_frame(&vec![0_u8; 2048], 1024).unwrap_err();
+        assert!(encode_error.to_string().contains("exceeds the limit of 1024 bytes"), "{encode_error}");
+    }
+
+    #[tokio::test]
+    async fn truncated_and_garbage_frames_are_errors() {
+        let mut truncated = 10_u32.to_be_bytes().to_vec();
+        truncated.extend_from_slice(&[1, 2]);
+        let mut reader = truncated.as_slice();
+        assert!(matches!(read_frame_bytes(&mut reader, 1024).await, Err(FrameError::Truncated)));
+
+        let mut garbage = 3_u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
+        let mut reader = garbage.as_slice();
+        assert!(matches!(read_frame::<_, String>(&mut reader, 1024).await, Err(FrameError::Decode(_))));
+    }
+}

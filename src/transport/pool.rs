@@ -1,0 +1,176 @@
+//! One connection per remote address, reused by every stream to it and redialled when lost.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::identity::{peer_of_connection, Role};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot resolve `{address}`: {reason}")]
+    Resolve { address: String, reason: String },
+    #[error("cannot connect to {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("tls handshake with {address} failed: {reason}")]
+    Handshake { address: String, reason: String },
+    #[error("no answer from {address} within {timeout:?}")]
+    TimedOut { address: String, timeout: Duration },
+    #[error("{address} is not a bayard node: {reason}")]
+    NotANode { address: String, reason: String },
+}
+
+/// Splits `host:port` (or `[v6]:port`) into the TLS server name and the port.
+pub fn split_host_port(address: &str) -> Option<(String, u16)> {
+    let (host, port) = address.rsplit_once(':')?;
+    let port = port.parse::<u16>().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_string(), port))
+}
+
+pub struct ConnectionPool {
+    endpoint: quinn::Endpoint,
+    trust_domain: String,
+    connect_timeout: Duration,
+    connections: Mutex<HashMap<String, quinn::Connection>>,
+}
+
+impl ConnectionPool {
+    pub fn new(endpoint: quinn::Endpoint, trust_domain: impl Into<String>, connect_timeout: Duration) -> Self {
+        ConnectionPool {
+            endpoint,
+            trust_domain: trust_domain.into(),
+            connect_timeout,
+            connections: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    fn cached(&self, address: &str) -> Option<quinn::Connection> {
+        let connections = self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        connections
+            .get(address)
+            .filter(|connection| connection.close_reason().is_none())
+            .cloned()
+    }
+
+    /// Drops the cached connection to `address`, so the next call dials again.
+    pub fn forget(&self, address: &str) {
+        let mut connections = self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        connections.remove(address);
+    }
+
+    /// Returns the live connection to `address`, dialling it when there is none. The remote must
+    /// present a node certificate of this cluster whose names match `address`.
+    pub async fn get(&self, address: &str) -> Result<quinn::Connection, ConnectError> {
+        if let Some(connection) = self.cached(address) {
+            return Ok(connection);
+        }
+        let connection = self.dial(address).await?;
+        let mut connections = self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Another task may have dialled concurrently; keep the first live one.
+        if let Some(existing) = connections.get(address).filter(|existing| existing.close_reason().is_none()) {
+            let existing = existing.clone();
+            connection.close(0_u32.into(), b"duplicate");
+            return Ok(existing);
+        }
+        connections.insert(address.to_string(), connection.clone());
+        Ok(connection)
+    }
+
+    async fn dial(&self, address: &str) -> Result<quinn::Connection, ConnectError> {
+        let (server_name, port) = split_host_port(address).ok_or_else(|| ConnectError::Resolve {
+            address: address.to_string(),
+            reason: "expected host:port".to_string(),
+        })?;
+        let socket_address = resolve(address, &server_name, port).await?;
+        let connecting = self
+            .endpoint
+            .connect(socket_address, &server_name)
+            .map_err(|error| ConnectError::Connect {
+                address: address.to_string(),
+                reason: error.to_string(),
+            })?;
+        let connection = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Err(_) => {
+                return Err(ConnectError::TimedOut {
+                    address: address.to_string(),
+                    timeout: self.connect_timeout,
+                })
+            }
+            Ok(Err(error)) => {
+                return Err(ConnectError::Handshake {
+                    address: address.to_string(),
+                    reason: describe_connection_error(&error),
+                })
+            }
+            Ok(Ok(connection)) => connection,
+        };
+        match peer_of_connection(&connection, &self.trust_domain) {
+            Ok(peer) if matches!(peer.role, Role::Node { .. }) => Ok(connection),
+            Ok(peer) => {
+                connection.close(0_u32.into(), b"not a node");
+                Err(ConnectError::NotANode {
+                    address: address.to_string(),
+                    reason: format!("its certificate names {}", peer.role),
+                })
+            }
+            Err(error) => {
+                connection.close(0_u32.into(), b"not a node");
+                Err(ConnectError::NotANode {
+                    address: address.to_string(),
+                    reason: error.to_string(),
+                })
+            }
+        }
+    }
+}
+
+async fn resolve(address: &str, host: &str, port: u16) -> Result<SocketAddr, ConnectError> {
+    let mut candidates = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|error| ConnectError::Resolve {
+            address: address.to_string(),
+            reason: error.to_string(),
+        })?;
+    candidates.next().ok_or_else(|| ConnectError::Resolve {
+        address: address.to_string(),
+        reason: "no address found".to_string(),
+    })
+}
+
+/// Turns a quinn connection error into words an operator can act on.
+pub fn describe_connection_error(error: &quinn::ConnectionError) -> String {
+    let text = error.to_string();
+    let certificate_trouble = text.contains("certificate")
+        || text.contains("handshake")
+        || text.contains("crypto")
+        || text.contains("alert");
+    if certificate_trouble {
+        format!("{text} (check that the CA, certificate and key are this cluster's, not expired, and name this host)")
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_host_port;
+
+    #[test]
+    fn host_and_port_split() {
+        assert_eq!(split_host_port("127.0.0.1:5001"), Some(("127.0.0.1".to_string(), 5001)));
+        assert_eq!(split_host_port("[::1]:5001"), Some(("::1".to_string(), 5001)));
+        assert_eq!(split_host_port("node-2.example:7"), Some(("node-2.example".to_string(), 7)));
+        assert_eq!(split_host_port("nohost"), None);
+        assert_eq!(split_host_port(":5001"), None);
+        assert_eq!(split_host_port("h:notaport"), None);
+    }
+}
