@@ -200,7 +200,9 @@ fn build_text_analyzer(
     // The builder is boxed (`dynamic`) because the filter chain is only known at runtime.
     let mut builder: TextAnalyzerBuilder = match &definition.tokenizer {
         TokenizerDefinition::Raw {} => TextAnalyzer::builder(RawTokenizer::default()).dynamic(),
-        TokenizerDefinition::Simple {} => TextAnalyzer::builder(SimpleTokenizer::default()).dynamic(),
+        TokenizerDefinition::Simple {} => {
+            TextAnalyzer::builder(SimpleTokenizer::default()).dynamic()
+        }
         TokenizerDefinition::Whitespace {} => {
             TextAnalyzer::builder(WhitespaceTokenizer::default()).dynamic()
         }
@@ -290,12 +292,18 @@ pub fn check_schema_tokenizers(
         };
         if let Some(tokenizer_name) = indexing_tokenizer {
             if tokenizer_manager.get(tokenizer_name).is_none() {
-                return Err(undeclared_tokenizer_error(field_entry.name(), tokenizer_name));
+                return Err(undeclared_tokenizer_error(
+                    field_entry.name(),
+                    tokenizer_name,
+                ));
             }
         }
         if let Some(tokenizer_name) = fast_tokenizer {
             if fast_field_tokenizer_manager.get(tokenizer_name).is_none() {
-                return Err(undeclared_tokenizer_error(field_entry.name(), tokenizer_name));
+                return Err(undeclared_tokenizer_error(
+                    field_entry.name(),
+                    tokenizer_name,
+                ));
             }
         }
     }

@@ -184,7 +184,11 @@ pub(crate) fn describe_json_value(value: &JsonValue) -> String {
         JsonValue::Number(number) => format!("number {number}"),
         JsonValue::String(text) => {
             let excerpt: String = text.chars().take(MAX_QUOTED_VALUE_CHARS).collect();
-            let ellipsis = if excerpt.len() < text.len() { "..." } else { "" };
+            let ellipsis = if excerpt.len() < text.len() {
+                "..."
+            } else {
+                ""
+            };
             format!("string {excerpt:?}{ellipsis}")
         }
         JsonValue::Array(_) => "an array".to_string(),

@@ -221,8 +221,7 @@ impl SearchIndex {
             return Ok(Box::new(AllQuery));
         }
         // Built per search: it is cheap, and it picks up the index's registered analyzers.
-        let query_parser =
-            QueryParser::for_index(&self.index, self.default_search_fields.clone());
+        let query_parser = QueryParser::for_index(&self.index, self.default_search_fields.clone());
         query_parser
             .parse_query(trimmed_query)
             .map_err(|error| IndexError::InvalidQuery(error.to_string()))
@@ -386,8 +385,6 @@ fn extract_ranked_documents(
         TopDocsHandle::ByI64(handle) => sorted_by_value(handle.extract(fruits), OwnedValue::I64),
         TopDocsHandle::ByU64(handle) => sorted_by_value(handle.extract(fruits), OwnedValue::U64),
         TopDocsHandle::ByF64(handle) => sorted_by_value(handle.extract(fruits), OwnedValue::F64),
-        TopDocsHandle::ByDate(handle) => {
-            sorted_by_value(handle.extract(fruits), OwnedValue::Date)
-        }
+        TopDocsHandle::ByDate(handle) => sorted_by_value(handle.extract(fruits), OwnedValue::Date),
     }
 }

@@ -401,7 +401,17 @@ impl SearchIndex {
             return Ok(());
         }
         let segment_count = segment_ids.len();
-        writer.merge(&segment_ids).wait()?;
+        match writer.merge(&segment_ids).wait() {
+            Ok(_merged_segment) => {}
+            // tantivy's merge policy also merges in the background, and does not stop an
+            // explicit merge from taking segments a background merge is working on: whichever
+            // finishes second fails with `InvalidArgument`. The index stays consistent (the
+            // losing result is dropped), it is merely less compacted, so this is not an error.
+            Err(TantivyError::InvalidArgument(reason)) => {
+                tracing::warn!(%reason, "explicit merge skipped: its segments changed meanwhile");
+            }
+            Err(other_error) => return Err(other_error.into()),
+        }
         // The merged segment is published in the index metas; make searches use it.
         self.reader.reload()?;
         tracing::debug!(segment_count, "merged all searchable segments into one");

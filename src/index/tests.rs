@@ -201,13 +201,18 @@ fn load_schema_keeps_a_valid_explicit_id_field() {
     let schema_json = serde_json::to_string(&builder.build()).unwrap();
     let schema = load_schema(&schema_json).unwrap();
     assert_eq!(schema.num_fields(), 2);
-    assert!(schema.get_field_entry(schema.get_field(ID_FIELD).unwrap()).is_fast());
+    assert!(schema
+        .get_field_entry(schema.get_field(ID_FIELD).unwrap())
+        .is_fast());
 }
 
 #[test]
 fn load_schema_rejects_bad_files() {
     let message = error_message(load_schema("{not json"));
-    assert!(message.starts_with("invalid schema: cannot parse the schema"), "{message}");
+    assert!(
+        message.starts_with("invalid schema: cannot parse the schema"),
+        "{message}"
+    );
 
     let message = error_message(load_schema(r#"{"name": "title"}"#));
     assert!(message.contains("cannot parse the schema"), "{message}");
@@ -228,7 +233,10 @@ fn load_schema_rejects_bad_files() {
     let mut renamed = single[0].clone();
     renamed["name"] = serde_json::json!("-title");
     let message = error_message(load_schema(&serde_json::json!([renamed]).to_string()));
-    assert!(message.contains("field name `-title` is invalid"), "{message}");
+    assert!(
+        message.contains("field name `-title` is invalid"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -248,7 +256,10 @@ fn load_schema_rejects_an_unusable_id_field() {
     let message = error_message(load_schema(&schema_with_id(Some(STRING), false)));
     assert!(message.contains("must be stored"), "{message}");
     let message = error_message(load_schema(&schema_with_id(Some(TEXT | STORED), false)));
-    assert!(message.contains("must use the `raw` tokenizer"), "{message}");
+    assert!(
+        message.contains("must use the `raw` tokenizer"),
+        "{message}"
+    );
     let message = error_message(load_schema(&schema_with_id(
         Some(TextOptions::default().set_stored()),
         false,
@@ -259,7 +270,10 @@ fn load_schema_rejects_an_unusable_id_field() {
 #[test]
 fn tokenizer_file_errors_are_clear() {
     let cases = [
-        (r#"{"analyzers": {"x": {"tokenizer": {"name": "magic"}}}}"#, "unknown variant `magic`"),
+        (
+            r#"{"analyzers": {"x": {"tokenizer": {"name": "magic"}}}}"#,
+            "unknown variant `magic`",
+        ),
         (
             r#"{"analyzers": {"x": {"tokenizer": {"name": "simple"}, "filters": [{"name": "upper_case"}]}}}"#,
             "unknown variant `upper_case`",
@@ -470,7 +484,9 @@ fn delete_removes_the_document() {
     let outcome = index
         .apply(
             &[
-                IndexOperation::Delete { id: "a".to_string() },
+                IndexOperation::Delete {
+                    id: "a".to_string(),
+                },
                 IndexOperation::Delete {
                     id: "missing".to_string(),
                 },
@@ -488,8 +504,12 @@ fn delete_removes_the_document() {
     index
         .apply(
             &[
-                IndexOperation::Delete { id: "b".to_string() },
-                index.prepare_put("b", r#"{"title": "beta again"}"#).unwrap(),
+                IndexOperation::Delete {
+                    id: "b".to_string(),
+                },
+                index
+                    .prepare_put("b", r#"{"title": "beta again"}"#)
+                    .unwrap(),
                 IndexOperation::Commit,
             ],
             None,
@@ -508,7 +528,12 @@ fn rollback_discards_uncommitted_changes() {
     commit(&index);
     put(&index, "discarded", r#"{"title": "discarded"}"#);
     index
-        .apply(&[IndexOperation::Delete { id: "kept".to_string() }], None)
+        .apply(
+            &[IndexOperation::Delete {
+                id: "kept".to_string(),
+            }],
+            None,
+        )
         .unwrap();
     assert!(index.has_uncommitted_changes());
     index.apply(&[IndexOperation::Rollback], None).unwrap();
@@ -568,7 +593,10 @@ fn reopen_keeps_committed_documents_and_the_commit_payload() {
     put(&index, "second", r#"{"title": "runners running"}"#);
     index.commit(Some("next")).unwrap();
     assert_eq!(hit_ids(&search(&index, query("run", 10))), vec!["second"]);
-    assert_eq!(index.last_commit_payload().unwrap().as_deref(), Some("next"));
+    assert_eq!(
+        index.last_commit_payload().unwrap().as_deref(),
+        Some("next")
+    );
     assert_eq!(index.index_directory(), directory.path());
 }
 
@@ -589,7 +617,10 @@ fn reopening_with_a_different_schema_is_an_error() {
         message.contains("was created with a different schema"),
         "{message}"
     );
-    assert!(message.contains("field `title` has different options"), "{message}");
+    assert!(
+        message.contains("field `title` has different options"),
+        "{message}"
+    );
     assert!(
         message.contains("field `body` exists in the index but not in the schema file"),
         "{message}"
@@ -707,7 +738,11 @@ fn prepare_put_rejects_bad_documents() {
     let (_directory, index) = open_example_index();
     let long_id = "x".repeat(MAX_ID_BYTES + 1);
     let cases: Vec<(&str, &str, String)> = vec![
-        ("a", r#"{"foo": 1}"#, "unknown field `foo` in document".to_string()),
+        (
+            "a",
+            r#"{"foo": 1}"#,
+            "unknown field `foo` in document".to_string(),
+        ),
         (
             "a",
             r#"{"year": "abc"}"#,
@@ -784,7 +819,11 @@ fn prepare_put_rejects_bad_documents() {
             r#"{"_id": 7}"#,
             "`_id` must be a string, got number 7".to_string(),
         ),
-        ("", r#"{"title": "x"}"#, "`_id` must not be empty".to_string()),
+        (
+            "",
+            r#"{"title": "x"}"#,
+            "`_id` must not be empty".to_string(),
+        ),
         (
             long_id.as_str(),
             r#"{"title": "x"}"#,
@@ -908,7 +947,10 @@ fn bad_facet_requests_are_rejected() {
     assert!(message.contains("field `title` is of type"), "{message}");
     assert!(message.contains("not a facet field"), "{message}");
     let message = error_message(index.search(&facet_request("category", "lang")));
-    assert!(message.contains("invalid facet prefix \"lang\""), "{message}");
+    assert!(
+        message.contains("invalid facet prefix \"lang\""),
+        "{message}"
+    );
 }
 
 #[test]
@@ -935,7 +977,19 @@ fn sort_by_i64_and_f64_in_both_directions() {
     let response = sorted("year", false);
     assert_eq!(
         hit_ids(&response),
-        vec!["b7", "b9", "b4", "b1", "b3", "b2", "b8", "b5", "b6", "b10", "no-values"]
+        vec![
+            "b7",
+            "b9",
+            "b4",
+            "b1",
+            "b3",
+            "b2",
+            "b8",
+            "b5",
+            "b6",
+            "b10",
+            "no-values"
+        ]
     );
     assert_eq!(response.docs[0].sort_value.as_deref(), Some("2010"));
     assert_eq!(response.docs[0].score, None);
@@ -944,20 +998,56 @@ fn sort_by_i64_and_f64_in_both_directions() {
     let response = sorted("year", true);
     assert_eq!(
         hit_ids(&response),
-        vec!["b10", "b6", "b5", "b8", "b2", "b3", "b1", "b4", "b9", "b7", "no-values"]
+        vec![
+            "b10",
+            "b6",
+            "b5",
+            "b8",
+            "b2",
+            "b3",
+            "b1",
+            "b4",
+            "b9",
+            "b7",
+            "no-values"
+        ]
     );
 
     let response = sorted("rating", true);
     assert_eq!(
         hit_ids(&response),
-        vec!["b3", "b6", "b1", "b8", "b5", "b10", "b7", "b2", "b4", "b9", "no-values"]
+        vec![
+            "b3",
+            "b6",
+            "b1",
+            "b8",
+            "b5",
+            "b10",
+            "b7",
+            "b2",
+            "b4",
+            "b9",
+            "no-values"
+        ]
     );
     assert_eq!(response.docs[0].sort_value.as_deref(), Some("4.9"));
 
     let response = sorted("rating", false);
     assert_eq!(
         hit_ids(&response),
-        vec!["b9", "b4", "b2", "b7", "b10", "b5", "b8", "b1", "b6", "b3", "no-values"]
+        vec![
+            "b9",
+            "b4",
+            "b2",
+            "b7",
+            "b10",
+            "b5",
+            "b8",
+            "b1",
+            "b6",
+            "b3",
+            "no-values"
+        ]
     );
     assert_eq!(response.docs[0].sort_value.as_deref(), Some("1.5"));
 }
@@ -1012,7 +1102,10 @@ fn bad_sort_requests_are_rejected() {
         ..SearchRequest::default()
     };
     let message = error_message(index.search(&sort_request("price")));
-    assert_eq!(message, "invalid search request: unknown sort field `price`");
+    assert_eq!(
+        message,
+        "invalid search request: unknown sort field `price`"
+    );
     let message = error_message(index.search(&sort_request("title")));
     assert!(message.contains("field `title` is of type"), "{message}");
     let message = error_message(index.search(&sort_request("category")));
@@ -1090,16 +1183,20 @@ fn pagination_is_stable_without_duplicates() {
 #[test]
 fn relevance_order_has_scores() {
     let (_directory, index) = open_example_index();
-    put(&index, "weak", r#"{"body": "rust is mentioned once among many other words here"}"#);
-    put(&index, "strong", r#"{"title": "rust rust rust", "body": "rust"}"#);
+    put(
+        &index,
+        "weak",
+        r#"{"body": "rust is mentioned once among many other words here"}"#,
+    );
+    put(
+        &index,
+        "strong",
+        r#"{"title": "rust rust rust", "body": "rust"}"#,
+    );
     commit(&index);
     let response = search(&index, query("rust", 10));
     assert_eq!(hit_ids(&response), vec!["strong", "weak"]);
-    let scores: Vec<f32> = response
-        .docs
-        .iter()
-        .map(|hit| hit.score.unwrap())
-        .collect();
+    let scores: Vec<f32> = response.docs.iter().map(|hit| hit.score.unwrap()).collect();
     assert!(scores[0] > scores[1]);
     assert!(response.docs.iter().all(|hit| hit.sort_value.is_none()));
 }
@@ -1184,10 +1281,7 @@ fn bad_queries_and_limits_are_rejected() {
         Err(IndexError::InvalidRequest(_))
     ));
     // The largest allowed page works.
-    assert_eq!(
-        search(&index, query("*", MAX_SEARCH_LIMIT)).docs.len(),
-        10
-    );
+    assert_eq!(search(&index, query("*", MAX_SEARCH_LIMIT)).docs.len(), 10);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1200,7 +1294,9 @@ fn operations_and_search_types_roundtrip_through_postcard() {
             id: "a".to_string(),
             document_json: r#"{"_id":"a"}"#.to_string(),
         },
-        IndexOperation::Delete { id: "b".to_string() },
+        IndexOperation::Delete {
+            id: "b".to_string(),
+        },
         IndexOperation::Commit,
         IndexOperation::Rollback,
         IndexOperation::Merge,
@@ -1225,7 +1321,10 @@ fn operations_and_search_types_roundtrip_through_postcard() {
         }),
     };
     let bytes = postcard::to_allocvec(&request).unwrap();
-    assert_eq!(postcard::from_bytes::<SearchRequest>(&bytes).unwrap(), request);
+    assert_eq!(
+        postcard::from_bytes::<SearchRequest>(&bytes).unwrap(),
+        request
+    );
 
     let response = SearchResponse {
         count: Some(3),

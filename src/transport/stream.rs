@@ -178,7 +178,13 @@ where
         }
     };
     match tokio::time::timeout(timeout, exchange).await {
-        Ok(result) => result,
+        Ok(Ok(answer)) => Ok(answer),
+        // When the connection itself ended (a refused certificate shows up here, after the
+        // client thought the handshake was done), its reason says more than the stream error.
+        Ok(Err(error)) => match connection.close_reason() {
+            Some(reason) => Err(CallError::Connection(reason)),
+            None => Err(error),
+        },
         Err(_) => Err(CallError::TimedOut(timeout)),
     }
 }

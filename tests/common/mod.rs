@@ -1,0 +1,139 @@
+//! Test harness: certificates in a temp directory, in-process nodes on 127.0.0.1 port 0, and
+//! clients with any role. Everything is real: QUIC, mutual TLS, tantivy on disk.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bayard::certs::{self, CertificateAuthority, Validity};
+use bayard::client::{Client, ClientOptions};
+use bayard::index::{DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
+use bayard::node::{Node, NodeConfig, RunningNode};
+use bayard::transport::{Role, TlsFiles};
+
+pub const TRUST_DOMAIN: &str = "bayard";
+
+/// A cluster CA and the leaf certificates made from it, in a temporary directory.
+pub struct CertificateSet {
+    pub directory: tempfile::TempDir,
+    authority: CertificateAuthority,
+}
+
+impl CertificateSet {
+    pub fn new() -> Self {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let (authority, pair) =
+            CertificateAuthority::generate("test ca", Validity::days_from_now(30)).expect("generate ca");
+        certs::write_pair(directory.path(), "ca", &pair, false).expect("write ca");
+        CertificateSet { directory, authority }
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.directory.path().join("ca.pem")
+    }
+
+    /// Issues (once) and returns the files of a certificate for `role`.
+    pub fn files_for(&self, role: &Role) -> TlsFiles {
+        self.files_with_validity(role, &format!("{}", role).replace('/', "-"), Validity::days_from_now(30))
+    }
+
+    pub fn files_with_validity(&self, role: &Role, stem: &str, validity: Validity) -> TlsFiles {
+        let (certificate, private_key) = certs::pair_paths(self.directory.path(), stem);
+        if !certificate.exists() {
+            let names = match role {
+                Role::Node { .. } => certs::default_node_subject_alternative_names(),
+                _ => Vec::new(),
+            };
+            let pair = self.authority.issue(role, TRUST_DOMAIN, &names, validity).expect("issue");
+            certs::write_pair(self.directory.path(), stem, &pair, true).expect("write leaf");
+        }
+        TlsFiles {
+            ca_certificate: self.ca_path(),
+            certificate,
+            private_key,
+        }
+    }
+
+    pub fn node(&self, node_id: u64) -> TlsFiles {
+        self.files_for(&Role::Node { node_id })
+    }
+
+    pub fn client(&self, name: &str) -> TlsFiles {
+        self.files_for(&Role::Client { name: name.to_string() })
+    }
+
+    pub fn admin(&self, name: &str) -> TlsFiles {
+        self.files_for(&Role::Admin { name: name.to_string() })
+    }
+}
+
+pub fn node_config(certificates: &CertificateSet, node_id: u64, data_directory: &Path) -> NodeConfig {
+    let mut config = NodeConfig::new(
+        node_id,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_directory.to_path_buf(),
+        DEFAULT_SCHEMA_JSON.to_string(),
+        DEFAULT_TOKENIZER_JSON.to_string(),
+        certificates.node(node_id),
+    );
+    // Tests decide when to commit unless they test the timer.
+    config.commit_interval = Duration::ZERO;
+    config.writer_memory_bytes = 32 * 1024 * 1024;
+    config
+}
+
+pub async fn start_node(config: NodeConfig) -> RunningNode {
+    Node::start(config).await.expect("node starts")
+}
+
+pub fn client_with(address: &str, tls: TlsFiles) -> Client {
+    let mut options = ClientOptions::new(vec![address.to_string()], tls);
+    options.request_timeout = Duration::from_secs(20);
+    Client::connect(options).expect("client")
+}
+
+/// A standalone node with its own data directory, plus a client certificate to talk to it.
+pub struct TestNode {
+    pub certificates: CertificateSet,
+    pub data: tempfile::TempDir,
+    pub node: RunningNode,
+}
+
+impl TestNode {
+    pub async fn start() -> Self {
+        let certificates = CertificateSet::new();
+        let data = tempfile::tempdir().expect("temp dir");
+        let node = start_node(node_config(&certificates, 1, data.path())).await;
+        TestNode { certificates, data, node }
+    }
+
+    pub fn address(&self) -> String {
+        self.node.local_address().to_string()
+    }
+
+    pub fn client(&self) -> Client {
+        client_with(&self.address(), self.certificates.client("app"))
+    }
+
+    pub fn admin(&self) -> Client {
+        client_with(&self.address(), self.certificates.admin("ops"))
+    }
+}
+
+/// Waits for `condition` to hold, checking every 50 ms for at most `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < limit {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
