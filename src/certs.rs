@@ -54,10 +54,7 @@ impl Validity {
     /// From an hour ago (to tolerate clock skew between hosts) to `days` from now.
     pub fn days_from_now(days: i64) -> Self {
         let now = OffsetDateTime::now_utc();
-        Validity {
-            not_before: now - Duration::hours(1),
-            not_after: now + Duration::days(days),
-        }
+        Validity { not_before: now - Duration::hours(1), not_after: now + Duration::days(days) }
     }
 }
 
@@ -76,19 +73,13 @@ impl CertificateAuthority {
         distinguished_name.push(DnType::OrganizationName, "bayard");
         params.distinguished_name = distinguished_name;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         params.not_before = validity.not_before;
         params.not_after = validity.not_after;
         let key_pair = KeyPair::generate()?;
         let certificate = params.self_signed(&key_pair)?;
-        let pair = PemPair {
-            certificate_pem: certificate.pem(),
-            private_key_pem: key_pair.serialize_pem(),
-        };
+        let pair = PemPair { certificate_pem: certificate.pem(), private_key_pem: key_pair.serialize_pem() };
         let authority = CertificateAuthority {
             issuer: Issuer::new(params, key_pair),
             certificate_pem: pair.certificate_pem.clone(),
@@ -100,13 +91,10 @@ impl CertificateAuthority {
     pub fn load(certificate_path: &Path, key_path: &Path) -> Result<Self, CertificateError> {
         let certificate_pem = read_text(certificate_path)?;
         let key_pem = read_text(key_path)?;
-        let key_pair = KeyPair::from_pem(&key_pem).map_err(|error| CertificateError::InvalidCa {
-            path: key_path.to_path_buf(),
-            reason: error.to_string(),
-        })?;
-        let issuer = Issuer::from_ca_cert_pem(&certificate_pem, key_pair).map_err(|error| CertificateError::InvalidCa {
-            path: certificate_path.to_path_buf(),
-            reason: error.to_string(),
+        let key_pair = KeyPair::from_pem(&key_pem)
+            .map_err(|error| CertificateError::InvalidCa { path: key_path.to_path_buf(), reason: error.to_string() })?;
+        let issuer = Issuer::from_ca_cert_pem(&certificate_pem, key_pair).map_err(|error| {
+            CertificateError::InvalidCa { path: certificate_path.to_path_buf(), reason: error.to_string() }
         })?;
         Ok(CertificateAuthority { issuer, certificate_pem })
     }
@@ -134,23 +122,16 @@ impl CertificateAuthority {
             Role::Admin { .. } | Role::Client { .. } => vec![ExtendedKeyUsagePurpose::ClientAuth],
         };
         let uri = role.spiffe_uri(trust_domain);
-        let uri_san = uri
-            .clone()
-            .try_into()
-            .map_err(|error: rcgen::Error| CertificateError::InvalidSubjectAlternativeName {
-                name: uri,
-                reason: error.to_string(),
-            })?;
+        let uri_san = uri.clone().try_into().map_err(|error: rcgen::Error| {
+            CertificateError::InvalidSubjectAlternativeName { name: uri, reason: error.to_string() }
+        })?;
         params.subject_alt_names.push(SanType::URI(uri_san));
         for name in subject_alternative_names {
             params.subject_alt_names.push(subject_alternative_name(name)?);
         }
         let key_pair = KeyPair::generate()?;
         let certificate = params.signed_by(&key_pair, &self.issuer)?;
-        Ok(PemPair {
-            certificate_pem: certificate.pem(),
-            private_key_pem: key_pair.serialize_pem(),
-        })
+        Ok(PemPair { certificate_pem: certificate.pem(), private_key_pem: key_pair.serialize_pem() })
     }
 }
 
@@ -159,13 +140,9 @@ fn subject_alternative_name(name: &str) -> Result<SanType, CertificateError> {
     if let Ok(address) = trimmed.parse::<IpAddr>() {
         return Ok(SanType::IpAddress(address));
     }
-    let dns_name = trimmed
-        .to_string()
-        .try_into()
-        .map_err(|error: rcgen::Error| CertificateError::InvalidSubjectAlternativeName {
-            name: trimmed.to_string(),
-            reason: error.to_string(),
-        })?;
+    let dns_name = trimmed.to_string().try_into().map_err(|error: rcgen::Error| {
+        CertificateError::InvalidSubjectAlternativeName { name: trimmed.to_string(), reason: error.to_string() }
+    })?;
     Ok(SanType::DnsName(dns_name))
 }
 
@@ -175,10 +152,7 @@ pub fn default_node_subject_alternative_names() -> Vec<String> {
 }
 
 fn read_text(path: &Path) -> Result<String, CertificateError> {
-    fs::read_to_string(path).map_err(|source| CertificateError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::read_to_string(path).map_err(|source| CertificateError::Read { path: path.to_path_buf(), source })
 }
 
 /// Paths of a PEM pair written as `<directory>/<stem>.pem` and `<directory>/<stem>.key`.
@@ -188,11 +162,14 @@ pub fn pair_paths(directory: &Path, stem: &str) -> (PathBuf, PathBuf) {
 
 /// Writes a PEM pair; the key is created with mode 0600 and neither file is overwritten unless
 /// `overwrite` is set.
-pub fn write_pair(directory: &Path, stem: &str, pair: &PemPair, overwrite: bool) -> Result<(PathBuf, PathBuf), CertificateError> {
-    fs::create_dir_all(directory).map_err(|source| CertificateError::Write {
-        path: directory.to_path_buf(),
-        source,
-    })?;
+pub fn write_pair(
+    directory: &Path,
+    stem: &str,
+    pair: &PemPair,
+    overwrite: bool,
+) -> Result<(PathBuf, PathBuf), CertificateError> {
+    fs::create_dir_all(directory)
+        .map_err(|source| CertificateError::Write { path: directory.to_path_buf(), source })?;
     let (certificate_path, key_path) = pair_paths(directory, stem);
     if !overwrite {
         for path in [&certificate_path, &key_path] {
@@ -207,10 +184,7 @@ pub fn write_pair(directory: &Path, stem: &str, pair: &PemPair, overwrite: bool)
 }
 
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertificateError> {
-    let write_error = |source| CertificateError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
+    let write_error = |source| CertificateError::Write { path: path.to_path_buf(), source };
     let mut options = fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -286,10 +260,5 @@ pub fn ensure_development_certificates(
         created.push(certificate_path);
         created.push(key_path);
     }
-    Ok(DevelopmentCertificates {
-        ca_certificate,
-        node_certificate,
-        node_key,
-        created,
-    })
+    Ok(DevelopmentCertificates { ca_certificate, node_certificate, node_key, created })
 }

@@ -307,10 +307,7 @@ pub fn parse_sort(text: &str) -> anyhow::Result<SortSpec> {
         "desc" => true,
         other => bail!("unknown sort order `{other}` in --sort (use asc or desc)"),
     };
-    Ok(SortSpec {
-        field: field.to_string(),
-        descending,
-    })
+    Ok(SortSpec { field: field.to_string(), descending })
 }
 
 pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
@@ -324,7 +321,12 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
     }
 }
 
-fn read_file_or_embedded(path: Option<&Path>, default_path: &str, embedded: &'static str, what: &str) -> anyhow::Result<String> {
+fn read_file_or_embedded(
+    path: Option<&Path>,
+    default_path: &str,
+    embedded: &'static str,
+    what: &str,
+) -> anyhow::Result<String> {
     match path {
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {what} {}", path.display())),
         None if Path::new(default_path).exists() => {
@@ -341,11 +343,9 @@ fn read_file_or_embedded(path: Option<&Path>, default_path: &str, embedded: &'st
 async fn run_serve(arguments: ServeArguments) -> anyhow::Result<()> {
     telemetry::init_logging(arguments.log_format, "info");
     let tls = match (&arguments.ca, &arguments.cert, &arguments.key) {
-        (Some(ca), Some(cert), Some(key)) => TlsFiles {
-            ca_certificate: ca.clone(),
-            certificate: cert.clone(),
-            private_key: key.clone(),
-        },
+        (Some(ca), Some(cert), Some(key)) => {
+            TlsFiles { ca_certificate: ca.clone(), certificate: cert.clone(), private_key: key.clone() }
+        }
         (None, None, None) => {
             let mut names = Vec::new();
             if !arguments.host.is_unspecified() {
@@ -376,23 +376,19 @@ async fn run_serve(arguments: ServeArguments) -> anyhow::Result<()> {
         }
         _ => bail!("give --ca, --cert and --key together (or none of them for development certificates)"),
     };
-    let schema_json = read_file_or_embedded(arguments.schema_file.as_deref(), "etc/schema.json", DEFAULT_SCHEMA_JSON, "schema file")?;
+    let schema_json =
+        read_file_or_embedded(arguments.schema_file.as_deref(), "etc/schema.json", DEFAULT_SCHEMA_JSON, "schema file")?;
     let tokenizer_json = read_file_or_embedded(
         arguments.tokenizer_file.as_deref(),
         "etc/tokenizer.json",
         DEFAULT_TOKENIZER_JSON,
         "tokenizer file",
     )?;
-    let data_directory = arguments
-        .data_directory
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("data").join(arguments.id.to_string()));
+    let data_directory =
+        arguments.data_directory.clone().unwrap_or_else(|| PathBuf::from("data").join(arguments.id.to_string()));
     let listen_address = SocketAddr::new(arguments.host, arguments.port);
     let mut config = NodeConfig::new(arguments.id, listen_address, data_directory, schema_json, tokenizer_json, tls);
-    config.advertise_address = arguments
-        .advertise_host
-        .as_ref()
-        .map(|host| format!("{host}:{}", arguments.port));
+    config.advertise_address = arguments.advertise_host.as_ref().map(|host| format!("{host}:{}", arguments.port));
     config.trust_domain = arguments.trust_domain.clone();
     config.commit_interval = arguments.commit_interval;
     config.max_frame_bytes = arguments.max_frame_bytes;
@@ -426,7 +422,8 @@ async fn shutdown_signal() {
 fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
     let written = match command {
         CertsCommand::Ca(arguments) => {
-            let (_, pair) = CertificateAuthority::generate("bayard cluster ca", Validity::days_from_now(arguments.days))?;
+            let (_, pair) =
+                CertificateAuthority::generate("bayard cluster ca", Validity::days_from_now(arguments.days))?;
             certs::write_pair(&arguments.out_dir, "ca", &pair, arguments.force)?
         }
         CertsCommand::Node(arguments) => {
@@ -436,15 +433,18 @@ fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
                     names.push(name.to_string());
                 }
             }
-            issue_leaf(&arguments.signing, &Role::Node { node_id: arguments.id }, &names, &format!("node-{}", arguments.id))?
+            issue_leaf(
+                &arguments.signing,
+                &Role::Node { node_id: arguments.id },
+                &names,
+                &format!("node-{}", arguments.id),
+            )?
         }
         CertsCommand::Client(arguments) => {
             check_certificate_name(&arguments.name)?;
             issue_leaf(
                 &arguments.signing,
-                &Role::Client {
-                    name: arguments.name.clone(),
-                },
+                &Role::Client { name: arguments.name.clone() },
                 &[],
                 &format!("client-{}", arguments.name),
             )?
@@ -453,9 +453,7 @@ fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
             check_certificate_name(&arguments.name)?;
             issue_leaf(
                 &arguments.signing,
-                &Role::Admin {
-                    name: arguments.name.clone(),
-                },
+                &Role::Admin { name: arguments.name.clone() },
                 &[],
                 &format!("admin-{}", arguments.name),
             )?
@@ -470,16 +468,19 @@ fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
 
 fn check_certificate_name(name: &str) -> anyhow::Result<()> {
     let valid = !name.is_empty()
-        && name
-            .chars()
-            .all(|character| character.is_ascii_alphanumeric() || matches!(character, '-' | '_' | '.'));
+        && name.chars().all(|character| character.is_ascii_alphanumeric() || matches!(character, '-' | '_' | '.'));
     if !valid {
         bail!("certificate name `{name}` may only hold letters, digits, '-', '_' and '.'");
     }
     Ok(())
 }
 
-fn issue_leaf(arguments: &SigningArguments, role: &Role, names: &[String], stem: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+fn issue_leaf(
+    arguments: &SigningArguments,
+    role: &Role,
+    names: &[String],
+    stem: &str,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     let ca_certificate = arguments.ca_cert.clone().unwrap_or_else(|| arguments.out_dir.join("ca.pem"));
     let ca_key = arguments.ca_key.clone().unwrap_or_else(|| arguments.out_dir.join("ca.key"));
     let authority = CertificateAuthority::load(&ca_certificate, &ca_key)
@@ -493,12 +494,8 @@ fn print_json(value: &serde_json::Value) {
 }
 
 fn connect(arguments: &ConnectionArguments) -> anyhow::Result<Client> {
-    let servers: Vec<String> = arguments
-        .servers
-        .iter()
-        .map(|server| server.trim().to_string())
-        .filter(|server| !server.is_empty())
-        .collect();
+    let servers: Vec<String> =
+        arguments.servers.iter().map(|server| server.trim().to_string()).filter(|server| !server.is_empty()).collect();
     let mut options = ClientOptions::new(
         servers,
         TlsFiles {
@@ -588,10 +585,7 @@ fn parse_bulk_documents(text: &str) -> anyhow::Result<(Vec<DocumentInput>, Vec<u
             Some(serde_json::Value::String(id)) if !id.is_empty() => {}
             _ => bail!("line {line_number}: the document has no \"_id\" string"),
         }
-        documents.push(DocumentInput {
-            id: None,
-            document_json: line.to_string(),
-        });
+        documents.push(DocumentInput { id: None, document_json: line.to_string() });
         line_numbers.push(line_number);
     }
     if documents.is_empty() {
@@ -628,7 +622,8 @@ fn parse_bulk_ids(text: &str) -> anyhow::Result<Vec<String>> {
 fn progress_bar(total: usize) -> indicatif::ProgressBar {
     // Draws on stderr only when it is a terminal.
     let bar = indicatif::ProgressBar::new(total as u64);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} documents ({per_sec}, eta {eta})") {
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} documents ({per_sec}, eta {eta})")
+    {
         bar.set_style(style);
     }
     bar
@@ -688,16 +683,15 @@ async fn run_client_command(command: Command) -> anyhow::Result<()> {
             };
             let document = document.trim();
             let client = connect(&arguments.connection)?;
-            let input = DocumentInput {
-                id: arguments.id.clone(),
-                document_json: document.to_string(),
-            };
+            let input = DocumentInput { id: arguments.id.clone(), document_json: document.to_string() };
             let receipt = client.put_documents(vec![input]).await.map_err(|error| match error {
                 // One document: "document 0 (id `x`): unknown field …" says no more than "unknown field …".
-                ClientError::Remote { message, .. } if message.starts_with("document 0") => match message.split_once(": ") {
-                    Some((_, reason)) => anyhow!("invalid document: {reason}"),
-                    None => anyhow!(message),
-                },
+                ClientError::Remote { message, .. } if message.starts_with("document 0") => {
+                    match message.split_once(": ") {
+                        Some((_, reason)) => anyhow!("invalid document: {reason}"),
+                        None => anyhow!(message),
+                    }
+                }
                 other => anyhow!(other),
             })?;
             print_json(&receipt_json(receipt));
@@ -739,10 +733,7 @@ async fn run_client_command(command: Command) -> anyhow::Result<()> {
             let facets = arguments
                 .facet_field
                 .iter()
-                .map(|field| FacetRequest {
-                    field: field.clone(),
-                    prefixes: arguments.facet_prefix.clone(),
-                })
+                .map(|field| FacetRequest { field: field.clone(), prefixes: arguments.facet_prefix.clone() })
                 .collect();
             let request = SearchRequest {
                 query: arguments.query.clone(),

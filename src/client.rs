@@ -82,11 +82,7 @@ pub enum ClientError {
     Unavailable { attempts: Vec<String> },
     /// The node answered with an error.
     #[error("{message}")]
-    Remote {
-        code: ErrorCode,
-        message: String,
-        server: String,
-    },
+    Remote { code: ErrorCode, message: String, server: String },
     #[error("request not sent: {0}")]
     Request(FrameError),
     #[error("invalid argument: {0}")]
@@ -154,18 +150,9 @@ impl SearchResult {
                 score: hit.score,
             })
             .collect();
-        let facet = response
-            .facets
-            .into_iter()
-            .map(|facet| (facet.field, facet.counts.into_iter().collect()))
-            .collect();
-        SearchResult {
-            count: response.count,
-            docs,
-            facet,
-            node_id,
-            applied_index,
-        }
+        let facet =
+            response.facets.into_iter().map(|facet| (facet.field, facet.counts.into_iter().collect())).collect();
+        SearchResult { count: response.count, docs, facet, node_id, applied_index }
     }
 }
 
@@ -199,11 +186,7 @@ impl Client {
         let ipv6 = options.servers.iter().all(|server| server.starts_with('['));
         let endpoint = transport::bind_client_endpoint(quic_config, ipv6)?;
         let pool = ConnectionPool::new(endpoint, options.trust_domain.clone(), options.connect_timeout);
-        Ok(Client {
-            pool,
-            options,
-            preferred_server: AtomicUsize::new(0),
-        })
+        Ok(Client { pool, options, preferred_server: AtomicUsize::new(0) })
     }
 
     pub fn options(&self) -> &ClientOptions {
@@ -211,7 +194,11 @@ impl Client {
     }
 
     /// Sends one request, moving through the servers on transport failures.
-    async fn call<Request, Response>(&self, kind: StreamKind, request: &Request) -> Result<(Response, String), ClientError>
+    async fn call<Request, Response>(
+        &self,
+        kind: StreamKind,
+        request: &Request,
+    ) -> Result<(Response, String), ClientError>
     where
         Request: Serialize,
         Response: DeserializeOwned,
@@ -231,9 +218,7 @@ impl Client {
                     Err(error) => {
                         // A refused certificate is not going to change by asking again.
                         if matches!(error, ConnectError::NotANode { .. }) {
-                            return Err(ClientError::Unavailable {
-                                attempts: vec![error.to_string()],
-                            });
+                            return Err(ClientError::Unavailable { attempts: vec![error.to_string()] });
                         }
                         attempts.push(error.to_string());
                         continue;
@@ -253,15 +238,11 @@ impl Client {
                         self.preferred_server.store(position, Ordering::Relaxed);
                         return Ok((response, server.clone()));
                     }
-                    Ok(Err(WireError { code, message })) if code == ErrorCode::Unavailable => {
+                    Ok(Err(WireError { code: ErrorCode::Unavailable, message })) => {
                         attempts.push(format!("{server}: {message}"));
                     }
                     Ok(Err(WireError { code, message })) => {
-                        return Err(ClientError::Remote {
-                            code,
-                            message,
-                            server: server.clone(),
-                        })
+                        return Err(ClientError::Remote { code, message, server: server.clone() })
                     }
                     Err(CallError::Frame(error @ (FrameError::TooLarge { .. } | FrameError::Encode(_)))) => {
                         return Err(ClientError::Request(error));
@@ -290,24 +271,15 @@ impl Client {
         let name = request.name();
         let (response, server) = self.call(StreamKind::Client, &request).await?;
         match response {
-            ClientResponse::Written {
-                operations,
-                applied_index,
-            } => Ok(WriteReceipt {
-                operations,
-                applied_index,
-            }),
+            ClientResponse::Written { operations, applied_index } => Ok(WriteReceipt { operations, applied_index }),
             _ => Err(ClientError::UnexpectedResponse { server, request: name }),
         }
     }
 
     /// Upserts one document under `id`.
     pub async fn put(&self, id: &str, document_json: &str) -> Result<WriteReceipt, ClientError> {
-        self.put_documents(vec![DocumentInput {
-            id: Some(id.to_string()),
-            document_json: document_json.to_string(),
-        }])
-        .await
+        self.put_documents(vec![DocumentInput { id: Some(id.to_string()), document_json: document_json.to_string() }])
+            .await
     }
 
     /// Upserts documents in one request (one batch: all or nothing).
@@ -324,10 +296,7 @@ impl Client {
     ) -> Result<WriteReceipt, ClientError> {
         let chunk_limit_bytes = self.options.max_frame_bytes / 2;
         let mut written = 0_usize;
-        let mut last_receipt = WriteReceipt {
-            operations: 0,
-            applied_index: 0,
-        };
+        let mut last_receipt = WriteReceipt { operations: 0, applied_index: 0 };
         let mut chunk: Vec<DocumentInput> = Vec::new();
         let mut chunk_bytes = 0_usize;
         let mut remaining = documents.into_iter().peekable();
@@ -346,15 +315,13 @@ impl Client {
             let full = chunk.len() >= BULK_CHUNK_DOCUMENTS || chunk_bytes + next_bytes > chunk_limit_bytes;
             if full || remaining.peek().is_none() {
                 let count = chunk.len();
-                let receipt = self.put_documents(std::mem::take(&mut chunk)).await.map_err(|error| {
-                    offset_document_positions(error, written)
-                })?;
+                let receipt = self
+                    .put_documents(std::mem::take(&mut chunk))
+                    .await
+                    .map_err(|error| offset_document_positions(error, written))?;
                 written += count;
                 chunk_bytes = 0;
-                last_receipt = WriteReceipt {
-                    operations: written as u64,
-                    applied_index: receipt.applied_index,
-                };
+                last_receipt = WriteReceipt { operations: written as u64, applied_index: receipt.applied_index };
                 on_progress(written);
             }
         }
@@ -366,19 +333,17 @@ impl Client {
     }
 
     /// Deletes any number of ids, in requests of at most [`BULK_CHUNK_DOCUMENTS`].
-    pub async fn bulk_delete(&self, ids: Vec<String>, mut on_progress: impl FnMut(usize)) -> Result<WriteReceipt, ClientError> {
-        let mut receipt = WriteReceipt {
-            operations: 0,
-            applied_index: 0,
-        };
+    pub async fn bulk_delete(
+        &self,
+        ids: Vec<String>,
+        mut on_progress: impl FnMut(usize),
+    ) -> Result<WriteReceipt, ClientError> {
+        let mut receipt = WriteReceipt { operations: 0, applied_index: 0 };
         let mut deleted = 0_usize;
         for chunk in ids.chunks(BULK_CHUNK_DOCUMENTS) {
             let chunk_receipt = self.write(ClientRequest::Delete { ids: chunk.to_vec() }).await?;
             deleted += chunk.len();
-            receipt = WriteReceipt {
-                operations: deleted as u64,
-                applied_index: chunk_receipt.applied_index,
-            };
+            receipt = WriteReceipt { operations: deleted as u64, applied_index: chunk_receipt.applied_index };
             on_progress(deleted);
         }
         Ok(receipt)
@@ -400,28 +365,19 @@ impl Client {
     pub async fn get(&self, id: &str) -> Result<Option<Document>, ClientError> {
         let (response, server) = self.call(StreamKind::Client, &ClientRequest::Get { id: id.to_string() }).await?;
         match response {
-            ClientResponse::Document { document } => Ok(document.map(|document| Document {
-                fields: parse_json_or_string(&document.fields_json),
-                id: document.id,
-            })),
+            ClientResponse::Document { document } => Ok(document
+                .map(|document| Document { fields: parse_json_or_string(&document.fields_json), id: document.id })),
             _ => Err(ClientError::UnexpectedResponse { server, request: "get" }),
         }
     }
 
     pub async fn search(&self, request: SearchRequest, consistency: Consistency) -> Result<SearchResult, ClientError> {
-        let (response, server) = self
-            .call(StreamKind::Client, &ClientRequest::Search { request, consistency })
-            .await?;
+        let (response, server) = self.call(StreamKind::Client, &ClientRequest::Search { request, consistency }).await?;
         match response {
-            ClientResponse::Search {
-                response,
-                node_id,
-                applied_index,
-            } => Ok(SearchResult::from_response(response, node_id, applied_index)),
-            _ => Err(ClientError::UnexpectedResponse {
-                server,
-                request: "search",
-            }),
+            ClientResponse::Search { response, node_id, applied_index } => {
+                Ok(SearchResult::from_response(response, node_id, applied_index))
+            }
+            _ => Err(ClientError::UnexpectedResponse { server, request: "search" }),
         }
     }
 
@@ -429,10 +385,7 @@ impl Client {
     pub async fn schema(&self) -> Result<serde_json::Value, ClientError> {
         match self.client_call(ClientRequest::Schema).await? {
             ClientResponse::Schema { schema_json } => Ok(parse_json_or_string(&schema_json)),
-            _ => Err(ClientError::UnexpectedResponse {
-                server: String::new(),
-                request: "schema",
-            }),
+            _ => Err(ClientError::UnexpectedResponse { server: String::new(), request: "schema" }),
         }
     }
 
@@ -440,10 +393,7 @@ impl Client {
         let (response, server) = self.call(StreamKind::Admin, &AdminRequest::Status).await?;
         match response {
             AdminResponse::Status(status) => Ok(status),
-            _ => Err(ClientError::UnexpectedResponse {
-                server,
-                request: "status",
-            }),
+            _ => Err(ClientError::UnexpectedResponse { server, request: "status" }),
         }
     }
 
@@ -463,14 +413,14 @@ impl Client {
         request: &Request,
     ) -> Result<Result<(), WireError>, ClientError> {
         let server = &self.options.servers[0];
-        let connection = self.pool.get(server).await.map_err(|error| ClientError::Unavailable {
-            attempts: vec![error.to_string()],
-        })?;
+        let connection = self
+            .pool
+            .get(server)
+            .await
+            .map_err(|error| ClientError::Unavailable { attempts: vec![error.to_string()] })?;
         raw_stream_call(&connection, kind_byte, request, self.options.request_timeout, self.options.max_frame_bytes)
             .await
-            .map_err(|error| ClientError::Unavailable {
-                attempts: vec![format!("{server}: {error}")],
-            })
+            .map_err(|error| ClientError::Unavailable { attempts: vec![format!("{server}: {error}")] })
     }
 }
 
@@ -518,7 +468,5 @@ async fn raw_stream_call<Request: Serialize>(
         let answer = transport::frame::read_frame::<_, Result<(), WireError>>(&mut receive, max_frame_bytes).await?;
         Ok(answer)
     };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .unwrap_or(Err(CallError::TimedOut(timeout)))
+    tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(CallError::TimedOut(timeout)))
 }

@@ -67,14 +67,21 @@ impl ClientRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ClientResponse {
     /// A write was applied (and, in a cluster, committed to the log).
-    Written { operations: u64, applied_index: u64 },
-    Document { document: Option<StoredDocument> },
+    Written {
+        operations: u64,
+        applied_index: u64,
+    },
+    Document {
+        document: Option<StoredDocument>,
+    },
     Search {
         response: SearchResponse,
         node_id: u64,
         applied_index: u64,
     },
-    Schema { schema_json: String },
+    Schema {
+        schema_json: String,
+    },
 }
 
 /// Requests on an `Admin` stream. `Status` and `Peers` are read-only and open to client

@@ -14,11 +14,7 @@ use bayard::transport::{self, pool::ConnectionPool, Role, TlsMaterial};
 use common::{client_with, node_config, start_node, CertificateSet, TestNode};
 
 fn query(text: &str) -> SearchRequest {
-    SearchRequest {
-        query: text.into(),
-        limit: 10,
-        ..Default::default()
-    }
+    SearchRequest { query: text.into(), limit: 10, ..Default::default() }
 }
 
 fn remote_error(error: ClientError) -> (ErrorCode, String) {
@@ -64,14 +60,8 @@ async fn bad_documents_are_refused_whole_with_the_reason() {
 
     // One bad document in a batch: nothing of the batch is written, and the error names it.
     let documents = vec![
-        bayard::protocol::DocumentInput {
-            id: None,
-            document_json: r#"{"_id":"good","title":"fine"}"#.into(),
-        },
-        bayard::protocol::DocumentInput {
-            id: None,
-            document_json: r#"{"title":"no id"}"#.into(),
-        },
+        bayard::protocol::DocumentInput { id: None, document_json: r#"{"_id":"good","title":"fine"}"#.into() },
+        bayard::protocol::DocumentInput { id: None, document_json: r#"{"title":"no id"}"#.into() },
     ];
     let (_, message) = remote_error(client.put_documents(documents).await.unwrap_err());
     assert!(message.starts_with("document 1:") && message.contains("_id"), "{message}");
@@ -94,35 +84,23 @@ async fn bad_queries_sorts_and_facets_are_refused() {
     assert!(message.contains("nosuchfield"), "{message}");
 
     let mut sorted = query("*");
-    sorted.sort = Some(SortSpec {
-        field: "shoe_size".into(),
-        descending: false,
-    });
+    sorted.sort = Some(SortSpec { field: "shoe_size".into(), descending: false });
     let (code, message) = remote_error(client.search(sorted, Consistency::Local).await.unwrap_err());
     assert_eq!(code, ErrorCode::InvalidArgument);
     assert!(message.contains("unknown sort field `shoe_size`"), "{message}");
 
     let mut sorted_on_text = query("*");
-    sorted_on_text.sort = Some(SortSpec {
-        field: "title".into(),
-        descending: true,
-    });
+    sorted_on_text.sort = Some(SortSpec { field: "title".into(), descending: true });
     let (_, message) = remote_error(client.search(sorted_on_text, Consistency::Local).await.unwrap_err());
     assert!(message.contains("title"), "{message}");
 
     let mut faceted = query("*");
-    faceted.facets = vec![FacetRequest {
-        field: "planet".into(),
-        prefixes: vec![],
-    }];
+    faceted.facets = vec![FacetRequest { field: "planet".into(), prefixes: vec![] }];
     let (_, message) = remote_error(client.search(faceted, Consistency::Local).await.unwrap_err());
     assert!(message.contains("unknown facet field `planet`"), "{message}");
 
     let mut faceted_on_text = query("*");
-    faceted_on_text.facets = vec![FacetRequest {
-        field: "title".into(),
-        prefixes: vec![],
-    }];
+    faceted_on_text.facets = vec![FacetRequest { field: "title".into(), prefixes: vec![] }];
     let (_, message) = remote_error(client.search(faceted_on_text, Consistency::Local).await.unwrap_err());
     assert!(message.contains("title"), "{message}");
     assert_still_serving(&test).await;
@@ -142,10 +120,7 @@ async fn oversized_documents_and_frames_are_refused() {
     let client = client_with(&address, certificates.client("app"));
     let huge = format!(r#"{{"title":"{}"}}"#, "x".repeat(17 * 1024 * 1024));
     let error = client.put("huge", &huge).await.unwrap_err();
-    assert!(
-        matches!(error, ClientError::Request(_)) && error.to_string().contains("exceeds the limit"),
-        "{error}"
-    );
+    assert!(matches!(error, ClientError::Request(_)) && error.to_string().contains("exceeds the limit"), "{error}");
 
     // The node's limit: a client with a larger limit sends 100 KiB; the node refuses the frame on
     // its length prefix and says why.
@@ -196,14 +171,18 @@ fn frame(body: &[u8]) -> Vec<u8> {
 }
 
 async fn search_on(connection: &quinn::Connection) -> ClientResponse {
-    let request = ClientRequest::Search {
-        request: query("*"),
-        consistency: Consistency::Local,
-    };
-    transport::call::<_, ClientResponse>(connection, StreamKind::Client, None, &request, Duration::from_secs(10), 1 << 20)
-        .await
-        .expect("transport")
-        .expect("answer")
+    let request = ClientRequest::Search { request: query("*"), consistency: Consistency::Local };
+    transport::call::<_, ClientResponse>(
+        connection,
+        StreamKind::Client,
+        None,
+        &request,
+        Duration::from_secs(10),
+        1 << 20,
+    )
+    .await
+    .expect("transport")
+    .expect("answer")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,11 +196,7 @@ async fn malformed_frames_and_unknown_kinds_end_only_their_stream() {
     assert!(error.message.starts_with("stream header is malformed"), "{}", error.message);
 
     // A good header, then a request frame that does not decode.
-    let header = StreamHeader {
-        kind: StreamKind::Client.to_byte(),
-        trace_context: None,
-        deadline_millis: 5_000,
-    };
+    let header = StreamHeader { kind: StreamKind::Client.to_byte(), trace_context: None, deadline_millis: 5_000 };
     let mut bytes = frame(&postcard::to_allocvec(&header).unwrap());
     bytes.extend(frame(&[200, 1, 2, 3]));
     let error = send_raw(&connection, &bytes).await.unwrap_err();
@@ -233,11 +208,7 @@ async fn malformed_frames_and_unknown_kinds_end_only_their_stream() {
     assert_eq!(error.code, ErrorCode::FrameTooLarge);
 
     // A kind this node does not know.
-    let unknown = StreamHeader {
-        kind: 9,
-        trace_context: None,
-        deadline_millis: 5_000,
-    };
+    let unknown = StreamHeader { kind: 9, trace_context: None, deadline_millis: 5_000 };
     let error = send_raw(&connection, &frame(&postcard::to_allocvec(&unknown).unwrap())).await.unwrap_err();
     assert_eq!(error.code, ErrorCode::UnknownStreamKind);
     assert!(error.message.contains("unknown stream kind 9"), "{}", error.message);
@@ -259,11 +230,7 @@ async fn client_and_admin_certificates_may_not_open_raft_or_membership_streams()
             let answer = client.raw_call(kind.to_byte(), &()).await.unwrap();
             let error = answer.unwrap_err();
             assert_eq!(error.code, ErrorCode::PermissionDenied);
-            assert!(
-                error.message.contains(&format!("may not open {} streams", kind.name())),
-                "{}",
-                error.message
-            );
+            assert!(error.message.contains(&format!("may not open {} streams", kind.name())), "{}", error.message);
         }
     }
     let error = test.client().raw_call(StreamKind::Raft.to_byte(), &()).await.unwrap().unwrap_err();
@@ -316,10 +283,7 @@ async fn connections_without_a_valid_client_certificate_are_refused() {
     let expired_files = test.certificates.files_with_validity(
         &Role::Client { name: "old".into() },
         "client-expired",
-        Validity {
-            not_before: now - time::Duration::days(10),
-            not_after: now - time::Duration::days(1),
-        },
+        Validity { not_before: now - time::Duration::days(10), not_after: now - time::Duration::days(1) },
     );
     let expired = Client::connect(quick(expired_files)).unwrap();
     assert_refused(expired.status().await.unwrap_err());

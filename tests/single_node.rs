@@ -9,21 +9,11 @@ use bayard::protocol::{Consistency, DocumentInput};
 use common::{eventually, node_config, start_node, TestNode};
 
 fn search_all() -> SearchRequest {
-    SearchRequest {
-        query: "*".into(),
-        limit: 100,
-        ..Default::default()
-    }
+    SearchRequest { query: "*".into(), limit: 100, ..Default::default() }
 }
 
 fn bulk(documents: &[serde_json::Value]) -> Vec<DocumentInput> {
-    documents
-        .iter()
-        .map(|document| DocumentInput {
-            id: None,
-            document_json: document.to_string(),
-        })
-        .collect()
+    documents.iter().map(|document| DocumentInput { id: None, document_json: document.to_string() }).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,14 +32,7 @@ async fn put_commit_search_get_delete() {
 
     client.commit().await.unwrap();
     let hits = client
-        .search(
-            SearchRequest {
-                query: "title:hello".into(),
-                limit: 10,
-                ..Default::default()
-            },
-            Consistency::Local,
-        )
+        .search(SearchRequest { query: "title:hello".into(), limit: 10, ..Default::default() }, Consistency::Local)
         .await
         .unwrap();
     assert_eq!(hits.count, Some(1));
@@ -93,14 +76,7 @@ async fn put_is_an_upsert_by_id() {
     assert_eq!(seven.fields["year"], 2001);
     assert_eq!(client.get("8").await.unwrap().unwrap().fields["title"], "eight b");
     let old = client
-        .search(
-            SearchRequest {
-                query: "title:first".into(),
-                limit: 10,
-                ..Default::default()
-            },
-            Consistency::Local,
-        )
+        .search(SearchRequest { query: "title:first".into(), limit: 10, ..Default::default() }, Consistency::Local)
         .await
         .unwrap();
     assert_eq!(old.count, Some(0));
@@ -140,10 +116,7 @@ async fn facets_sort_and_pagination() {
                 query: "*".into(),
                 limit: 0,
                 exclude_docs: true,
-                facets: vec![FacetRequest {
-                    field: "category".into(),
-                    prefixes: vec!["/lang".into()],
-                }],
+                facets: vec![FacetRequest { field: "category".into(), prefixes: vec!["/lang".into()] }],
                 ..Default::default()
             },
             Consistency::Local,
@@ -162,10 +135,7 @@ async fn facets_sort_and_pagination() {
             SearchRequest {
                 query: "title:search".into(),
                 limit: 3,
-                sort: Some(SortSpec {
-                    field: "year".into(),
-                    descending: true,
-                }),
+                sort: Some(SortSpec { field: "year".into(), descending: true }),
                 ..Default::default()
             },
             Consistency::Local,
@@ -180,10 +150,7 @@ async fn facets_sort_and_pagination() {
             SearchRequest {
                 query: "*".into(),
                 limit: 60,
-                sort: Some(SortSpec {
-                    field: "rating".into(),
-                    descending: false,
-                }),
+                sort: Some(SortSpec { field: "rating".into(), descending: false }),
                 ..Default::default()
             },
             Consistency::Local,
@@ -203,10 +170,7 @@ async fn facets_sort_and_pagination() {
                     from: page * 7,
                     limit: 7,
                     exclude_count: true,
-                    sort: Some(SortSpec {
-                        field: "year".into(),
-                        descending: false,
-                    }),
+                    sort: Some(SortSpec { field: "year".into(), descending: false }),
                     ..Default::default()
                 },
                 Consistency::Local,
@@ -312,10 +276,8 @@ async fn client_moves_on_when_a_server_does_not_answer() {
     let test = TestNode::start().await;
     // A UDP port on loopback that nobody serves: bind and drop to get one.
     let unused = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let mut options = bayard::client::ClientOptions::new(
-        vec![unused.to_string(), test.address()],
-        test.certificates.client("app"),
-    );
+    let mut options =
+        bayard::client::ClientOptions::new(vec![unused.to_string(), test.address()], test.certificates.client("app"));
     options.connect_timeout = Duration::from_millis(500);
     let client = bayard::client::Client::connect(options).unwrap();
     let status = client.status().await.unwrap();

@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tantivy::schema::{FieldType, Schema};
 use tantivy::tokenizer::{
-    AlphaNumOnlyFilter, AsciiFoldingFilter, FacetTokenizer, Language, LowerCaser, NgramTokenizer,
-    RawTokenizer, RemoveLongFilter, SimpleTokenizer, Stemmer, StopWordFilter, TextAnalyzer,
-    TextAnalyzerBuilder, TokenizerManager, WhitespaceTokenizer,
+    AlphaNumOnlyFilter, AsciiFoldingFilter, FacetTokenizer, Language, LowerCaser, NgramTokenizer, RawTokenizer,
+    RemoveLongFilter, SimpleTokenizer, Stemmer, StopWordFilter, TextAnalyzer, TextAnalyzerBuilder, TokenizerManager,
+    WhitespaceTokenizer,
 };
 
 use super::IndexError;
@@ -138,8 +138,8 @@ impl AnalyzerConfig {
     /// Parses and validates a tokenizer file. Every analyzer is built once here so that bad
     /// parameters are reported when the file is loaded, not when the index is opened.
     pub fn from_json(json: &str) -> Result<Self, IndexError> {
-        let config: AnalyzerConfig = serde_json::from_str(json)
-            .map_err(|error| IndexError::InvalidAnalyzers(error.to_string()))?;
+        let config: AnalyzerConfig =
+            serde_json::from_str(json).map_err(|error| IndexError::InvalidAnalyzers(error.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -179,9 +179,7 @@ impl AnalyzerConfig {
 
 fn validate_analyzer_name(analyzer_name: &str) -> Result<(), IndexError> {
     if analyzer_name.trim().is_empty() {
-        return Err(IndexError::InvalidAnalyzers(
-            "an analyzer has an empty name".to_string(),
-        ));
+        return Err(IndexError::InvalidAnalyzers("an analyzer has an empty name".to_string()));
     }
     if BUILT_IN_TOKENIZERS.contains(&analyzer_name) {
         return Err(IndexError::InvalidAnalyzers(format!(
@@ -193,27 +191,15 @@ fn validate_analyzer_name(analyzer_name: &str) -> Result<(), IndexError> {
     Ok(())
 }
 
-fn build_text_analyzer(
-    analyzer_name: &str,
-    definition: &AnalyzerDefinition,
-) -> Result<TextAnalyzer, IndexError> {
+fn build_text_analyzer(analyzer_name: &str, definition: &AnalyzerDefinition) -> Result<TextAnalyzer, IndexError> {
     // The builder is boxed (`dynamic`) because the filter chain is only known at runtime.
     let mut builder: TextAnalyzerBuilder = match &definition.tokenizer {
         TokenizerDefinition::Raw {} => TextAnalyzer::builder(RawTokenizer::default()).dynamic(),
-        TokenizerDefinition::Simple {} => {
-            TextAnalyzer::builder(SimpleTokenizer::default()).dynamic()
-        }
-        TokenizerDefinition::Whitespace {} => {
-            TextAnalyzer::builder(WhitespaceTokenizer::default()).dynamic()
-        }
+        TokenizerDefinition::Simple {} => TextAnalyzer::builder(SimpleTokenizer::default()).dynamic(),
+        TokenizerDefinition::Whitespace {} => TextAnalyzer::builder(WhitespaceTokenizer::default()).dynamic(),
         TokenizerDefinition::Facet {} => TextAnalyzer::builder(FacetTokenizer::default()).dynamic(),
-        TokenizerDefinition::Ngram {
-            min_gram,
-            max_gram,
-            prefix_only,
-        } => {
-            let ngram_tokenizer =
-                build_ngram_tokenizer(analyzer_name, *min_gram, *max_gram, *prefix_only)?;
+        TokenizerDefinition::Ngram { min_gram, max_gram, prefix_only } => {
+            let ngram_tokenizer = build_ngram_tokenizer(analyzer_name, *min_gram, *max_gram, *prefix_only)?;
             TextAnalyzer::builder(ngram_tokenizer).dynamic()
         }
     };
@@ -261,9 +247,8 @@ fn build_ngram_tokenizer(
              max_gram ({max_gram})"
         )));
     }
-    NgramTokenizer::new(min_gram, max_gram, prefix_only).map_err(|error| {
-        IndexError::InvalidAnalyzers(format!("analyzer `{analyzer_name}`: {error}"))
-    })
+    NgramTokenizer::new(min_gram, max_gram, prefix_only)
+        .map_err(|error| IndexError::InvalidAnalyzers(format!("analyzer `{analyzer_name}`: {error}")))
 }
 
 /// Checks that every tokenizer named by the schema (indexing tokenizers of text and JSON
@@ -277,33 +262,23 @@ pub fn check_schema_tokenizers(
     for (_field, field_entry) in schema.fields() {
         let (indexing_tokenizer, fast_tokenizer) = match field_entry.field_type() {
             FieldType::Str(text_options) => (
-                text_options
-                    .get_indexing_options()
-                    .map(|indexing| indexing.tokenizer()),
+                text_options.get_indexing_options().map(|indexing| indexing.tokenizer()),
                 text_options.get_fast_field_tokenizer_name(),
             ),
             FieldType::JsonObject(json_options) => (
-                json_options
-                    .get_text_indexing_options()
-                    .map(|indexing| indexing.tokenizer()),
+                json_options.get_text_indexing_options().map(|indexing| indexing.tokenizer()),
                 json_options.get_fast_field_tokenizer_name(),
             ),
             _ => (None, None),
         };
         if let Some(tokenizer_name) = indexing_tokenizer {
             if tokenizer_manager.get(tokenizer_name).is_none() {
-                return Err(undeclared_tokenizer_error(
-                    field_entry.name(),
-                    tokenizer_name,
-                ));
+                return Err(undeclared_tokenizer_error(field_entry.name(), tokenizer_name));
             }
         }
         if let Some(tokenizer_name) = fast_tokenizer {
             if fast_field_tokenizer_manager.get(tokenizer_name).is_none() {
-                return Err(undeclared_tokenizer_error(
-                    field_entry.name(),
-                    tokenizer_name,
-                ));
+                return Err(undeclared_tokenizer_error(field_entry.name(), tokenizer_name));
             }
         }
     }

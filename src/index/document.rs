@@ -21,9 +21,7 @@ const MAX_QUOTED_VALUE_CHARS: usize = 80;
 /// Checks that an id can be used as `_id`.
 pub(crate) fn check_document_id(id: &str) -> Result<(), IndexError> {
     if id.is_empty() {
-        return Err(IndexError::InvalidDocument(format!(
-            "`{ID_FIELD}` must not be empty"
-        )));
+        return Err(IndexError::InvalidDocument(format!("`{ID_FIELD}` must not be empty")));
     }
     if id.len() > MAX_ID_BYTES {
         return Err(IndexError::InvalidDocument(format!(
@@ -36,9 +34,8 @@ pub(crate) fn check_document_id(id: &str) -> Result<(), IndexError> {
 
 /// Parses a document: it must be valid JSON and a JSON object.
 pub(crate) fn parse_json_object(document_json: &str) -> Result<Map<String, JsonValue>, IndexError> {
-    let value: JsonValue = serde_json::from_str(document_json).map_err(|error| {
-        IndexError::InvalidDocument(format!("the document is not valid JSON: {error}"))
-    })?;
+    let value: JsonValue = serde_json::from_str(document_json)
+        .map_err(|error| IndexError::InvalidDocument(format!("the document is not valid JSON: {error}")))?;
     match value {
         JsonValue::Object(object) => Ok(object),
         other => Err(IndexError::InvalidDocument(format!(
@@ -49,9 +46,7 @@ pub(crate) fn parse_json_object(document_json: &str) -> Result<Map<String, JsonV
 }
 
 /// Reads the `_id` of a document object, if any; it must be a non-empty string.
-pub(crate) fn embedded_document_id(
-    object: &Map<String, JsonValue>,
-) -> Result<Option<String>, IndexError> {
+pub(crate) fn embedded_document_id(object: &Map<String, JsonValue>) -> Result<Option<String>, IndexError> {
     let Some(id_value) = object.get(ID_FIELD) else {
         return Ok(None);
     };
@@ -73,9 +68,9 @@ pub(crate) fn build_tantivy_document(
 ) -> Result<TantivyDocument, IndexError> {
     let mut document = TantivyDocument::default();
     for (field_name, json_value) in object {
-        let field = schema.get_field(field_name).map_err(|_| {
-            IndexError::InvalidDocument(format!("unknown field `{field_name}` in document"))
-        })?;
+        let field = schema
+            .get_field(field_name)
+            .map_err(|_| IndexError::InvalidDocument(format!("unknown field `{field_name}` in document")))?;
         let field_type = schema.get_field_entry(field).field_type();
         // A JSON array means "several values for this field"; the items themselves may not be
         // arrays again, as tantivy has no nested multi-values.
@@ -109,9 +104,7 @@ fn expected_value_description(field_type: &FieldType) -> Option<&'static str> {
             "an RFC 3339 date string between 1677-09-21 and 2262-04-11 (e.g. \
              \"2024-01-31T12:00:00Z\")",
         ),
-        FieldType::Facet(_) => {
-            Some("a facet path string starting with `/` (e.g. \"/category/books\")")
-        }
+        FieldType::Facet(_) => Some("a facet path string starting with `/` (e.g. \"/category/books\")"),
         FieldType::Bytes(_) => Some("a base64 string"),
         FieldType::JsonObject(_) => Some("a JSON object"),
         FieldType::IpAddr(_) => Some("an IP address string"),
@@ -124,39 +117,24 @@ fn expected_value_description(field_type: &FieldType) -> Option<&'static str> {
 fn json_kind_fits(field_type: &FieldType, value: &JsonValue) -> bool {
     match field_type {
         FieldType::Str(options) => {
-            value.is_string()
-                || (options.should_coerce() && (value.is_number() || value.is_boolean()))
+            value.is_string() || (options.should_coerce() && (value.is_number() || value.is_boolean()))
         }
-        FieldType::U64(options) => {
-            value.as_u64().is_some() || (options.should_coerce() && value.is_string())
-        }
-        FieldType::I64(options) => {
-            value.as_i64().is_some() || (options.should_coerce() && value.is_string())
-        }
-        FieldType::F64(options) => {
-            value.is_number() || (options.should_coerce() && value.is_string())
-        }
-        FieldType::Bool(options) => {
-            value.is_boolean() || (options.should_coerce() && value.is_string())
-        }
+        FieldType::U64(options) => value.as_u64().is_some() || (options.should_coerce() && value.is_string()),
+        FieldType::I64(options) => value.as_i64().is_some() || (options.should_coerce() && value.is_string()),
+        FieldType::F64(options) => value.is_number() || (options.should_coerce() && value.is_string()),
+        FieldType::Bool(options) => value.is_boolean() || (options.should_coerce() && value.is_string()),
         // tantivy would turn a number into an i64 value inside a date field; only accept
         // the unambiguous RFC 3339 form.
         FieldType::Date(_) => value.is_string(),
         // A facet string without a leading `/` makes tantivy panic, so it is parsed here.
-        FieldType::Facet(_) => value
-            .as_str()
-            .is_some_and(|text| Facet::from_text(text).is_ok()),
+        FieldType::Facet(_) => value.as_str().is_some_and(|text| Facet::from_text(text).is_ok()),
         FieldType::Bytes(_) | FieldType::IpAddr(_) => value.is_string(),
         FieldType::JsonObject(_) => value.is_object(),
         FieldType::TieBreaker | FieldType::Custom(_) => false,
     }
 }
 
-fn convert_json_value(
-    field_name: &str,
-    field_type: &FieldType,
-    value: &JsonValue,
-) -> Result<OwnedValue, IndexError> {
+fn convert_json_value(field_name: &str, field_type: &FieldType, value: &JsonValue) -> Result<OwnedValue, IndexError> {
     let Some(expected) = expected_value_description(field_type) else {
         return Err(IndexError::InvalidDocument(format!(
             "field `{field_name}` is generated by the index and cannot be set in a document"
@@ -171,9 +149,7 @@ fn convert_json_value(
     if !json_kind_fits(field_type, value) {
         return Err(type_error());
     }
-    field_type
-        .value_from_json(value.clone())
-        .map_err(|_| type_error())
+    field_type.value_from_json(value.clone()).map_err(|_| type_error())
 }
 
 /// Describes a JSON value for error messages: its kind and a short excerpt.
@@ -184,11 +160,7 @@ pub(crate) fn describe_json_value(value: &JsonValue) -> String {
         JsonValue::Number(number) => format!("number {number}"),
         JsonValue::String(text) => {
             let excerpt: String = text.chars().take(MAX_QUOTED_VALUE_CHARS).collect();
-            let ellipsis = if excerpt.len() < text.len() {
-                "..."
-            } else {
-                ""
-            };
+            let ellipsis = if excerpt.len() < text.len() { "..." } else { "" };
             format!("string {excerpt:?}{ellipsis}")
         }
         JsonValue::Array(_) => "an array".to_string(),
@@ -231,25 +203,17 @@ pub(crate) fn render_stored_document(
         fields.insert(field_name, rendered_value);
     }
     let Some(id) = id else {
-        return Err(IndexError::Internal(format!(
-            "a stored document has no `{ID_FIELD}` value"
-        )));
+        return Err(IndexError::Internal(format!("a stored document has no `{ID_FIELD}` value")));
     };
-    let fields_json = serde_json::to_string(&JsonValue::Object(fields)).map_err(|error| {
-        IndexError::Internal(format!("cannot render document `{id}` as JSON: {error}"))
-    })?;
+    let fields_json = serde_json::to_string(&JsonValue::Object(fields))
+        .map_err(|error| IndexError::Internal(format!("cannot render document `{id}` as JSON: {error}")))?;
     Ok(RenderedDocument { id, fields_json })
 }
 
 /// Renders one tantivy value as JSON (dates as RFC 3339 strings, facets as paths, bytes as
 /// base64), relying on `OwnedValue`'s serde implementation.
-pub(crate) fn owned_value_to_json(
-    field_name: &str,
-    value: &OwnedValue,
-) -> Result<JsonValue, IndexError> {
+pub(crate) fn owned_value_to_json(field_name: &str, value: &OwnedValue) -> Result<JsonValue, IndexError> {
     serde_json::to_value(value).map_err(|error| {
-        IndexError::Internal(format!(
-            "cannot render a value of field `{field_name}` as JSON: {error}"
-        ))
+        IndexError::Internal(format!("cannot render a value of field `{field_name}` as JSON: {error}"))
     })
 }

@@ -16,15 +16,14 @@ mod search_index;
 mod tests;
 
 pub use analyzers::{
-    check_schema_tokenizers, AnalyzerConfig, AnalyzerDefinition, StemmingLanguage,
-    TokenFilterDefinition, TokenizerDefinition, BUILT_IN_TOKENIZERS,
+    check_schema_tokenizers, AnalyzerConfig, AnalyzerDefinition, StemmingLanguage, TokenFilterDefinition,
+    TokenizerDefinition, BUILT_IN_TOKENIZERS,
 };
 pub use document::MAX_ID_BYTES;
 pub use error::IndexError;
 pub use schema::{check_id_field, load_schema};
 pub use search::{
-    FacetCounts, FacetRequest, SearchHit, SearchRequest, SearchResponse, SortSpec,
-    MAX_SEARCH_LIMIT, MAX_SEARCH_OFFSET,
+    FacetCounts, FacetRequest, SearchHit, SearchRequest, SearchResponse, SortSpec, MAX_SEARCH_LIMIT, MAX_SEARCH_OFFSET,
 };
 pub use search_index::{ApplyOutcome, IndexOperation, SearchIndex, StoredDocument};
 

@@ -16,9 +16,7 @@ pub fn load_schema(json: &str) -> Result<Schema, IndexError> {
     let field_entries: Vec<FieldEntry> = serde_json::from_str(json)
         .map_err(|error| IndexError::InvalidSchema(format!("cannot parse the schema: {error}")))?;
     if field_entries.is_empty() {
-        return Err(IndexError::InvalidSchema(
-            "the schema declares no field".to_string(),
-        ));
+        return Err(IndexError::InvalidSchema("the schema declares no field".to_string()));
     }
 
     let mut seen_field_names: HashSet<&str> = HashSet::new();
@@ -31,9 +29,7 @@ pub fn load_schema(json: &str) -> Result<Schema, IndexError> {
             )));
         }
         if !seen_field_names.insert(field_name) {
-            return Err(IndexError::InvalidSchema(format!(
-                "field `{field_name}` is declared more than once"
-            )));
+            return Err(IndexError::InvalidSchema(format!("field `{field_name}` is declared more than once")));
         }
         if field_entry.field_type().is_custom() {
             return Err(IndexError::InvalidSchema(format!(
@@ -86,9 +82,7 @@ pub fn check_id_field(schema: &Schema) -> Result<(), IndexError> {
         )));
     }
     if !text_options.is_stored() {
-        return Err(IndexError::InvalidSchema(format!(
-            "field `{ID_FIELD}` must be stored"
-        )));
+        return Err(IndexError::InvalidSchema(format!("field `{ID_FIELD}` must be stored")));
     }
     Ok(())
 }
@@ -98,27 +92,19 @@ pub(crate) fn describe_schema_differences(existing: &Schema, requested: &Schema)
     let mut differences: Vec<String> = Vec::new();
     for (_field, existing_entry) in existing.fields() {
         match requested.get_field(existing_entry.name()) {
-            Err(_) => differences.push(format!(
-                "field `{}` exists in the index but not in the schema file",
-                existing_entry.name()
-            )),
+            Err(_) => differences
+                .push(format!("field `{}` exists in the index but not in the schema file", existing_entry.name())),
             Ok(requested_field) => {
                 let requested_entry = requested.get_field_entry(requested_field);
                 if requested_entry != existing_entry {
-                    differences.push(format!(
-                        "field `{}` has different options",
-                        existing_entry.name()
-                    ));
+                    differences.push(format!("field `{}` has different options", existing_entry.name()));
                 }
             }
         }
     }
     for (_field, requested_entry) in requested.fields() {
         if existing.get_field(requested_entry.name()).is_err() {
-            differences.push(format!(
-                "field `{}` is in the schema file but not in the index",
-                requested_entry.name()
-            ));
+            differences.push(format!("field `{}` is in the schema file but not in the index", requested_entry.name()));
         }
     }
     if differences.is_empty() {

@@ -142,11 +142,7 @@ impl SearchIndex {
             .iter()
             .map(|facet_request| self.plan_facet(facet_request))
             .collect::<Result<Vec<FacetPlan>, IndexError>>()?;
-        let sort_plan = request
-            .sort
-            .as_ref()
-            .map(|sort_spec| self.plan_sort(sort_spec))
-            .transpose()?;
+        let sort_plan = request.sort.as_ref().map(|sort_spec| self.plan_sort(sort_spec)).transpose()?;
 
         let wants_count = !request.exclude_count;
         let wants_documents = !request.exclude_docs && request.limit > 0;
@@ -193,26 +189,17 @@ impl SearchIndex {
             for (prefix, handle) in facet_plan.prefixes.iter().zip(handles) {
                 let facet_counts = handle.extract(&mut fruits);
                 counts.extend(
-                    facet_counts
-                        .get(prefix.clone())
-                        .map(|(facet, facet_count)| (facet.to_string(), facet_count)),
+                    facet_counts.get(prefix.clone()).map(|(facet, facet_count)| (facet.to_string(), facet_count)),
                 );
             }
             counts.sort_by(|left, right| left.0.cmp(&right.0));
             // Overlapping prefixes (`/a` and `/a` twice) would repeat paths.
             counts.dedup_by(|left, right| left.0 == right.0);
-            facets.push(FacetCounts {
-                field: facet_plan.field_name.clone(),
-                counts,
-            });
+            facets.push(FacetCounts { field: facet_plan.field_name.clone(), counts });
         }
 
         let docs = self.load_hits(&searcher, ranked_documents, sort_plan.as_ref())?;
-        Ok(SearchResponse {
-            count,
-            docs,
-            facets,
-        })
+        Ok(SearchResponse { count, docs, facets })
     }
 
     fn parse_query(&self, query_text: &str) -> Result<Box<dyn Query>, IndexError> {
@@ -222,16 +209,15 @@ impl SearchIndex {
         }
         // Built per search: it is cheap, and it picks up the index's registered analyzers.
         let query_parser = QueryParser::for_index(&self.index, self.default_search_fields.clone());
-        query_parser
-            .parse_query(trimmed_query)
-            .map_err(|error| IndexError::InvalidQuery(error.to_string()))
+        query_parser.parse_query(trimmed_query).map_err(|error| IndexError::InvalidQuery(error.to_string()))
     }
 
     fn plan_facet(&self, facet_request: &FacetRequest) -> Result<FacetPlan, IndexError> {
         let field_name = facet_request.field.as_str();
-        let field = self.schema.get_field(field_name).map_err(|_| {
-            IndexError::InvalidRequest(format!("unknown facet field `{field_name}`"))
-        })?;
+        let field = self
+            .schema
+            .get_field(field_name)
+            .map_err(|_| IndexError::InvalidRequest(format!("unknown facet field `{field_name}`")))?;
         let field_type = self.schema.get_field_entry(field).field_type();
         if !matches!(field_type, FieldType::Facet(_)) {
             return Err(IndexError::InvalidRequest(format!(
@@ -257,17 +243,15 @@ impl SearchIndex {
                 prefixes.push(prefix);
             }
         }
-        Ok(FacetPlan {
-            field_name: field_name.to_string(),
-            prefixes,
-        })
+        Ok(FacetPlan { field_name: field_name.to_string(), prefixes })
     }
 
     fn plan_sort(&self, sort_spec: &SortSpec) -> Result<SortPlan, IndexError> {
         let field_name = sort_spec.field.as_str();
-        let field = self.schema.get_field(field_name).map_err(|_| {
-            IndexError::InvalidRequest(format!("unknown sort field `{field_name}`"))
-        })?;
+        let field = self
+            .schema
+            .get_field(field_name)
+            .map_err(|_| IndexError::InvalidRequest(format!("unknown sort field `{field_name}`")))?;
         let field_entry = self.schema.get_field_entry(field);
         let value_type = match field_entry.field_type() {
             FieldType::I64(_) => SortValueType::I64,
@@ -287,16 +271,8 @@ impl SearchIndex {
                 "field `{field_name}` is not a fast field and cannot be used for sorting"
             )));
         }
-        let order = if sort_spec.descending {
-            Order::Desc
-        } else {
-            Order::Asc
-        };
-        Ok(SortPlan {
-            field_name: field_name.to_string(),
-            value_type,
-            order,
-        })
+        let order = if sort_spec.descending { Order::Desc } else { Order::Asc };
+        Ok(SortPlan { field_name: field_name.to_string(), value_type, order })
     }
 
     fn load_hits(
@@ -340,47 +316,36 @@ fn add_top_docs_collector(
     let order = sort_plan.order;
     // The fast value type must match the field type exactly, hence one arm per type.
     match sort_plan.value_type {
-        SortValueType::I64 => TopDocsHandle::ByI64(
-            collectors.add_collector(top_docs.order_by_fast_field::<i64>(field_name(), order)),
-        ),
-        SortValueType::U64 => TopDocsHandle::ByU64(
-            collectors.add_collector(top_docs.order_by_fast_field::<u64>(field_name(), order)),
-        ),
-        SortValueType::F64 => TopDocsHandle::ByF64(
-            collectors.add_collector(top_docs.order_by_fast_field::<f64>(field_name(), order)),
-        ),
+        SortValueType::I64 => {
+            TopDocsHandle::ByI64(collectors.add_collector(top_docs.order_by_fast_field::<i64>(field_name(), order)))
+        }
+        SortValueType::U64 => {
+            TopDocsHandle::ByU64(collectors.add_collector(top_docs.order_by_fast_field::<u64>(field_name(), order)))
+        }
+        SortValueType::F64 => {
+            TopDocsHandle::ByF64(collectors.add_collector(top_docs.order_by_fast_field::<f64>(field_name(), order)))
+        }
         SortValueType::Date => TopDocsHandle::ByDate(
             collectors.add_collector(top_docs.order_by_fast_field::<DateTime>(field_name(), order)),
         ),
     }
 }
 
-fn extract_ranked_documents(
-    handle: TopDocsHandle,
-    fruits: &mut tantivy::collector::MultiFruit,
-) -> Vec<RankedDocument> {
+fn extract_ranked_documents(handle: TopDocsHandle, fruits: &mut tantivy::collector::MultiFruit) -> Vec<RankedDocument> {
     fn sorted_by_value<T>(
         top_documents: Vec<(Option<T>, DocAddress)>,
         to_owned_value: impl Fn(T) -> OwnedValue,
     ) -> Vec<RankedDocument> {
         top_documents
             .into_iter()
-            .map(|(value, address)| RankedDocument {
-                address,
-                score: None,
-                sort_value: value.map(&to_owned_value),
-            })
+            .map(|(value, address)| RankedDocument { address, score: None, sort_value: value.map(&to_owned_value) })
             .collect()
     }
     match handle {
         TopDocsHandle::ByScore(handle) => handle
             .extract(fruits)
             .into_iter()
-            .map(|(score, address)| RankedDocument {
-                address,
-                score: Some(score),
-                sort_value: None,
-            })
+            .map(|(score, address)| RankedDocument { address, score: Some(score), sort_value: None })
             .collect(),
         TopDocsHandle::ByI64(handle) => sorted_by_value(handle.extract(fruits), OwnedValue::I64),
         TopDocsHandle::ByU64(handle) => sorted_by_value(handle.extract(fruits), OwnedValue::U64),

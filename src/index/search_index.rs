@@ -11,15 +11,11 @@ use tantivy::collector::TopDocs;
 use tantivy::directory::MmapDirectory;
 use tantivy::query::TermQuery;
 use tantivy::schema::{Field, FieldType, IndexRecordOption, Schema};
-use tantivy::{
-    Index, IndexReader, IndexSettings, IndexWriter, ReloadPolicy, TantivyDocument, TantivyError,
-    Term,
-};
+use tantivy::{Index, IndexReader, IndexSettings, IndexWriter, ReloadPolicy, TantivyDocument, TantivyError, Term};
 
 use super::analyzers::{check_schema_tokenizers, AnalyzerConfig};
 use super::document::{
-    build_tantivy_document, check_document_id, embedded_document_id, parse_json_object,
-    render_stored_document,
+    build_tantivy_document, check_document_id, embedded_document_id, parse_json_object, render_stored_document,
 };
 use super::schema::{check_id_field, describe_schema_differences};
 use super::{IndexError, ID_FIELD};
@@ -110,18 +106,11 @@ impl SearchIndex {
         check_schema_tokenizers(&schema, &validation_tokenizers, &validation_tokenizers)?;
 
         std::fs::create_dir_all(index_directory).map_err(|source| IndexError::Io {
-            context: format!(
-                "cannot create the index directory {}",
-                index_directory.display()
-            ),
+            context: format!("cannot create the index directory {}", index_directory.display()),
             source,
         })?;
-        let open_error = |source: TantivyError| IndexError::OpenIndex {
-            path: index_directory.to_path_buf(),
-            source,
-        };
-        let directory =
-            MmapDirectory::open(index_directory).map_err(|error| open_error(error.into()))?;
+        let open_error = |source: TantivyError| IndexError::OpenIndex { path: index_directory.to_path_buf(), source };
+        let directory = MmapDirectory::open(index_directory).map_err(|error| open_error(error.into()))?;
         let index_exists = Index::exists(&directory).map_err(|error| open_error(error.into()))?;
         let index = if index_exists {
             let index = Index::open(directory).map_err(open_error)?;
@@ -137,8 +126,7 @@ impl SearchIndex {
             }
             index
         } else {
-            Index::create(directory, schema.clone(), IndexSettings::default())
-                .map_err(open_error)?
+            Index::create(directory, schema.clone(), IndexSettings::default()).map_err(open_error)?
         };
 
         analyzers.register_into(index.tokenizers())?;
@@ -146,11 +134,7 @@ impl SearchIndex {
         check_schema_tokenizers(&schema, index.tokenizers(), index.fast_field_tokenizer())?;
 
         let writer: IndexWriter = index.writer(writer_memory_bytes).map_err(open_error)?;
-        let reader = index
-            .reader_builder()
-            .reload_policy(ReloadPolicy::Manual)
-            .try_into()
-            .map_err(open_error)?;
+        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(open_error)?;
 
         let id_field = schema.get_field(ID_FIELD)?;
         let default_search_fields = schema
@@ -162,9 +146,8 @@ impl SearchIndex {
             })
             .map(|(field, _field_entry)| field)
             .collect();
-        let schema_json = serde_json::to_string_pretty(&schema).map_err(|error| {
-            IndexError::Internal(format!("cannot serialize the schema: {error}"))
-        })?;
+        let schema_json = serde_json::to_string_pretty(&schema)
+            .map_err(|error| IndexError::Internal(format!("cannot serialize the schema: {error}")))?;
 
         tracing::info!(
             index_directory = %index_directory.display(),
@@ -204,15 +187,10 @@ impl SearchIndex {
 
     /// Like [`prepare_put`](Self::prepare_put) for documents that carry their own `_id`
     /// (bulk NDJSON lines): `_id` must be present and be a non-empty string.
-    pub fn prepare_put_with_embedded_id(
-        &self,
-        document_json: &str,
-    ) -> Result<IndexOperation, IndexError> {
+    pub fn prepare_put_with_embedded_id(&self, document_json: &str) -> Result<IndexOperation, IndexError> {
         let document_object = parse_json_object(document_json)?;
         let Some(id) = embedded_document_id(&document_object)? else {
-            return Err(IndexError::InvalidDocument(format!(
-                "document has no `{ID_FIELD}` field"
-            )));
+            return Err(IndexError::InvalidDocument(format!("document has no `{ID_FIELD}` field")));
         };
         self.prepare_put_object(id, document_object)
     }
@@ -226,9 +204,8 @@ impl SearchIndex {
         // Built only to validate: the replicated operation carries JSON, and every node builds
         // its own tantivy document when applying it.
         build_tantivy_document(&self.schema, &document_object)?;
-        let document_json = serde_json::to_string(&document_object).map_err(|error| {
-            IndexError::Internal(format!("cannot serialize document `{id}`: {error}"))
-        })?;
+        let document_json = serde_json::to_string(&document_object)
+            .map_err(|error| IndexError::Internal(format!("cannot serialize document `{id}`: {error}")))?;
         Ok(IndexOperation::Put { id, document_json })
     }
 
@@ -294,10 +271,7 @@ impl SearchIndex {
         };
         let document: TantivyDocument = searcher.doc(document_address)?;
         let rendered = render_stored_document(&self.schema, &document)?;
-        Ok(Some(StoredDocument {
-            id: rendered.id,
-            fields_json: rendered.fields_json,
-        }))
+        Ok(Some(StoredDocument { id: rendered.id, fields_json: rendered.fields_json }))
     }
 
     /// The schema of the index, `_id` included.
@@ -338,12 +312,7 @@ impl SearchIndex {
         Term::from_field_text(self.id_field, id)
     }
 
-    fn apply_put(
-        &self,
-        writer: &IndexWriter,
-        id: &str,
-        document_json: &str,
-    ) -> Result<(), IndexError> {
+    fn apply_put(&self, writer: &IndexWriter, id: &str, document_json: &str) -> Result<(), IndexError> {
         // The document was validated by `prepare_put` before replication; failing here means
         // a bug or a log written by another version, so report it rather than panic.
         let mut document_object = parse_json_object(document_json)?;
@@ -369,11 +338,7 @@ impl SearchIndex {
         Ok(())
     }
 
-    fn commit_with_writer(
-        &self,
-        writer: &mut IndexWriter,
-        commit_payload: Option<&str>,
-    ) -> Result<(), IndexError> {
+    fn commit_with_writer(&self, writer: &mut IndexWriter, commit_payload: Option<&str>) -> Result<(), IndexError> {
         let mut prepared_commit = writer.prepare_commit()?;
         if let Some(payload) = commit_payload {
             prepared_commit.set_payload(payload);

@@ -2,8 +2,8 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use tantivy::schema::{
-    DateOptions, DateTimePrecision, FacetOptions, IndexRecordOption, Schema, TextFieldIndexing,
-    TextOptions, FAST, INDEXED, STORED, STRING, TEXT,
+    DateOptions, DateTimePrecision, FacetOptions, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST,
+    INDEXED, STORED, STRING, TEXT,
 };
 use tempfile::TempDir;
 
@@ -13,30 +13,17 @@ const TEST_WRITER_MEMORY_BYTES: usize = 30_000_000;
 
 fn analyzed_text(tokenizer: &str, record: IndexRecordOption) -> TextOptions {
     TextOptions::default()
-        .set_indexing_options(
-            TextFieldIndexing::default()
-                .set_tokenizer(tokenizer)
-                .set_index_option(record),
-        )
+        .set_indexing_options(TextFieldIndexing::default().set_tokenizer(tokenizer).set_index_option(record))
         .set_stored()
 }
 
 /// The shipped `etc/schema.json`, built with tantivy's API (without `_id`).
 fn example_schema_built_in_code() -> Schema {
     let mut builder = Schema::builder();
-    builder.add_text_field(
-        "title",
-        analyzed_text("lang_en", IndexRecordOption::WithFreqsAndPositions),
-    );
-    builder.add_text_field(
-        "body",
-        analyzed_text("lang_en", IndexRecordOption::WithFreqsAndPositions),
-    );
+    builder.add_text_field("title", analyzed_text("lang_en", IndexRecordOption::WithFreqsAndPositions));
+    builder.add_text_field("body", analyzed_text("lang_en", IndexRecordOption::WithFreqsAndPositions));
     builder.add_text_field("url", STRING | STORED);
-    builder.add_text_field(
-        "tags",
-        analyzed_text("keyword_lowercase", IndexRecordOption::Basic),
-    );
+    builder.add_text_field("tags", analyzed_text("keyword_lowercase", IndexRecordOption::Basic));
     builder.add_facet_field("category", FacetOptions::default().set_stored());
     builder.add_i64_field("year", INDEXED | STORED | FAST);
     builder.add_u64_field("popularity", STORED | FAST);
@@ -54,13 +41,7 @@ fn default_analyzers() -> AnalyzerConfig {
 
 fn open_at(directory: &Path) -> SearchIndex {
     let schema = load_schema(DEFAULT_SCHEMA_JSON).unwrap();
-    SearchIndex::open_or_create(
-        directory,
-        schema,
-        &default_analyzers(),
-        TEST_WRITER_MEMORY_BYTES,
-    )
-    .unwrap()
+    SearchIndex::open_or_create(directory, schema, &default_analyzers(), TEST_WRITER_MEMORY_BYTES).unwrap()
 }
 
 fn open_example_index() -> (TempDir, SearchIndex) {
@@ -83,11 +64,7 @@ fn search(index: &SearchIndex, request: SearchRequest) -> SearchResponse {
 }
 
 fn query(query_text: &str, limit: usize) -> SearchRequest {
-    SearchRequest {
-        query: query_text.to_string(),
-        limit,
-        ..SearchRequest::default()
-    }
+    SearchRequest { query: query_text.to_string(), limit, ..SearchRequest::default() }
 }
 
 fn hit_ids(response: &SearchResponse) -> Vec<String> {
@@ -139,16 +116,14 @@ fn index_with_books() -> (TempDir, SearchIndex) {
 fn shipped_schema_matches_the_schema_built_in_code() {
     let loaded = load_schema(DEFAULT_SCHEMA_JSON).unwrap();
     let mut expected_fields: Vec<serde_json::Value> =
-        serde_json::from_str(&serde_json::to_string(&example_schema_built_in_code()).unwrap())
-            .unwrap();
+        serde_json::from_str(&serde_json::to_string(&example_schema_built_in_code()).unwrap()).unwrap();
     // `load_schema` appends `_id` as a raw, stored string field.
     let mut id_only = Schema::builder();
     id_only.add_text_field(ID_FIELD, STRING | STORED);
     let id_entry: Vec<serde_json::Value> =
         serde_json::from_str(&serde_json::to_string(&id_only.build()).unwrap()).unwrap();
     expected_fields.extend(id_entry);
-    let loaded_fields: serde_json::Value =
-        serde_json::from_str(&serde_json::to_string(&loaded).unwrap()).unwrap();
+    let loaded_fields: serde_json::Value = serde_json::from_str(&serde_json::to_string(&loaded).unwrap()).unwrap();
     assert_eq!(loaded_fields, serde_json::Value::Array(expected_fields));
 }
 
@@ -181,14 +156,7 @@ fn shipped_files_open_an_index_and_stem_english() {
 fn shipped_tokenizer_file_declares_the_documented_analyzers() {
     let analyzers = default_analyzers();
     let names: Vec<&str> = analyzers.analyzer_names().collect();
-    for expected in [
-        "lang_en",
-        "lang_fr",
-        "ngram_2_3",
-        "autocomplete",
-        "keyword_lowercase",
-        "whitespace_lowercase",
-    ] {
+    for expected in ["lang_en", "lang_fr", "ngram_2_3", "autocomplete", "keyword_lowercase", "whitespace_lowercase"] {
         assert!(names.contains(&expected), "missing analyzer {expected}");
     }
 }
@@ -201,18 +169,13 @@ fn load_schema_keeps_a_valid_explicit_id_field() {
     let schema_json = serde_json::to_string(&builder.build()).unwrap();
     let schema = load_schema(&schema_json).unwrap();
     assert_eq!(schema.num_fields(), 2);
-    assert!(schema
-        .get_field_entry(schema.get_field(ID_FIELD).unwrap())
-        .is_fast());
+    assert!(schema.get_field_entry(schema.get_field(ID_FIELD).unwrap()).is_fast());
 }
 
 #[test]
 fn load_schema_rejects_bad_files() {
     let message = error_message(load_schema("{not json"));
-    assert!(
-        message.starts_with("invalid schema: cannot parse the schema"),
-        "{message}"
-    );
+    assert!(message.starts_with("invalid schema: cannot parse the schema"), "{message}");
 
     let message = error_message(load_schema(r#"{"name": "title"}"#));
     assert!(message.contains("cannot parse the schema"), "{message}");
@@ -225,18 +188,12 @@ fn load_schema_rejects_bad_files() {
     let single = serde_json::to_value(builder.build()).unwrap();
     let duplicated = serde_json::Value::Array(vec![single[0].clone(), single[0].clone()]);
     let message = error_message(load_schema(&duplicated.to_string()));
-    assert!(
-        message.contains("field `title` is declared more than once"),
-        "{message}"
-    );
+    assert!(message.contains("field `title` is declared more than once"), "{message}");
 
     let mut renamed = single[0].clone();
     renamed["name"] = serde_json::json!("-title");
     let message = error_message(load_schema(&serde_json::json!([renamed]).to_string()));
-    assert!(
-        message.contains("field name `-title` is invalid"),
-        "{message}"
-    );
+    assert!(message.contains("field name `-title` is invalid"), "{message}");
 }
 
 #[test]
@@ -256,24 +213,15 @@ fn load_schema_rejects_an_unusable_id_field() {
     let message = error_message(load_schema(&schema_with_id(Some(STRING), false)));
     assert!(message.contains("must be stored"), "{message}");
     let message = error_message(load_schema(&schema_with_id(Some(TEXT | STORED), false)));
-    assert!(
-        message.contains("must use the `raw` tokenizer"),
-        "{message}"
-    );
-    let message = error_message(load_schema(&schema_with_id(
-        Some(TextOptions::default().set_stored()),
-        false,
-    )));
+    assert!(message.contains("must use the `raw` tokenizer"), "{message}");
+    let message = error_message(load_schema(&schema_with_id(Some(TextOptions::default().set_stored()), false)));
     assert!(message.contains("must be indexed"), "{message}");
 }
 
 #[test]
 fn tokenizer_file_errors_are_clear() {
     let cases = [
-        (
-            r#"{"analyzers": {"x": {"tokenizer": {"name": "magic"}}}}"#,
-            "unknown variant `magic`",
-        ),
+        (r#"{"analyzers": {"x": {"tokenizer": {"name": "magic"}}}}"#, "unknown variant `magic`"),
         (
             r#"{"analyzers": {"x": {"tokenizer": {"name": "simple"}, "filters": [{"name": "upper_case"}]}}}"#,
             "unknown variant `upper_case`",
@@ -290,23 +238,14 @@ fn tokenizer_file_errors_are_clear() {
             r#"{"analyzers": {"x": {"tokenizer": {"name": "ngram", "min_gram": 0, "max_gram": 2}}}}"#,
             "analyzer `x`: ngram min_gram must be greater than 0",
         ),
-        (
-            r#"{"analyzers": {"x": {"tokenizer": {"name": "ngram", "min_gram": 1}}}}"#,
-            "missing field `max_gram`",
-        ),
+        (r#"{"analyzers": {"x": {"tokenizer": {"name": "ngram", "min_gram": 1}}}}"#, "missing field `max_gram`"),
         (
             r#"{"analyzers": {"x": {"tokenizer": {"name": "simple"}, "filters": [{"name": "remove_long", "length_limit": 0}]}}}"#,
             "length_limit must be greater than 0",
         ),
-        (
-            r#"{"analyzers": {"default": {"tokenizer": {"name": "simple"}}}}"#,
-            "analyzer name `default` is reserved",
-        ),
+        (r#"{"analyzers": {"default": {"tokenizer": {"name": "simple"}}}}"#, "analyzer name `default` is reserved"),
         (r#"{"analysers": {}}"#, "unknown field `analysers`"),
-        (
-            r#"{"analyzers": {"x": {"tokenizer": {"name": "simple", "min_gram": 2}}}}"#,
-            "unknown field `min_gram`",
-        ),
+        (r#"{"analyzers": {"x": {"tokenizer": {"name": "simple", "min_gram": 2}}}}"#, "unknown field `min_gram`"),
         (
             r#"{"analyzers": {"x": {"tokenizer": {"name": "simple"}, "filters": [{"name": "lower_case", "language": "english"}]}}}"#,
             "unknown field `language`",
@@ -315,10 +254,7 @@ fn tokenizer_file_errors_are_clear() {
     ];
     for (json, expected) in cases {
         let message = error_message(AnalyzerConfig::from_json(json));
-        assert!(
-            message.starts_with("invalid tokenizer file: "),
-            "{json}: {message}"
-        );
+        assert!(message.starts_with("invalid tokenizer file: "), "{json}: {message}");
         assert!(message.contains(expected), "{json}: {message}");
     }
 }
@@ -366,9 +302,7 @@ fn a_field_with_an_undeclared_tokenizer_is_rejected() {
         TEST_WRITER_MEMORY_BYTES,
     ));
     assert!(
-        message.contains(
-            "field `body` uses tokenizer `foo`, which is not declared in the tokenizer file"
-        ),
+        message.contains("field `body` uses tokenizer `foo`, which is not declared in the tokenizer file"),
         "{message}"
     );
     // Validation happens before anything is created on disk.
@@ -378,55 +312,27 @@ fn a_field_with_an_undeclared_tokenizer_is_rejected() {
 #[test]
 fn built_in_tokenizers_need_no_declaration() {
     let mut builder = Schema::builder();
-    for (name, tokenizer) in [
-        ("a", "default"),
-        ("b", "raw"),
-        ("c", "en_stem"),
-        ("d", "whitespace"),
-    ] {
+    for (name, tokenizer) in [("a", "default"), ("b", "raw"), ("c", "en_stem"), ("d", "whitespace")] {
         builder.add_text_field(name, analyzed_text(tokenizer, IndexRecordOption::Basic));
     }
     let schema = load_schema(&serde_json::to_string(&builder.build()).unwrap()).unwrap();
     let directory = tempfile::tempdir().unwrap();
-    SearchIndex::open_or_create(
-        directory.path(),
-        schema,
-        &AnalyzerConfig::default(),
-        TEST_WRITER_MEMORY_BYTES,
-    )
-    .unwrap();
+    SearchIndex::open_or_create(directory.path(), schema, &AnalyzerConfig::default(), TEST_WRITER_MEMORY_BYTES)
+        .unwrap();
 }
 
 #[test]
 fn ngram_analyzers_match_prefixes_and_substrings() {
     let mut builder = Schema::builder();
-    builder.add_text_field(
-        "title_autocomplete",
-        analyzed_text("autocomplete", IndexRecordOption::WithFreqsAndPositions),
-    );
-    builder.add_text_field(
-        "title_ngram",
-        analyzed_text("ngram_2_3", IndexRecordOption::WithFreqsAndPositions),
-    );
+    builder
+        .add_text_field("title_autocomplete", analyzed_text("autocomplete", IndexRecordOption::WithFreqsAndPositions));
+    builder.add_text_field("title_ngram", analyzed_text("ngram_2_3", IndexRecordOption::WithFreqsAndPositions));
     let schema = load_schema(&serde_json::to_string(&builder.build()).unwrap()).unwrap();
     let directory = tempfile::tempdir().unwrap();
-    let index = SearchIndex::open_or_create(
-        directory.path(),
-        schema,
-        &default_analyzers(),
-        TEST_WRITER_MEMORY_BYTES,
-    )
-    .unwrap();
-    put(
-        &index,
-        "1",
-        r#"{"title_autocomplete": "Programming Rust", "title_ngram": "Programming Rust"}"#,
-    );
-    put(
-        &index,
-        "2",
-        r#"{"title_autocomplete": "Cooking pasta", "title_ngram": "Cooking pasta"}"#,
-    );
+    let index =
+        SearchIndex::open_or_create(directory.path(), schema, &default_analyzers(), TEST_WRITER_MEMORY_BYTES).unwrap();
+    put(&index, "1", r#"{"title_autocomplete": "Programming Rust", "title_ngram": "Programming Rust"}"#);
+    put(&index, "2", r#"{"title_autocomplete": "Cooking pasta", "title_ngram": "Cooking pasta"}"#);
     commit(&index);
     // "Prog" is a prefix of the first title only (prefix n-grams: p, pr, pro, prog).
     let response = search(&index, query("title_autocomplete:Prog", 10));
@@ -462,14 +368,7 @@ fn put_twice_upserts_one_document_with_the_latest_content() {
         IndexOperation::Commit,
     ];
     let outcome = index.apply(&operations, None).unwrap();
-    assert_eq!(
-        outcome,
-        ApplyOutcome {
-            committed: true,
-            documents_put: 3,
-            documents_deleted: 0
-        }
-    );
+    assert_eq!(outcome, ApplyOutcome { committed: true, documents_put: 3, documents_deleted: 0 });
     assert_eq!(index.document_count(), 2);
     assert_eq!(fields(&index.get("b").unwrap().unwrap())["title"], "three");
     assert_eq!(search(&index, query("title:one", 10)).count, Some(0));
@@ -484,12 +383,8 @@ fn delete_removes_the_document() {
     let outcome = index
         .apply(
             &[
-                IndexOperation::Delete {
-                    id: "a".to_string(),
-                },
-                IndexOperation::Delete {
-                    id: "missing".to_string(),
-                },
+                IndexOperation::Delete { id: "a".to_string() },
+                IndexOperation::Delete { id: "missing".to_string() },
                 IndexOperation::Commit,
             ],
             None,
@@ -504,21 +399,14 @@ fn delete_removes_the_document() {
     index
         .apply(
             &[
-                IndexOperation::Delete {
-                    id: "b".to_string(),
-                },
-                index
-                    .prepare_put("b", r#"{"title": "beta again"}"#)
-                    .unwrap(),
+                IndexOperation::Delete { id: "b".to_string() },
+                index.prepare_put("b", r#"{"title": "beta again"}"#).unwrap(),
                 IndexOperation::Commit,
             ],
             None,
         )
         .unwrap();
-    assert_eq!(
-        fields(&index.get("b").unwrap().unwrap())["title"],
-        "beta again"
-    );
+    assert_eq!(fields(&index.get("b").unwrap().unwrap())["title"], "beta again");
 }
 
 #[test]
@@ -527,14 +415,7 @@ fn rollback_discards_uncommitted_changes() {
     put(&index, "kept", r#"{"title": "kept"}"#);
     commit(&index);
     put(&index, "discarded", r#"{"title": "discarded"}"#);
-    index
-        .apply(
-            &[IndexOperation::Delete {
-                id: "kept".to_string(),
-            }],
-            None,
-        )
-        .unwrap();
+    index.apply(&[IndexOperation::Delete { id: "kept".to_string() }], None).unwrap();
     assert!(index.has_uncommitted_changes());
     index.apply(&[IndexOperation::Rollback], None).unwrap();
     assert!(!index.has_uncommitted_changes());
@@ -571,21 +452,13 @@ fn reopen_keeps_committed_documents_and_the_commit_payload() {
         let index = open_at(directory.path());
         assert_eq!(index.last_commit_payload().unwrap(), None);
         put(&index, "committed", r#"{"title": "committed"}"#);
-        let outcome = index
-            .apply(&[IndexOperation::Commit], Some(r#"{"term":3,"index":42}"#))
-            .unwrap();
+        let outcome = index.apply(&[IndexOperation::Commit], Some(r#"{"term":3,"index":42}"#)).unwrap();
         assert!(outcome.committed);
-        assert_eq!(
-            index.last_commit_payload().unwrap().as_deref(),
-            Some(r#"{"term":3,"index":42}"#)
-        );
+        assert_eq!(index.last_commit_payload().unwrap().as_deref(), Some(r#"{"term":3,"index":42}"#));
         put(&index, "uncommitted", r#"{"title": "lost"}"#);
     }
     let index = open_at(directory.path());
-    assert_eq!(
-        index.last_commit_payload().unwrap().as_deref(),
-        Some(r#"{"term":3,"index":42}"#)
-    );
+    assert_eq!(index.last_commit_payload().unwrap().as_deref(), Some(r#"{"term":3,"index":42}"#));
     assert_eq!(index.document_count(), 1);
     assert!(index.get("committed").unwrap().is_some());
     assert_eq!(index.get("uncommitted").unwrap(), None);
@@ -593,10 +466,7 @@ fn reopen_keeps_committed_documents_and_the_commit_payload() {
     put(&index, "second", r#"{"title": "runners running"}"#);
     index.commit(Some("next")).unwrap();
     assert_eq!(hit_ids(&search(&index, query("run", 10))), vec!["second"]);
-    assert_eq!(
-        index.last_commit_payload().unwrap().as_deref(),
-        Some("next")
-    );
+    assert_eq!(index.last_commit_payload().unwrap().as_deref(), Some("next"));
     assert_eq!(index.index_directory(), directory.path());
 }
 
@@ -613,18 +483,9 @@ fn reopening_with_a_different_schema_is_an_error() {
         &default_analyzers(),
         TEST_WRITER_MEMORY_BYTES,
     ));
-    assert!(
-        message.contains("was created with a different schema"),
-        "{message}"
-    );
-    assert!(
-        message.contains("field `title` has different options"),
-        "{message}"
-    );
-    assert!(
-        message.contains("field `body` exists in the index but not in the schema file"),
-        "{message}"
-    );
+    assert!(message.contains("was created with a different schema"), "{message}");
+    assert!(message.contains("field `title` has different options"), "{message}");
+    assert!(message.contains("field `body` exists in the index but not in the schema file"), "{message}");
 }
 
 #[test]
@@ -678,29 +539,17 @@ fn get_renders_stored_fields() {
 #[test]
 fn a_put_that_fails_at_apply_time_is_an_error_not_a_panic() {
     let (_directory, index) = open_example_index();
-    let malformed = IndexOperation::Put {
-        id: "x".to_string(),
-        document_json: "{broken".to_string(),
-    };
+    let malformed = IndexOperation::Put { id: "x".to_string(), document_json: "{broken".to_string() };
     assert!(index.apply(&[malformed], None).is_err());
-    let unknown_field = IndexOperation::Put {
-        id: "x".to_string(),
-        document_json: r#"{"_id": "x", "nope": 1}"#.to_string(),
-    };
+    let unknown_field =
+        IndexOperation::Put { id: "x".to_string(), document_json: r#"{"_id": "x", "nope": 1}"#.to_string() };
     assert!(index.apply(&[unknown_field], None).is_err());
-    let mismatched_id = IndexOperation::Put {
-        id: "x".to_string(),
-        document_json: r#"{"_id": "y"}"#.to_string(),
-    };
+    let mismatched_id = IndexOperation::Put { id: "x".to_string(), document_json: r#"{"_id": "y"}"#.to_string() };
     assert!(index.apply(&[mismatched_id], None).is_err());
     // A Put whose JSON lacks `_id` gets it from the operation.
-    let without_id = IndexOperation::Put {
-        id: "z".to_string(),
-        document_json: r#"{"title": "no id inside"}"#.to_string(),
-    };
-    index
-        .apply(&[without_id, IndexOperation::Commit], None)
-        .unwrap();
+    let without_id =
+        IndexOperation::Put { id: "z".to_string(), document_json: r#"{"title": "no id inside"}"#.to_string() };
+    index.apply(&[without_id, IndexOperation::Commit], None).unwrap();
     assert!(index.get("z").unwrap().is_some());
 }
 
@@ -710,26 +559,17 @@ fn a_put_that_fails_at_apply_time_is_an_error_not_a_panic() {
 #[test]
 fn prepare_put_normalizes_the_document() {
     let (_directory, index) = open_example_index();
-    let operation = index
-        .prepare_put("abc", r#"{"title": "hello", "year": 2001}"#)
-        .unwrap();
+    let operation = index.prepare_put("abc", r#"{"title": "hello", "year": 2001}"#).unwrap();
     let IndexOperation::Put { id, document_json } = operation else {
         panic!("expected a put");
     };
     assert_eq!(id, "abc");
     let document: serde_json::Value = serde_json::from_str(&document_json).unwrap();
-    assert_eq!(
-        document,
-        serde_json::json!({"_id": "abc", "title": "hello", "year": 2001})
-    );
+    assert_eq!(document, serde_json::json!({"_id": "abc", "title": "hello", "year": 2001}));
     // An `_id` equal to the id is accepted.
-    index
-        .prepare_put("abc", r#"{"_id": "abc", "title": "hello"}"#)
-        .unwrap();
+    index.prepare_put("abc", r#"{"_id": "abc", "title": "hello"}"#).unwrap();
     // The embedded form takes the id from the document.
-    let operation = index
-        .prepare_put_with_embedded_id(r#"{"_id": "line-1", "title": "bulk"}"#)
-        .unwrap();
+    let operation = index.prepare_put_with_embedded_id(r#"{"_id": "line-1", "title": "bulk"}"#).unwrap();
     assert!(matches!(operation, IndexOperation::Put { ref id, .. } if id == "line-1"));
 }
 
@@ -738,110 +578,39 @@ fn prepare_put_rejects_bad_documents() {
     let (_directory, index) = open_example_index();
     let long_id = "x".repeat(MAX_ID_BYTES + 1);
     let cases: Vec<(&str, &str, String)> = vec![
-        (
-            "a",
-            r#"{"foo": 1}"#,
-            "unknown field `foo` in document".to_string(),
-        ),
-        (
-            "a",
-            r#"{"year": "abc"}"#,
-            r#"field `year` expects an integer, got string "abc""#.to_string(),
-        ),
-        (
-            "a",
-            r#"{"year": 1.5}"#,
-            "field `year` expects an integer, got number 1.5".to_string(),
-        ),
-        (
-            "a",
-            r#"{"popularity": -3}"#,
-            "field `popularity` expects a non-negative integer, got number -3".to_string(),
-        ),
-        (
-            "a",
-            r#"{"rating": true}"#,
-            "field `rating` expects a number, got boolean true".to_string(),
-        ),
-        (
-            "a",
-            r#"{"title": 12}"#,
-            "field `title` expects a string, got number 12".to_string(),
-        ),
-        (
-            "a",
-            r#"{"title": null}"#,
-            "field `title` expects a string, got null".to_string(),
-        ),
+        ("a", r#"{"foo": 1}"#, "unknown field `foo` in document".to_string()),
+        ("a", r#"{"year": "abc"}"#, r#"field `year` expects an integer, got string "abc""#.to_string()),
+        ("a", r#"{"year": 1.5}"#, "field `year` expects an integer, got number 1.5".to_string()),
+        ("a", r#"{"popularity": -3}"#, "field `popularity` expects a non-negative integer, got number -3".to_string()),
+        ("a", r#"{"rating": true}"#, "field `rating` expects a number, got boolean true".to_string()),
+        ("a", r#"{"title": 12}"#, "field `title` expects a string, got number 12".to_string()),
+        ("a", r#"{"title": null}"#, "field `title` expects a string, got null".to_string()),
         (
             "a",
             r#"{"category": "lang/rust"}"#,
             r#"field `category` expects a facet path string starting with `/`"#.to_string(),
         ),
-        (
-            "a",
-            r#"{"published": "yesterday"}"#,
-            r#"field `published` expects an RFC 3339 date string"#.to_string(),
-        ),
-        (
-            "a",
-            r#"{"published": 1700000000}"#,
-            "field `published` expects an RFC 3339 date string".to_string(),
-        ),
-        (
-            "a",
-            r#"{"tags": [["nested"]]}"#,
-            "field `tags` contains a nested array".to_string(),
-        ),
-        (
-            "a",
-            r#"{"title": "x", "#,
-            "the document is not valid JSON".to_string(),
-        ),
-        (
-            "a",
-            r#"["not", "an", "object"]"#,
-            "the document must be a JSON object, got an array".to_string(),
-        ),
-        (
-            "a",
-            r#""text""#,
-            r#"the document must be a JSON object, got string "text""#.to_string(),
-        ),
+        ("a", r#"{"published": "yesterday"}"#, r#"field `published` expects an RFC 3339 date string"#.to_string()),
+        ("a", r#"{"published": 1700000000}"#, "field `published` expects an RFC 3339 date string".to_string()),
+        ("a", r#"{"tags": [["nested"]]}"#, "field `tags` contains a nested array".to_string()),
+        ("a", r#"{"title": "x", "#, "the document is not valid JSON".to_string()),
+        ("a", r#"["not", "an", "object"]"#, "the document must be a JSON object, got an array".to_string()),
+        ("a", r#""text""#, r#"the document must be a JSON object, got string "text""#.to_string()),
         (
             "a",
             r#"{"_id": "b"}"#,
-            r#"the document's `_id` ("b") differs from the id it is stored under ("a")"#
-                .to_string(),
+            r#"the document's `_id` ("b") differs from the id it is stored under ("a")"#.to_string(),
         ),
-        (
-            "a",
-            r#"{"_id": 7}"#,
-            "`_id` must be a string, got number 7".to_string(),
-        ),
-        (
-            "",
-            r#"{"title": "x"}"#,
-            "`_id` must not be empty".to_string(),
-        ),
-        (
-            long_id.as_str(),
-            r#"{"title": "x"}"#,
-            format!("the maximum is {MAX_ID_BYTES} bytes"),
-        ),
+        ("a", r#"{"_id": 7}"#, "`_id` must be a string, got number 7".to_string()),
+        ("", r#"{"title": "x"}"#, "`_id` must not be empty".to_string()),
+        (long_id.as_str(), r#"{"title": "x"}"#, format!("the maximum is {MAX_ID_BYTES} bytes")),
     ];
     for (id, document_json, expected) in cases {
         let error = index.prepare_put(id, document_json).unwrap_err();
-        assert!(
-            matches!(error, IndexError::InvalidDocument(_)),
-            "{document_json}: {error:?}"
-        );
+        assert!(matches!(error, IndexError::InvalidDocument(_)), "{document_json}: {error:?}");
         let message = error.to_string();
         assert!(message.starts_with("invalid document: "), "{message}");
-        assert!(
-            message.contains(&expected),
-            "{document_json}: expected {expected:?} in {message:?}"
-        );
+        assert!(message.contains(&expected), "{document_json}: expected {expected:?} in {message:?}");
     }
 }
 
@@ -853,10 +622,7 @@ fn prepare_put_with_embedded_id_requires_an_id() {
     let message = error_message(index.prepare_put_with_embedded_id(r#"{"_id": ""}"#));
     assert!(message.contains("`_id` must not be empty"), "{message}");
     let message = error_message(index.prepare_put_with_embedded_id(r#"{"_id": ["a"]}"#));
-    assert!(
-        message.contains("`_id` must be a string, got an array"),
-        "{message}"
-    );
+    assert!(message.contains("`_id` must be a string, got an array"), "{message}");
     let message = error_message(index.prepare_put_with_embedded_id("not json"));
     assert!(message.contains("not valid JSON"), "{message}");
 }
@@ -871,18 +637,11 @@ fn facet_counts_children_of_each_prefix() {
         query: "*".to_string(),
         exclude_docs: true,
         facets: vec![
-            FacetRequest {
-                field: "category".to_string(),
-                prefixes: Vec::new(),
-            },
+            FacetRequest { field: "category".to_string(), prefixes: Vec::new() },
             FacetRequest {
                 field: "category".to_string(),
                 // An ancestor and its descendant in one request are fine.
-                prefixes: vec![
-                    "/lang".to_string(),
-                    "/lang/rust".to_string(),
-                    "/lang".to_string(),
-                ],
+                prefixes: vec!["/lang".to_string(), "/lang/rust".to_string(), "/lang".to_string()],
             },
         ],
         ..SearchRequest::default()
@@ -914,43 +673,28 @@ fn facet_counts_children_of_each_prefix() {
         SearchRequest {
             query: "year:[2019 TO 2023]".to_string(),
             exclude_docs: true,
-            facets: vec![FacetRequest {
-                field: "category".to_string(),
-                prefixes: vec!["/".to_string()],
-            }],
+            facets: vec![FacetRequest { field: "category".to_string(), prefixes: vec!["/".to_string()] }],
             ..SearchRequest::default()
         },
     );
     assert_eq!(response.count, Some(4));
-    assert_eq!(
-        response.facets[0].counts,
-        vec![("/cooking".to_string(), 1), ("/lang".to_string(), 3)]
-    );
+    assert_eq!(response.facets[0].counts, vec![("/cooking".to_string(), 1), ("/lang".to_string(), 3)]);
 }
 
 #[test]
 fn bad_facet_requests_are_rejected() {
     let (_directory, index) = index_with_books();
     let facet_request = |field: &str, prefix: &str| SearchRequest {
-        facets: vec![FacetRequest {
-            field: field.to_string(),
-            prefixes: vec![prefix.to_string()],
-        }],
+        facets: vec![FacetRequest { field: field.to_string(), prefixes: vec![prefix.to_string()] }],
         ..SearchRequest::default()
     };
     let message = error_message(index.search(&facet_request("genre", "/")));
-    assert_eq!(
-        message,
-        "invalid search request: unknown facet field `genre`"
-    );
+    assert_eq!(message, "invalid search request: unknown facet field `genre`");
     let message = error_message(index.search(&facet_request("title", "/")));
     assert!(message.contains("field `title` is of type"), "{message}");
     assert!(message.contains("not a facet field"), "{message}");
     let message = error_message(index.search(&facet_request("category", "lang")));
-    assert!(
-        message.contains("invalid facet prefix \"lang\""),
-        "{message}"
-    );
+    assert!(message.contains("invalid facet prefix \"lang\""), "{message}");
 }
 
 #[test]
@@ -965,126 +709,49 @@ fn sort_by_i64_and_f64_in_both_directions() {
             SearchRequest {
                 query: "book".to_string(),
                 limit: 20,
-                sort: Some(SortSpec {
-                    field: field.to_string(),
-                    descending,
-                }),
+                sort: Some(SortSpec { field: field.to_string(), descending }),
                 ..SearchRequest::default()
             },
         )
     };
 
     let response = sorted("year", false);
-    assert_eq!(
-        hit_ids(&response),
-        vec![
-            "b7",
-            "b9",
-            "b4",
-            "b1",
-            "b3",
-            "b2",
-            "b8",
-            "b5",
-            "b6",
-            "b10",
-            "no-values"
-        ]
-    );
+    assert_eq!(hit_ids(&response), vec!["b7", "b9", "b4", "b1", "b3", "b2", "b8", "b5", "b6", "b10", "no-values"]);
     assert_eq!(response.docs[0].sort_value.as_deref(), Some("2010"));
     assert_eq!(response.docs[0].score, None);
     assert_eq!(response.docs[10].sort_value, None);
 
     let response = sorted("year", true);
-    assert_eq!(
-        hit_ids(&response),
-        vec![
-            "b10",
-            "b6",
-            "b5",
-            "b8",
-            "b2",
-            "b3",
-            "b1",
-            "b4",
-            "b9",
-            "b7",
-            "no-values"
-        ]
-    );
+    assert_eq!(hit_ids(&response), vec!["b10", "b6", "b5", "b8", "b2", "b3", "b1", "b4", "b9", "b7", "no-values"]);
 
     let response = sorted("rating", true);
-    assert_eq!(
-        hit_ids(&response),
-        vec![
-            "b3",
-            "b6",
-            "b1",
-            "b8",
-            "b5",
-            "b10",
-            "b7",
-            "b2",
-            "b4",
-            "b9",
-            "no-values"
-        ]
-    );
+    assert_eq!(hit_ids(&response), vec!["b3", "b6", "b1", "b8", "b5", "b10", "b7", "b2", "b4", "b9", "no-values"]);
     assert_eq!(response.docs[0].sort_value.as_deref(), Some("4.9"));
 
     let response = sorted("rating", false);
-    assert_eq!(
-        hit_ids(&response),
-        vec![
-            "b9",
-            "b4",
-            "b2",
-            "b7",
-            "b10",
-            "b5",
-            "b8",
-            "b1",
-            "b6",
-            "b3",
-            "no-values"
-        ]
-    );
+    assert_eq!(hit_ids(&response), vec!["b9", "b4", "b2", "b7", "b10", "b5", "b8", "b1", "b6", "b3", "no-values"]);
     assert_eq!(response.docs[0].sort_value.as_deref(), Some("1.5"));
 }
 
 #[test]
 fn sort_by_u64_and_date() {
     let (_directory, index) = open_example_index();
-    put(
-        &index,
-        "old",
-        r#"{"popularity": 5, "published": "2001-01-01T00:00:00Z"}"#,
-    );
-    put(
-        &index,
-        "new",
-        r#"{"popularity": 1, "published": "2024-06-30T12:00:00Z"}"#,
-    );
+    put(&index, "old", r#"{"popularity": 5, "published": "2001-01-01T00:00:00Z"}"#);
+    put(&index, "new", r#"{"popularity": 1, "published": "2024-06-30T12:00:00Z"}"#);
     commit(&index);
     let sorted = |field: &str, descending: bool| {
         search(
             &index,
             SearchRequest {
                 limit: 10,
-                sort: Some(SortSpec {
-                    field: field.to_string(),
-                    descending,
-                }),
+                sort: Some(SortSpec { field: field.to_string(), descending }),
                 ..SearchRequest::default()
             },
         )
     };
     let response = sorted("published", true);
     assert_eq!(hit_ids(&response), vec!["new", "old"]);
-    assert_eq!(
-        response.docs[0].sort_value.as_deref(),
-        Some("\"2024-06-30T12:00:00Z\"")
-    );
+    assert_eq!(response.docs[0].sort_value.as_deref(), Some("\"2024-06-30T12:00:00Z\""));
     let response = sorted("popularity", false);
     assert_eq!(hit_ids(&response), vec!["new", "old"]);
     assert_eq!(response.docs[1].sort_value.as_deref(), Some("5"));
@@ -1095,17 +762,11 @@ fn bad_sort_requests_are_rejected() {
     let (_directory, index) = index_with_books();
     let sort_request = |field: &str| SearchRequest {
         limit: 10,
-        sort: Some(SortSpec {
-            field: field.to_string(),
-            descending: false,
-        }),
+        sort: Some(SortSpec { field: field.to_string(), descending: false }),
         ..SearchRequest::default()
     };
     let message = error_message(index.search(&sort_request("price")));
-    assert_eq!(
-        message,
-        "invalid search request: unknown sort field `price`"
-    );
+    assert_eq!(message, "invalid search request: unknown sort field `price`");
     let message = error_message(index.search(&sort_request("title")));
     assert!(message.contains("field `title` is of type"), "{message}");
     let message = error_message(index.search(&sort_request("category")));
@@ -1115,18 +776,11 @@ fn bad_sort_requests_are_rejected() {
     builder.add_i64_field("slow", INDEXED | STORED);
     let schema = load_schema(&serde_json::to_string(&builder.build()).unwrap()).unwrap();
     let directory = tempfile::tempdir().unwrap();
-    let index = SearchIndex::open_or_create(
-        directory.path(),
-        schema,
-        &AnalyzerConfig::default(),
-        TEST_WRITER_MEMORY_BYTES,
-    )
-    .unwrap();
+    let index =
+        SearchIndex::open_or_create(directory.path(), schema, &AnalyzerConfig::default(), TEST_WRITER_MEMORY_BYTES)
+            .unwrap();
     let message = error_message(index.search(&sort_request("slow")));
-    assert_eq!(
-        message,
-        "invalid search request: field `slow` is not a fast field and cannot be used for sorting"
-    );
+    assert_eq!(message, "invalid search request: field `slow` is not a fast field and cannot be used for sorting");
 }
 
 #[test]
@@ -1135,11 +789,7 @@ fn pagination_is_stable_without_duplicates() {
     let mut operations = Vec::new();
     for number in 0..25 {
         let document = serde_json::json!({"title": "same words everywhere", "year": number % 4});
-        operations.push(
-            index
-                .prepare_put(&format!("doc-{number:02}"), &document.to_string())
-                .unwrap(),
-        );
+        operations.push(index.prepare_put(&format!("doc-{number:02}"), &document.to_string()).unwrap());
         // Several commits give several segments.
         if number % 7 == 6 {
             operations.push(IndexOperation::Commit);
@@ -1148,13 +798,7 @@ fn pagination_is_stable_without_duplicates() {
     operations.push(IndexOperation::Commit);
     index.apply(&operations, None).unwrap();
 
-    for sort in [
-        None,
-        Some(SortSpec {
-            field: "year".to_string(),
-            descending: true,
-        }),
-    ] {
+    for sort in [None, Some(SortSpec { field: "year".to_string(), descending: true })] {
         let page = |from: usize| {
             let request = SearchRequest {
                 query: "words".to_string(),
@@ -1183,16 +827,8 @@ fn pagination_is_stable_without_duplicates() {
 #[test]
 fn relevance_order_has_scores() {
     let (_directory, index) = open_example_index();
-    put(
-        &index,
-        "weak",
-        r#"{"body": "rust is mentioned once among many other words here"}"#,
-    );
-    put(
-        &index,
-        "strong",
-        r#"{"title": "rust rust rust", "body": "rust"}"#,
-    );
+    put(&index, "weak", r#"{"body": "rust is mentioned once among many other words here"}"#);
+    put(&index, "strong", r#"{"title": "rust rust rust", "body": "rust"}"#);
     commit(&index);
     let response = search(&index, query("rust", 10));
     assert_eq!(hit_ids(&response), vec!["strong", "weak"]);
@@ -1204,25 +840,11 @@ fn relevance_order_has_scores() {
 #[test]
 fn exclude_count_and_exclude_docs() {
     let (_directory, index) = index_with_books();
-    let response = search(
-        &index,
-        SearchRequest {
-            limit: 3,
-            exclude_count: true,
-            ..SearchRequest::default()
-        },
-    );
+    let response = search(&index, SearchRequest { limit: 3, exclude_count: true, ..SearchRequest::default() });
     assert_eq!(response.count, None);
     assert_eq!(response.docs.len(), 3);
 
-    let response = search(
-        &index,
-        SearchRequest {
-            limit: 3,
-            exclude_docs: true,
-            ..SearchRequest::default()
-        },
-    );
+    let response = search(&index, SearchRequest { limit: 3, exclude_docs: true, ..SearchRequest::default() });
     assert_eq!(response.count, Some(10));
     assert!(response.docs.is_empty());
 
@@ -1249,10 +871,7 @@ fn bad_queries_and_limits_are_rejected() {
     let (_directory, index) = index_with_books();
     for bad_query in ["title:(unclosed", "nosuchfield:value", "year:abc"] {
         let error = index.search(&query(bad_query, 10)).unwrap_err();
-        assert!(
-            matches!(error, IndexError::InvalidQuery(_)),
-            "{bad_query}: {error:?}"
-        );
+        assert!(matches!(error, IndexError::InvalidQuery(_)), "{bad_query}: {error:?}");
         assert!(error.to_string().starts_with("invalid query: "));
     }
     // A bad query is reported even when nothing is collected.
@@ -1262,24 +881,11 @@ fn bad_queries_and_limits_are_rejected() {
         exclude_docs: true,
         ..SearchRequest::default()
     };
-    assert!(matches!(
-        index.search(&request),
-        Err(IndexError::InvalidQuery(_))
-    ));
+    assert!(matches!(index.search(&request), Err(IndexError::InvalidQuery(_))));
     let message = error_message(index.search(&query("*", MAX_SEARCH_LIMIT + 1)));
-    assert_eq!(
-        message,
-        "invalid search request: limit 10001 exceeds the maximum of 10000"
-    );
-    let request = SearchRequest {
-        from: MAX_SEARCH_OFFSET + 1,
-        limit: 10,
-        ..SearchRequest::default()
-    };
-    assert!(matches!(
-        index.search(&request),
-        Err(IndexError::InvalidRequest(_))
-    ));
+    assert_eq!(message, "invalid search request: limit 10001 exceeds the maximum of 10000");
+    let request = SearchRequest { from: MAX_SEARCH_OFFSET + 1, limit: 10, ..SearchRequest::default() };
+    assert!(matches!(index.search(&request), Err(IndexError::InvalidRequest(_))));
     // The largest allowed page works.
     assert_eq!(search(&index, query("*", MAX_SEARCH_LIMIT)).docs.len(), 10);
 }
@@ -1290,13 +896,8 @@ fn bad_queries_and_limits_are_rejected() {
 #[test]
 fn operations_and_search_types_roundtrip_through_postcard() {
     let operations = vec![
-        IndexOperation::Put {
-            id: "a".to_string(),
-            document_json: r#"{"_id":"a"}"#.to_string(),
-        },
-        IndexOperation::Delete {
-            id: "b".to_string(),
-        },
+        IndexOperation::Put { id: "a".to_string(), document_json: r#"{"_id":"a"}"#.to_string() },
+        IndexOperation::Delete { id: "b".to_string() },
         IndexOperation::Commit,
         IndexOperation::Rollback,
         IndexOperation::Merge,
@@ -1311,20 +912,11 @@ fn operations_and_search_types_roundtrip_through_postcard() {
         limit: 10,
         exclude_count: true,
         exclude_docs: false,
-        facets: vec![FacetRequest {
-            field: "category".to_string(),
-            prefixes: vec!["/lang".to_string()],
-        }],
-        sort: Some(SortSpec {
-            field: "year".to_string(),
-            descending: true,
-        }),
+        facets: vec![FacetRequest { field: "category".to_string(), prefixes: vec!["/lang".to_string()] }],
+        sort: Some(SortSpec { field: "year".to_string(), descending: true }),
     };
     let bytes = postcard::to_allocvec(&request).unwrap();
-    assert_eq!(
-        postcard::from_bytes::<SearchRequest>(&bytes).unwrap(),
-        request
-    );
+    assert_eq!(postcard::from_bytes::<SearchRequest>(&bytes).unwrap(), request);
 
     let response = SearchResponse {
         count: Some(3),
@@ -1334,16 +926,10 @@ fn operations_and_search_types_roundtrip_through_postcard() {
             score: Some(1.5),
             sort_value: Some("2020".to_string()),
         }],
-        facets: vec![FacetCounts {
-            field: "category".to_string(),
-            counts: vec![("/lang".to_string(), 3)],
-        }],
+        facets: vec![FacetCounts { field: "category".to_string(), counts: vec![("/lang".to_string(), 3)] }],
     };
     let bytes = postcard::to_allocvec(&response).unwrap();
-    assert_eq!(
-        postcard::from_bytes::<SearchResponse>(&bytes).unwrap(),
-        response
-    );
+    assert_eq!(postcard::from_bytes::<SearchResponse>(&bytes).unwrap(), response);
 
     // JSON clients may leave fields out.
     let request: SearchRequest = serde_json::from_str(r#"{"query": "x", "limit": 5}"#).unwrap();

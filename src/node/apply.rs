@@ -43,10 +43,12 @@ impl IndexCommitMarker {
 }
 
 /// Applies one batch at log position `log_index`. Blocking: call it from a blocking thread.
-pub fn apply_batch(index: &SearchIndex, log_index: u64, operations: &[IndexOperation]) -> Result<ApplyOutcome, IndexError> {
-    let marker = IndexCommitMarker {
-        applied_index: log_index,
-    };
+pub fn apply_batch(
+    index: &SearchIndex,
+    log_index: u64,
+    operations: &[IndexOperation],
+) -> Result<ApplyOutcome, IndexError> {
+    let marker = IndexCommitMarker { applied_index: log_index };
     index.apply(operations, Some(&marker.to_payload()))
 }
 
@@ -67,10 +69,7 @@ pub struct LocalWritePath {
 
 impl LocalWritePath {
     pub fn new(index: Arc<SearchIndex>, last_applied_index: u64) -> Self {
-        LocalWritePath {
-            index,
-            last_applied_index: Mutex::new(last_applied_index),
-        }
+        LocalWritePath { index, last_applied_index: Mutex::new(last_applied_index) }
     }
 
     /// Applies `operations` as the next batch; returns its position.

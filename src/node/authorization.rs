@@ -21,11 +21,7 @@ pub fn authorize_stream(role: &Role, kind: StreamKind) -> Result<(), WireError> 
     }
     Err(WireError::new(
         ErrorCode::PermissionDenied,
-        format!(
-            "permission denied: {} certificate may not open {} streams",
-            role.kind_name(),
-            kind.name()
-        ),
+        format!("permission denied: {} certificate may not open {} streams", role.kind_name(), kind.name()),
     ))
 }
 
@@ -34,10 +30,7 @@ pub fn authorize_admin_request(role: &Role, request: &AdminRequest) -> Result<()
     if matches!(role, Role::Client { .. }) && !request.is_read_only() {
         return Err(WireError::new(
             ErrorCode::PermissionDenied,
-            format!(
-                "permission denied: client certificate may not run `{}`; use an admin certificate",
-                request.name()
-            ),
+            format!("permission denied: client certificate may not run `{}`; use an admin certificate", request.name()),
         ));
     }
     Ok(())

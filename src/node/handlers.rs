@@ -85,10 +85,7 @@ fn prepare_puts(index: &SearchIndex, documents: Vec<DocumentInput>) -> Result<Ve
 async fn submit(state: &NodeState, operations: Vec<IndexOperation>) -> Result<ClientResponse, WireError> {
     let operation_count = operations.len() as u64;
     let (applied_index, _) = state.write_path.submit(operations).await.map_err(write_error_to_wire)?;
-    Ok(ClientResponse::Written {
-        operations: operation_count,
-        applied_index,
-    })
+    Ok(ClientResponse::Written { operations: operation_count, applied_index })
 }
 
 pub(crate) async fn handle_client(state: &NodeState, request: ClientRequest) -> Result<ClientResponse, WireError> {
@@ -126,15 +123,9 @@ pub(crate) async fn handle_client(state: &NodeState, request: ClientRequest) -> 
             // A standalone node is its own leader: every consistency level reads the same index.
             let applied_index = state.write_path.applied_index().await;
             let response = blocking(state, move |index| index.search(&request)).await?;
-            Ok(ClientResponse::Search {
-                response,
-                node_id: state.config.node_id,
-                applied_index,
-            })
+            Ok(ClientResponse::Search { response, node_id: state.config.node_id, applied_index })
         }
-        ClientRequest::Schema => Ok(ClientResponse::Schema {
-            schema_json: state.index.schema_json(),
-        }),
+        ClientRequest::Schema => Ok(ClientResponse::Schema { schema_json: state.index.schema_json() }),
     }
 }
 

@@ -24,7 +24,9 @@ pub enum MetadataError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is damaged: {reason}")]
     Damaged { path: PathBuf, reason: String },
-    #[error("data directory {path} belongs to node {found}, not node {expected}; use --data-directory to pick another")]
+    #[error(
+        "data directory {path} belongs to node {found}, not node {expected}; use --data-directory to pick another"
+    )]
     WrongNode { path: PathBuf, found: u64, expected: u64 },
 }
 
@@ -45,10 +47,8 @@ pub fn load_or_create(data_directory: &Path, node_id: u64) -> Result<(NodeMetada
     let path = data_directory.join(METADATA_FILE_NAME);
     match fs::read_to_string(&path) {
         Ok(text) => {
-            let metadata: NodeMetadata = serde_json::from_str(&text).map_err(|error| MetadataError::Damaged {
-                path: path.clone(),
-                reason: error.to_string(),
-            })?;
+            let metadata: NodeMetadata = serde_json::from_str(&text)
+                .map_err(|error| MetadataError::Damaged { path: path.clone(), reason: error.to_string() })?;
             if metadata.node_id != node_id {
                 return Err(MetadataError::WrongNode {
                     path: data_directory.to_path_buf(),
@@ -59,11 +59,8 @@ pub fn load_or_create(data_directory: &Path, node_id: u64) -> Result<(NodeMetada
             Ok((metadata, DirectoryState::Existing))
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            let metadata = NodeMetadata {
-                node_id,
-                cluster_id: random_hex_id(),
-                incarnation: rand::random::<u64>() >> 1,
-            };
+            let metadata =
+                NodeMetadata { node_id, cluster_id: random_hex_id(), incarnation: rand::random::<u64>() >> 1 };
             write_durably(&path, &metadata).map_err(io_error(&path))?;
             Ok((metadata, DirectoryState::Created))
         }

@@ -167,14 +167,9 @@ impl Node {
 
         let material = TlsMaterial::load(&config.tls)?;
         let endpoint = transport::bind_node_endpoint(config.listen_address, &material, config.max_concurrent_streams)?;
-        let local_address = endpoint.local_addr().map_err(|source| TransportError::Bind {
-            address: config.listen_address,
-            source,
-        })?;
-        let address = config
-            .advertise_address
-            .clone()
-            .unwrap_or_else(|| local_address.to_string());
+        let local_address =
+            endpoint.local_addr().map_err(|source| TransportError::Bind { address: config.listen_address, source })?;
+        let address = config.advertise_address.clone().unwrap_or_else(|| local_address.to_string());
         tracing::info!(node_id = config.node_id, %local_address, %address, last_applied_index, "node listening");
 
         let node_id = config.node_id;
@@ -190,12 +185,7 @@ impl Node {
             tokio::spawn(auto_commit(state.clone(), shutdown_receiver.clone()));
         }
         let task = tokio::spawn(server::serve(state, endpoint, shutdown_receiver));
-        Ok(RunningNode {
-            local_address,
-            node_id,
-            shutdown_sender,
-            task,
-        })
+        Ok(RunningNode { local_address, node_id, shutdown_sender, task })
     }
 }
 

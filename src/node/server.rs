@@ -42,10 +42,9 @@ pub(crate) async fn serve(state: Arc<NodeState>, endpoint: quinn::Endpoint, mut 
     }
     // Stop taking new connections, let the open ones finish their streams.
     endpoint.set_server_config(None);
-    let drained = tokio::time::timeout(state.config.drain_timeout, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(state.config.drain_timeout, async { while connections.join_next().await.is_some() {} })
+            .await;
     if drained.is_err() {
         tracing::warn!(timeout = ?state.config.drain_timeout, "streams still running at shutdown; closing them");
         connections.abort_all();
@@ -131,7 +130,12 @@ async fn reply<T: Serialize>(send: &mut quinn::SendStream, answer: &Result<T, Wi
 
 /// Answers with an error without reading the rest of the stream, and tells the peer to stop
 /// sending.
-async fn refuse(send: &mut quinn::SendStream, receive: &mut quinn::RecvStream, error: WireError, max_frame_bytes: usize) {
+async fn refuse(
+    send: &mut quinn::SendStream,
+    receive: &mut quinn::RecvStream,
+    error: WireError,
+    max_frame_bytes: usize,
+) {
     let _ = receive.stop(close_code::REFUSED_STREAM.into());
     reply::<()>(send, &Err(error), max_frame_bytes).await;
 }
@@ -158,10 +162,8 @@ async fn serve_stream(
     .await
     {
         Err(_) => {
-            let error = WireError::new(
-                ErrorCode::DeadlineExceeded,
-                format!("no stream header within {first_frame_timeout:?}"),
-            );
+            let error =
+                WireError::new(ErrorCode::DeadlineExceeded, format!("no stream header within {first_frame_timeout:?}"));
             return refuse(&mut send, &mut receive, error, max_frame_bytes).await;
         }
         Ok(Err(FrameError::Closed)) => return,
@@ -175,7 +177,10 @@ async fn serve_stream(
         tracing::warn!(peer = %peer.role, kind = header.kind, "unknown stream kind");
         let error = WireError::new(
             ErrorCode::UnknownStreamKind,
-            format!("unknown stream kind {}; this node speaks raft (1), membership (2), client (3) and admin (4)", header.kind),
+            format!(
+                "unknown stream kind {}; this node speaks raft (1), membership (2), client (3) and admin (4)",
+                header.kind
+            ),
         );
         return refuse(&mut send, &mut receive, error, max_frame_bytes).await;
     };
@@ -189,7 +194,8 @@ async fn serve_stream(
 
     match kind {
         StreamKind::Client => {
-            let request = match read_request::<ClientRequest>(&mut receive, first_frame_timeout, max_frame_bytes).await {
+            let request = match read_request::<ClientRequest>(&mut receive, first_frame_timeout, max_frame_bytes).await
+            {
                 Ok(request) => request,
                 Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
             };
@@ -228,14 +234,10 @@ async fn read_request<T: serde::de::DeserializeOwned>(
     max_frame_bytes: usize,
 ) -> Result<T, WireError> {
     match tokio::time::timeout(timeout, frame::read_frame::<_, T>(receive, max_frame_bytes)).await {
-        Err(_) => Err(WireError::new(
-            ErrorCode::DeadlineExceeded,
-            format!("no request frame within {timeout:?}"),
-        )),
-        Ok(Err(FrameError::Closed)) => Err(WireError::new(
-            ErrorCode::MalformedFrame,
-            "stream ended after the header, before a request frame",
-        )),
+        Err(_) => Err(WireError::new(ErrorCode::DeadlineExceeded, format!("no request frame within {timeout:?}"))),
+        Ok(Err(FrameError::Closed)) => {
+            Err(WireError::new(ErrorCode::MalformedFrame, "stream ended after the header, before a request frame"))
+        }
         Ok(Err(error)) => Err(frame_error_to_wire("request frame", error)),
         Ok(Ok(request)) => Ok(request),
     }

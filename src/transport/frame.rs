@@ -17,10 +17,7 @@ pub const FRAME_PREFIX_BYTES: usize = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("frame of {frame_bytes} bytes exceeds the limit of {limit_bytes} bytes")]
-    TooLarge {
-        frame_bytes: usize,
-        limit_bytes: usize,
-    },
+    TooLarge { frame_bytes: usize, limit_bytes: usize },
     #[error("frame does not decode: {0}")]
     Decode(#[source] postcard::Error),
     #[error("frame does not encode: {0}")]
@@ -39,15 +36,10 @@ pub fn encode_frame<T: Serialize>(value: &T, max_frame_bytes: usize) -> Result<V
     let mut frame = postcard::to_extend(value, vec![0_u8; FRAME_PREFIX_BYTES]).map_err(FrameError::Encode)?;
     let body_bytes = frame.len() - FRAME_PREFIX_BYTES;
     if body_bytes > max_frame_bytes {
-        return Err(FrameError::TooLarge {
-            frame_bytes: body_bytes,
-            limit_bytes: max_frame_bytes,
-        });
+        return Err(FrameError::TooLarge { frame_bytes: body_bytes, limit_bytes: max_frame_bytes });
     }
-    let prefix = u32::try_from(body_bytes).map_err(|_| FrameError::TooLarge {
-        frame_bytes: body_bytes,
-        limit_bytes: max_frame_bytes,
-    })?;
+    let prefix = u32::try_from(body_bytes)
+        .map_err(|_| FrameError::TooLarge { frame_bytes: body_bytes, limit_bytes: max_frame_bytes })?;
     frame[..FRAME_PREFIX_BYTES].copy_from_slice(&prefix.to_be_bytes());
     Ok(frame)
 }
@@ -79,10 +71,7 @@ where
     }
     let frame_bytes = u32::from_be_bytes(prefix) as usize;
     if frame_bytes > max_frame_bytes {
-        return Err(FrameError::TooLarge {
-            frame_bytes,
-            limit_bytes: max_frame_bytes,
-        });
+        return Err(FrameError::TooLarge { frame_bytes, limit_bytes: max_frame_bytes });
     }
     let mut body = vec![0_u8; frame_bytes];
     reader.read_exact(&mut body).await.map_err(|error| match error.kind() {
@@ -125,7 +114,9 @@ mod tests {
         let buffer = u32::MAX.to_be_bytes().to_vec();
         let mut reader = buffer.as_slice();
         let error = read_frame_bytes(&mut reader, 1024).await.unwrap_err();
-        assert!(matches!(error, FrameError::TooLarge { frame_bytes, limit_bytes: 1024 } if frame_bytes == u32::MAX as usize));
+        assert!(
+            matches!(error, FrameError::TooLarge { frame_bytes, limit_bytes: 1024 } if frame_bytes == u32::MAX as usize)
+        );
         let encode_error = encode_frame(&vec![0_u8; 2048], 1024).unwrap_err();
         assert!(encode_error.to_string().contains("exceeds the limit of 1024 bytes"), "{encode_error}");
     }

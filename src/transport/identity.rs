@@ -75,10 +75,7 @@ pub enum IdentityError {
 
 /// Parses a role URI such as `spiffe://bayard/node/3`.
 pub fn parse_role_uri(uri: &str) -> Result<(String, Role), IdentityError> {
-    let invalid = |reason: &str| IdentityError::InvalidUri {
-        uri: uri.to_string(),
-        reason: reason.to_string(),
-    };
+    let invalid = |reason: &str| IdentityError::InvalidUri { uri: uri.to_string(), reason: reason.to_string() };
     let Some(rest) = uri.strip_prefix("spiffe://") else {
         return Err(invalid("not a spiffe:// URI"));
     };
@@ -103,7 +100,10 @@ pub fn parse_role_uri(uri: &str) -> Result<(String, Role), IdentityError> {
 }
 
 /// Reads the role from a leaf certificate and checks its trust domain.
-pub fn peer_from_certificate(certificate: &CertificateDer<'_>, expected_trust_domain: &str) -> Result<Peer, IdentityError> {
+pub fn peer_from_certificate(
+    certificate: &CertificateDer<'_>,
+    expected_trust_domain: &str,
+) -> Result<Peer, IdentityError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref())
         .map_err(|error| IdentityError::Unparsable(error.to_string()))?;
     let alternative_names = parsed
@@ -137,9 +137,7 @@ pub fn peer_from_certificate(certificate: &CertificateDer<'_>, expected_trust_do
 /// Reads the peer of an established QUIC connection.
 pub fn peer_of_connection(connection: &quinn::Connection, expected_trust_domain: &str) -> Result<Peer, IdentityError> {
     let identity = connection.peer_identity().ok_or(IdentityError::NoCertificate)?;
-    let chain = identity
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .map_err(|_| IdentityError::NoCertificate)?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().map_err(|_| IdentityError::NoCertificate)?;
     let leaf = chain.first().ok_or(IdentityError::NoCertificate)?;
     peer_from_certificate(leaf, expected_trust_domain)
 }
@@ -154,10 +152,7 @@ mod tests {
             parse_role_uri("spiffe://bayard/node/3").unwrap(),
             ("bayard".to_string(), Role::Node { node_id: 3 })
         );
-        assert_eq!(
-            parse_role_uri("spiffe://prod/admin/ops").unwrap().1,
-            Role::Admin { name: "ops".into() }
-        );
+        assert_eq!(parse_role_uri("spiffe://prod/admin/ops").unwrap().1, Role::Admin { name: "ops".into() });
         assert!(parse_role_uri("spiffe://bayard/node/x").is_err());
         assert!(parse_role_uri("spiffe://bayard/root/x").is_err());
         assert!(parse_role_uri("https://bayard/node/1").is_err());

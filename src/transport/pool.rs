@@ -55,10 +55,7 @@ impl ConnectionPool {
 
     fn cached(&self, address: &str) -> Option<quinn::Connection> {
         let connections = self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        connections
-            .get(address)
-            .filter(|connection| connection.close_reason().is_none())
-            .cloned()
+        connections.get(address).filter(|connection| connection.close_reason().is_none()).cloned()
     }
 
     /// Drops the cached connection to `address`, so the next call dials again.
@@ -94,16 +91,10 @@ impl ConnectionPool {
         let connecting = self
             .endpoint
             .connect(socket_address, &server_name)
-            .map_err(|error| ConnectError::Connect {
-                address: address.to_string(),
-                reason: error.to_string(),
-            })?;
+            .map_err(|error| ConnectError::Connect { address: address.to_string(), reason: error.to_string() })?;
         let connection = match tokio::time::timeout(self.connect_timeout, connecting).await {
             Err(_) => {
-                return Err(ConnectError::TimedOut {
-                    address: address.to_string(),
-                    timeout: self.connect_timeout,
-                })
+                return Err(ConnectError::TimedOut { address: address.to_string(), timeout: self.connect_timeout })
             }
             Ok(Err(error)) => {
                 return Err(ConnectError::Handshake {
@@ -124,10 +115,7 @@ impl ConnectionPool {
             }
             Err(error) => {
                 connection.close(0_u32.into(), b"not a node");
-                Err(ConnectError::NotANode {
-                    address: address.to_string(),
-                    reason: error.to_string(),
-                })
+                Err(ConnectError::NotANode { address: address.to_string(), reason: error.to_string() })
             }
         }
     }
@@ -136,23 +124,17 @@ impl ConnectionPool {
 async fn resolve(address: &str, host: &str, port: u16) -> Result<SocketAddr, ConnectError> {
     let mut candidates = tokio::net::lookup_host((host, port))
         .await
-        .map_err(|error| ConnectError::Resolve {
-            address: address.to_string(),
-            reason: error.to_string(),
-        })?;
-    candidates.next().ok_or_else(|| ConnectError::Resolve {
-        address: address.to_string(),
-        reason: "no address found".to_string(),
-    })
+        .map_err(|error| ConnectError::Resolve { address: address.to_string(), reason: error.to_string() })?;
+    candidates
+        .next()
+        .ok_or_else(|| ConnectError::Resolve { address: address.to_string(), reason: "no address found".to_string() })
 }
 
 /// Turns a quinn connection error into words an operator can act on.
 pub fn describe_connection_error(error: &quinn::ConnectionError) -> String {
     let text = error.to_string();
-    let certificate_trouble = text.contains("certificate")
-        || text.contains("handshake")
-        || text.contains("crypto")
-        || text.contains("alert");
+    let certificate_trouble =
+        text.contains("certificate") || text.contains("handshake") || text.contains("crypto") || text.contains("alert");
     if certificate_trouble {
         format!("{text} (check that the CA, certificate and key are this cluster's, not expired, and name this host)")
     } else {

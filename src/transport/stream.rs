@@ -105,10 +105,7 @@ pub struct WireError {
 
 impl WireError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        WireError {
-            code,
-            message: message.into(),
-        }
+        WireError { code, message: message.into() }
     }
 }
 
@@ -128,7 +125,9 @@ impl CallError {
     pub fn is_transport_failure(&self) -> bool {
         match self {
             CallError::Connection(_) | CallError::TimedOut(_) => true,
-            CallError::Frame(frame_error) => !matches!(frame_error, super::frame::FrameError::TooLarge { .. } | super::frame::FrameError::Encode(_)),
+            CallError::Frame(frame_error) => {
+                !matches!(frame_error, super::frame::FrameError::TooLarge { .. } | super::frame::FrameError::Encode(_))
+            }
         }
     }
 }

@@ -23,11 +23,7 @@ pub enum TlsError {
     #[error("cannot read {what} file {path}: {reason}")]
     Read { what: &'static str, path: PathBuf, reason: String },
     #[error("{what} file {path} holds no {expected}")]
-    Empty {
-        what: &'static str,
-        path: PathBuf,
-        expected: &'static str,
-    },
+    Empty { what: &'static str, path: PathBuf, expected: &'static str },
     #[error("invalid CA certificate in {path}: {reason}")]
     InvalidCa { path: PathBuf, reason: String },
     #[error("tls configuration failed: {0}")]
@@ -66,21 +62,13 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 
 /// Reads every certificate of a PEM file.
 pub fn read_certificates(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let read_error = |reason: String| TlsError::Read {
-        what,
-        path: path.to_path_buf(),
-        reason,
-    };
+    let read_error = |reason: String| TlsError::Read { what, path: path.to_path_buf(), reason };
     let certificates = CertificateDer::pem_file_iter(path)
         .map_err(|error| read_error(error.to_string()))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| read_error(error.to_string()))?;
     if certificates.is_empty() {
-        return Err(TlsError::Empty {
-            what,
-            path: path.to_path_buf(),
-            expected: "PEM certificate",
-        });
+        return Err(TlsError::Empty { what, path: path.to_path_buf(), expected: "PEM certificate" });
     }
     Ok(certificates)
 }
@@ -89,10 +77,9 @@ pub fn read_certificates(path: &Path, what: &'static str) -> Result<Vec<Certific
 pub fn read_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
     for certificate in read_certificates(path, "CA certificate")? {
-        roots.add(certificate).map_err(|error| TlsError::InvalidCa {
-            path: path.to_path_buf(),
-            reason: error.to_string(),
-        })?;
+        roots
+            .add(certificate)
+            .map_err(|error| TlsError::InvalidCa { path: path.to_path_buf(), reason: error.to_string() })?;
     }
     Ok(Arc::new(roots))
 }
@@ -106,11 +93,7 @@ impl TlsMaterial {
             path: files.private_key.clone(),
             reason: error.to_string(),
         })?;
-        Ok(TlsMaterial {
-            roots,
-            certificate_chain,
-            private_key,
-        })
+        Ok(TlsMaterial { roots, certificate_chain, private_key })
     }
 }
 

@@ -49,11 +49,7 @@ impl CertificateSet {
             let pair = self.authority.issue(role, TRUST_DOMAIN, &names, validity).expect("issue");
             certs::write_pair(self.directory.path(), stem, &pair, true).expect("write leaf");
         }
-        TlsFiles {
-            ca_certificate: self.ca_path(),
-            certificate,
-            private_key,
-        }
+        TlsFiles { ca_certificate: self.ca_path(), certificate, private_key }
     }
 
     pub fn node(&self, node_id: u64) -> TlsFiles {
