@@ -393,7 +393,31 @@ async fn run_serve(arguments: ServeArguments) -> anyhow::Result<()> {
     config.commit_interval = arguments.commit_interval;
     config.max_frame_bytes = arguments.max_frame_bytes;
     config.writer_memory_bytes = arguments.writer_memory_mb.max(16) * 1024 * 1024;
-    node::run(config, shutdown_signal()).await.map_err(|error| anyhow!(error))
+    node::run(config, shutdown_signal(), reload_signal()).await.map_err(|error| anyhow!(error))
+}
+
+/// Yields once per SIGHUP: the operator's way to make the node re-read its certificate files.
+fn reload_signal() -> tokio::sync::mpsc::Receiver<()> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hangup) => {
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        if sender.send(()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            Err(error) => tracing::warn!(%error, "cannot listen for SIGHUP; certificate reload is off"),
+        }
+    }
+    #[cfg(not(unix))]
+    drop(sender);
+    receiver
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -24,5 +24,6 @@ pub mod client;
 pub mod index;
 pub mod node;
 pub mod protocol;
+pub mod raft;
 pub mod telemetry;
 pub mod transport;

@@ -284,3 +284,38 @@ async fn client_moves_on_when_a_server_does_not_answer() {
     assert_eq!(status.node_id, 1);
     test.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_to_a_new_ca_without_restart() {
+    let old = common::CertificateSet::new();
+    let data = tempfile::tempdir().unwrap();
+    let node = start_node(node_config(&old, 1, data.path())).await;
+    let address = node.local_address().to_string();
+    let old_client = common::client_with(&address, old.client("app"));
+    old_client.put("before", r#"{"title":"written before rotation"}"#).await.unwrap();
+    old_client.commit().await.unwrap();
+
+    // Rotation: the node's files now hold a certificate from a new CA, and its CA file trusts
+    // both CAs while clients move over.
+    let new = common::CertificateSet::new();
+    let node_files = old.node(1);
+    std::fs::copy(new.node(1).certificate, &node_files.certificate).unwrap();
+    std::fs::copy(new.node(1).private_key, &node_files.private_key).unwrap();
+    let bundle = std::fs::read_to_string(old.ca_path()).unwrap() + &std::fs::read_to_string(new.ca_path()).unwrap();
+    std::fs::write(&node_files.ca_certificate, bundle).unwrap();
+
+    // Before the reload a client of the new CA is refused (the node still presents the old one).
+    let mut options = bayard::client::ClientOptions::new(vec![address.clone()], new.client("app"));
+    options.retry_rounds = 1;
+    let early = bayard::client::Client::connect(options.clone()).unwrap();
+    assert!(early.status().await.is_err());
+
+    node.reload_certificates().unwrap();
+    let new_client = bayard::client::Client::connect(options).unwrap();
+    assert!(new_client.get("before").await.unwrap().is_some());
+    // A broken file is refused and the node keeps serving with what it has.
+    std::fs::write(&node_files.private_key, "not a key").unwrap();
+    assert!(node.reload_certificates().is_err());
+    assert!(new_client.get("before").await.unwrap().is_some());
+    node.shutdown().await;
+}

@@ -112,6 +112,9 @@ pub(crate) struct NodeState {
 pub struct RunningNode {
     local_address: SocketAddr,
     node_id: u64,
+    endpoint: quinn::Endpoint,
+    tls_files: TlsFiles,
+    max_concurrent_streams: u32,
     shutdown_sender: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -124,6 +127,17 @@ impl RunningNode {
 
     pub fn node_id(&self) -> u64 {
         self.node_id
+    }
+
+    /// Re-reads the CA, certificate and key files (what SIGHUP does). New inbound connections use
+    /// the new files; open connections keep the identity they were made with.
+    /// When the files do not load, the node keeps its current ones and says why.
+    pub fn reload_certificates(&self) -> Result<(), NodeError> {
+        let material = TlsMaterial::load(&self.tls_files)?;
+        let server_config = transport::tls::server_config(&material, self.max_concurrent_streams)?;
+        self.endpoint.set_server_config(Some(server_config));
+        tracing::info!(node_id = self.node_id, certificate = %self.tls_files.certificate.display(), "reloaded certificates");
+        Ok(())
     }
 
     /// Stops accepting, waits for in-flight streams (bounded by the drain timeout), closes.
@@ -173,6 +187,8 @@ impl Node {
         tracing::info!(node_id = config.node_id, %local_address, %address, last_applied_index, "node listening");
 
         let node_id = config.node_id;
+        let tls_files = config.tls.clone();
+        let max_concurrent_streams = config.max_concurrent_streams;
         let state = Arc::new(NodeState {
             write_path: LocalWritePath::new(index.clone(), last_applied_index),
             index,
@@ -184,8 +200,8 @@ impl Node {
         if !state.config.commit_interval.is_zero() {
             tokio::spawn(auto_commit(state.clone(), shutdown_receiver.clone()));
         }
-        let task = tokio::spawn(server::serve(state, endpoint, shutdown_receiver));
-        Ok(RunningNode { local_address, node_id, shutdown_sender, task })
+        let task = tokio::spawn(server::serve(state, endpoint.clone(), shutdown_receiver));
+        Ok(RunningNode { local_address, node_id, endpoint, tls_files, max_concurrent_streams, shutdown_sender, task })
     }
 }
 
@@ -225,10 +241,25 @@ async fn auto_commit(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>)
     }
 }
 
-/// Runs a node until `shutdown` completes, then drains and stops.
-pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+/// Runs a node until `shutdown` completes, then drains and stops. Each item of `reload` re-reads
+/// the certificate files (the binary feeds it from SIGHUP).
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()>,
+    mut reload: tokio::sync::mpsc::Receiver<()>,
+) -> Result<(), NodeError> {
     let node = Node::start(config).await?;
-    shutdown.await;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(()) = reload.recv() => {
+                if let Err(error) = node.reload_certificates() {
+                    tracing::error!(%error, "certificate reload failed; keeping the current certificates");
+                }
+            }
+        }
+    }
     tracing::info!("shutting down");
     node.shutdown().await;
     Ok(())

@@ -1,0 +1,660 @@
+//! The durable Raft log: entries, vote, committed and last purged log ids in one redb file.
+//!
+//! Layout of the file (usually `<data>/raft/log.redb`):
+//!
+//! - table `raft_log_entries`: `u64` log index -> postcard bytes of `(LogId, EntryPayload)`, which
+//!   is exactly how postcard encodes an `Entry` (a struct is its fields in order, without names).
+//!   Because the log id comes first, the log id of an entry can be decoded without decoding its
+//!   payload, which may be a bulk batch of many megabytes.
+//! - table `raft_log_meta`: `"vote"`, `"committed"` and `"last_purged"`, each a postcard value.
+//!
+//! Every write (append, vote, truncate, purge, committed) is one redb write transaction committed
+//! with immediate durability, i.e. fsynced before the call returns: Raft's safety depends on a
+//! node never forgetting a vote it cast or an entry it acknowledged. redb calls block, so each one
+//! runs on tokio's blocking pool and the async methods only await its result.
+
+use std::fmt;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError};
+use redb::{Database, Durability, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::types::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote};
+
+/// Log entries by index.
+const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log_entries");
+/// Vote, committed and last purged log ids.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_log_meta");
+
+const VOTE_KEY: &str = "vote";
+const COMMITTED_KEY: &str = "committed";
+const LAST_PURGED_KEY: &str = "last_purged";
+
+/// Why the log file could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum LogStoreError {
+    /// The directory that should hold the log file cannot be created.
+    #[error("cannot open raft log at {path}: cannot create directory {dir}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// redb refuses the file: unreadable, corrupt, or already open (by this or another process).
+    #[error("cannot open raft log at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+
+    /// The file opened but its tables cannot be created.
+    #[error("cannot open raft log at {path}: cannot create tables: {source}")]
+    Init {
+        path: PathBuf,
+        #[source]
+        source: redb::Error,
+    },
+}
+
+/// What went wrong inside one blocking storage task; turned into openraft's `StorageError` (with
+/// the subject and verb of the operation) at the async boundary.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("redb: {0}")]
+    Db(#[from] redb::Error),
+
+    #[error("cannot encode {what}: {source}")]
+    Encode {
+        what: String,
+        #[source]
+        source: postcard::Error,
+    },
+
+    #[error("corrupt {what}: {source}")]
+    Decode {
+        what: String,
+        #[source]
+        source: postcard::Error,
+    },
+
+    /// The key and the log id inside the value disagree: the table was damaged or written by
+    /// something else. Returning such an entry would silently corrupt replication.
+    #[error("corrupt log entry at index {key}: it carries log id {found}")]
+    Misplaced { key: u64, found: LogId },
+
+    #[error("raft log task did not complete: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+// Each redb operation has its own error type; all of them convert into `redb::Error`, so `?` can
+// be used on any of them inside a task.
+macro_rules! failure_from_redb {
+    ($($error:ty),* $(,)?) => {
+        $(impl From<$error> for Failure {
+            fn from(error: $error) -> Self {
+                Failure::Db(error.into())
+            }
+        })*
+    };
+}
+failure_from_redb!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+impl Failure {
+    fn into_storage_error(self, subject: ErrorSubject<NodeId>, verb: ErrorVerb) -> StorageError {
+        StorageIOError::new(subject, verb, AnyError::new(&self)).into()
+    }
+}
+
+/// The Raft log store on redb. Cloning is cheap and shares the open database; a clone is the
+/// `LogReader` handed to replication tasks.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+    path: Arc<Path>,
+}
+
+impl fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl LogStore {
+    /// Opens the log file at `path`, creating it (and its parent directories) when missing.
+    ///
+    /// Blocking: call it at startup, or from a blocking thread.
+    pub fn open(path: &Path) -> Result<LogStore, LogStoreError> {
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| LogStoreError::CreateDir {
+                path: path.to_path_buf(),
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let db = Database::create(path).map_err(|source| LogStoreError::Open { path: path.to_path_buf(), source })?;
+
+        // Create both tables up front so that read transactions never meet a missing table.
+        create_tables(&db).map_err(|source| LogStoreError::Init { path: path.to_path_buf(), source })?;
+
+        Ok(LogStore { db: Arc::new(db), path: Arc::from(path) })
+    }
+
+    /// The file this store was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Index of the last entry, or of the last purged entry when the log is empty; `None` when
+    /// nothing was ever appended.
+    pub async fn last_log_index(&self) -> Result<Option<u64>, StorageError> {
+        let state = self.run(ErrorSubject::Logs, ErrorVerb::Read, read_log_state).await?;
+        Ok(state.last_log_id.map(|log_id| log_id.index))
+    }
+
+    /// Whether this log has never been used: no vote, no entry and nothing purged. A node uses it
+    /// to tell a brand new data directory from one that already belongs to a cluster.
+    pub async fn is_empty(&self) -> Result<bool, StorageError> {
+        self.run(ErrorSubject::Store, ErrorVerb::Read, |db| {
+            read_txn(db, |txn| {
+                let meta = txn.open_table(META)?;
+                let entries = txn.open_table(ENTRIES)?;
+                Ok(meta.get(VOTE_KEY)?.is_none() && meta.get(LAST_PURGED_KEY)?.is_none() && entries.first()?.is_none())
+            })
+        })
+        .await
+    }
+
+    /// Writes `entries` in one durable transaction. Returns once they are on disk.
+    async fn append_entries(&self, entries: Vec<Entry>) -> Result<(), StorageError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.run(ErrorSubject::Logs, ErrorVerb::Write, move |db| {
+            write_txn(db, |txn| {
+                let mut table = txn.open_table(ENTRIES)?;
+                for entry in &entries {
+                    let bytes = encode_entry(entry)?;
+                    table.insert(entry.log_id.index, bytes.as_slice())?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Runs blocking redb work on tokio's blocking pool, so that a slow fsync never stalls the
+    /// runtime, and maps any failure to a `StorageError` about `subject`.
+    async fn run<T, F>(&self, subject: ErrorSubject<NodeId>, verb: ErrorVerb, work: F) -> Result<T, StorageError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, Failure> + Send + 'static,
+    {
+        let db = Arc::clone(&self.db);
+        let outcome = tokio::task::spawn_blocking(move || work(&db)).await.map_err(Failure::from);
+        match outcome.and_then(|result| result) {
+            Ok(value) => Ok(value),
+            Err(failure) => {
+                tracing::error!(path = %self.path.display(), error = %failure, "raft log storage failure");
+                Err(failure.into_storage_error(subject, verb))
+            }
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + fmt::Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let Some((start, end)) = index_bounds(&range) else {
+            return Ok(Vec::new());
+        };
+        self.run(ErrorSubject::Logs, ErrorVerb::Read, move |db| {
+            read_txn(db, |txn| {
+                let table = txn.open_table(ENTRIES)?;
+                let end = end.map_or(Bound::Unbounded, Bound::Excluded);
+                let mut entries = Vec::new();
+                for item in table.range::<u64>((Bound::Included(start), end))? {
+                    let (key, value) = item?;
+                    entries.push(decode_entry(key.value(), value.value())?);
+                }
+                Ok(entries)
+            })
+        })
+        .await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        self.run(ErrorSubject::Logs, ErrorVerb::Read, read_log_state).await
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        let bytes =
+            encode(vote, "vote").map_err(|failure| failure.into_storage_error(ErrorSubject::Vote, ErrorVerb::Write))?;
+        self.run(ErrorSubject::Vote, ErrorVerb::Write, move |db| put_meta(db, VOTE_KEY, Some(bytes))).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.run(ErrorSubject::Vote, ErrorVerb::Read, |db| get_meta(db, VOTE_KEY)).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        let bytes = committed
+            .map(|log_id| encode(&log_id, "committed log id"))
+            .transpose()
+            .map_err(|failure| failure.into_storage_error(ErrorSubject::Store, ErrorVerb::Write))?;
+        self.run(ErrorSubject::Store, ErrorVerb::Write, move |db| put_meta(db, COMMITTED_KEY, bytes)).await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        self.run(ErrorSubject::Store, ErrorVerb::Read, |db| get_meta(db, COMMITTED_KEY)).await
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        // The entries are flushed before this returns, so they are readable on return and the
+        // callback can be completed right away.
+        match self.append_entries(entries.into_iter().collect()).await {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(error) => {
+                callback.log_io_completed(Err(io::Error::other(error.to_string())));
+                Err(error)
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        tracing::debug!(since = %log_id, "truncating raft log");
+        self.run(ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
+            write_txn(db, |txn| {
+                // One transaction deletes the whole tail, so a crash cannot leave a hole.
+                txn.open_table(ENTRIES)?.retain_in(log_id.index.., |_, _| false)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        tracing::debug!(upto = %log_id, "purging raft log");
+        let bytes = encode(&log_id, "last purged log id")
+            .map_err(|failure| failure.into_storage_error(ErrorSubject::Logs, ErrorVerb::Delete))?;
+        self.run(ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
+            write_txn(db, |txn| {
+                // The purge mark and the deletion commit together: after a crash either both
+                // happened or neither did, and `get_log_state` stays consistent.
+                txn.open_table(META)?.insert(LAST_PURGED_KEY, bytes.as_slice())?;
+                txn.open_table(ENTRIES)?.retain_in(..=log_id.index, |_, _| false)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+}
+
+fn create_tables(db: &Database) -> Result<(), redb::Error> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate);
+    txn.open_table(ENTRIES)?;
+    txn.open_table(META)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// Runs `work` in a write transaction committed with immediate durability (fsync on commit).
+/// When `work` fails the transaction is dropped, which aborts it.
+fn write_txn<T>(db: &Database, work: impl FnOnce(&WriteTransaction) -> Result<T, Failure>) -> Result<T, Failure> {
+    let mut txn = db.begin_write()?;
+    // Immediate is redb's default today; set it anyway because correctness depends on it.
+    txn.set_durability(Durability::Immediate);
+    let value = work(&txn)?;
+    txn.commit()?;
+    Ok(value)
+}
+
+fn read_txn<T>(db: &Database, work: impl FnOnce(&ReadTransaction) -> Result<T, Failure>) -> Result<T, Failure> {
+    let txn = db.begin_read()?;
+    work(&txn)
+}
+
+/// Last purged and last log id, read in one transaction so the two are consistent.
+fn read_log_state(db: &Database) -> Result<LogState<TypeConfig>, Failure> {
+    read_txn(db, |txn| {
+        let meta = txn.open_table(META)?;
+        let last_purged_log_id: Option<LogId> = match meta.get(LAST_PURGED_KEY)? {
+            Some(value) => Some(decode(value.value(), "last purged log id")?),
+            None => None,
+        };
+        let entries = txn.open_table(ENTRIES)?;
+        let last_entry_log_id = match entries.last()? {
+            Some((key, value)) => Some(decode_log_id(key.value(), value.value())?),
+            None => None,
+        };
+        Ok(LogState { last_purged_log_id, last_log_id: last_entry_log_id.or(last_purged_log_id) })
+    })
+}
+
+fn get_meta<T: DeserializeOwned>(db: &Database, key: &'static str) -> Result<Option<T>, Failure> {
+    read_txn(db, |txn| {
+        let meta = txn.open_table(META)?;
+        let value = meta.get(key)?;
+        value.map(|value| decode(value.value(), key)).transpose()
+    })
+}
+
+/// Stores `bytes` under `key`, or removes `key` when `bytes` is `None`.
+fn put_meta(db: &Database, key: &'static str, bytes: Option<Vec<u8>>) -> Result<(), Failure> {
+    write_txn(db, |txn| {
+        let mut meta = txn.open_table(META)?;
+        match bytes {
+            Some(bytes) => meta.insert(key, bytes.as_slice())?,
+            None => meta.remove(key)?,
+        };
+        Ok(())
+    })
+}
+
+fn encode<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, Failure> {
+    postcard::to_stdvec(value).map_err(|source| Failure::Encode { what: what.to_string(), source })
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Failure> {
+    postcard::from_bytes(bytes).map_err(|source| Failure::Decode { what: what.to_string(), source })
+}
+
+fn encode_entry(entry: &Entry) -> Result<Vec<u8>, Failure> {
+    // A tuple rather than the `Entry` itself: the byte layout is the same, but spelling it out
+    // here makes "the log id comes first" a property of this file, not of openraft's field order.
+    postcard::to_stdvec(&(&entry.log_id, &entry.payload))
+        .map_err(|source| Failure::Encode { what: format!("log entry {}", entry.log_id), source })
+}
+
+fn decode_entry(key: u64, bytes: &[u8]) -> Result<Entry, Failure> {
+    let (log_id, payload): (LogId, EntryPayload<TypeConfig>) = postcard::from_bytes(bytes)
+        .map_err(|source| Failure::Decode { what: format!("log entry at index {key}"), source })?;
+    check_index(key, log_id)?;
+    Ok(Entry { log_id, payload })
+}
+
+/// Decodes only the log id at the front of an entry, skipping its (possibly large) payload.
+fn decode_log_id(key: u64, bytes: &[u8]) -> Result<LogId, Failure> {
+    let (log_id, _payload) = postcard::take_from_bytes::<LogId>(bytes)
+        .map_err(|source| Failure::Decode { what: format!("log entry at index {key}"), source })?;
+    check_index(key, log_id)
+}
+
+fn check_index(key: u64, log_id: LogId) -> Result<LogId, Failure> {
+    if log_id.index == key {
+        Ok(log_id)
+    } else {
+        Err(Failure::Misplaced { key, found: log_id })
+    }
+}
+
+/// Converts any range of indexes into `[start, end)` (`end == None`: unbounded), or `None` when
+/// the range is empty. Normalizing here keeps odd ranges (reversed, or ending past `u64::MAX`)
+/// away from redb.
+fn index_bounds(range: &impl RangeBounds<u64>) -> Option<(u64, Option<u64>)> {
+    let start = match range.start_bound() {
+        Bound::Included(&start) => start,
+        Bound::Excluded(&start) => start.checked_add(1)?,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&end) => end.checked_add(1),
+        Bound::Excluded(&end) => Some(end),
+        Bound::Unbounded => None,
+    };
+    match end {
+        Some(end) if end <= start => None,
+        _ => Some((start, end)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use openraft::storage::RaftLogStorageExt;
+    use openraft::{BasicNode, CommittedLeaderId, Membership};
+
+    use super::*;
+    use crate::index::IndexOperation;
+    use crate::raft::types::IndexBatch;
+
+    fn log_id(term: u64, index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    fn normal(term: u64, index: u64) -> Entry {
+        let batch = IndexBatch {
+            operations: vec![
+                IndexOperation::Put {
+                    id: format!("doc-{index}"),
+                    document_json: format!(r#"{{"_id":"doc-{index}"}}"#),
+                },
+                IndexOperation::Delete { id: "gone".to_string() },
+                IndexOperation::Commit,
+            ],
+        };
+        Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(batch) }
+    }
+
+    fn membership(term: u64, index: u64) -> Entry {
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            [(1, BasicNode::new("127.0.0.1:7001")), (2, BasicNode::new("127.0.0.1:7002"))].into_iter().collect();
+        let membership = Membership::new(vec![BTreeSet::from([1, 2])], nodes);
+        Entry { log_id: log_id(term, index), payload: EntryPayload::Membership(membership) }
+    }
+
+    fn blank(term: u64, index: u64) -> Entry {
+        Entry { log_id: log_id(term, index), payload: EntryPayload::Blank }
+    }
+
+    fn open(dir: &tempfile::TempDir) -> LogStore {
+        LogStore::open(&dir.path().join("raft").join("log.redb")).expect("open log store")
+    }
+
+    fn ids(entries: &[Entry]) -> Vec<u64> {
+        entries.iter().map(|entry| entry.log_id.index).collect()
+    }
+
+    #[test]
+    fn postcard_layout_starts_with_the_log_id() {
+        // `decode_log_id` relies on it, and the layout equals postcard's encoding of `Entry`.
+        for entry in [normal(3, 7), membership(2, 5), blank(1, 1)] {
+            let bytes = encode_entry(&entry).unwrap();
+            assert_eq!(bytes, postcard::to_stdvec(&entry).unwrap());
+            assert_eq!(decode_log_id(entry.log_id.index, &bytes).unwrap(), entry.log_id);
+            let decoded = decode_entry(entry.log_id.index, &bytes).unwrap();
+            assert_eq!(decoded.log_id, entry.log_id);
+            assert!(decoded.payload == entry.payload);
+        }
+    }
+
+    #[test]
+    fn index_bounds_normalizes() {
+        assert_eq!(index_bounds(&(3..7)), Some((3, Some(7))));
+        assert_eq!(index_bounds(&(3..=7)), Some((3, Some(8))));
+        assert_eq!(index_bounds(&(3..)), Some((3, None)));
+        assert_eq!(index_bounds(&..), Some((0, None)));
+        assert_eq!(index_bounds(&(5..5)), None);
+        assert_eq!(index_bounds(&(Bound::Excluded(4), Bound::Excluded(5))), None);
+        assert_eq!(index_bounds(&(0..=u64::MAX)), Some((0, None)));
+        assert_eq!(index_bounds(&(Bound::Excluded(u64::MAX), Bound::Unbounded)), None);
+    }
+
+    #[tokio::test]
+    async fn append_read_truncate_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(&dir);
+        assert!(store.is_empty().await.unwrap());
+        assert_eq!(store.last_log_index().await.unwrap(), None);
+        assert_eq!(store.get_log_state().await.unwrap(), LogState::default());
+
+        store.blocking_append([blank(1, 0), membership(1, 1)]).await.unwrap();
+        store.blocking_append((2..=9).map(|index| normal(1, index))).await.unwrap();
+        assert!(!store.is_empty().await.unwrap());
+
+        let all = store.try_get_log_entries(..).await.unwrap();
+        assert_eq!(ids(&all), (0..=9).collect::<Vec<_>>());
+        assert!(all[4].payload == normal(1, 4).payload);
+        assert!(all[1].payload == membership(1, 1).payload);
+        assert_eq!(ids(&store.try_get_log_entries(3..6).await.unwrap()), vec![3, 4, 5]);
+        assert_eq!(ids(&store.try_get_log_entries(8..=20).await.unwrap()), vec![8, 9]);
+        assert!(store.try_get_log_entries(20..30).await.unwrap().is_empty());
+        #[allow(clippy::reversed_empty_ranges)]
+        let reversed = store.try_get_log_entries(6..3).await.unwrap();
+        assert!(reversed.is_empty());
+
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, None);
+        assert_eq!(state.last_log_id, Some(log_id(1, 9)));
+
+        // A conflicting tail from a new leader replaces the old one.
+        store.truncate(log_id(1, 7)).await.unwrap();
+        assert_eq!(store.last_log_index().await.unwrap(), Some(6));
+        store.blocking_append([normal(2, 7)]).await.unwrap();
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(log_id(2, 7)));
+
+        // The reader shares the database: it sees writes made through the store afterwards.
+        let mut reader = store.get_log_reader().await;
+        store.purge(log_id(1, 4)).await.unwrap();
+        assert_eq!(ids(&reader.try_get_log_entries(..).await.unwrap()), vec![5, 6, 7]);
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 4)));
+        assert_eq!(state.last_log_id, Some(log_id(2, 7)));
+
+        // Purging everything leaves the purge mark as the last log id.
+        store.purge(log_id(2, 7)).await.unwrap();
+        assert!(store.try_get_log_entries(..).await.unwrap().is_empty());
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(2, 7)));
+        assert_eq!(state.last_log_id, Some(log_id(2, 7)));
+        assert_eq!(store.last_log_index().await.unwrap(), Some(7));
+        assert!(!store.is_empty().await.unwrap(), "a purged log is not a fresh log");
+    }
+
+    #[tokio::test]
+    async fn everything_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let vote = Vote::new_committed(3, 2);
+        {
+            let mut store = open(&dir);
+            store.save_vote(&Vote::new(2, 1)).await.unwrap();
+            store.save_vote(&vote).await.unwrap();
+            store.blocking_append((1..=5).map(|index| normal(3, index))).await.unwrap();
+            store.save_committed(Some(log_id(3, 4))).await.unwrap();
+            store.purge(log_id(3, 2)).await.unwrap();
+        }
+        {
+            let mut store = open(&dir);
+            assert_eq!(store.read_vote().await.unwrap(), Some(vote));
+            assert_eq!(store.read_committed().await.unwrap(), Some(log_id(3, 4)));
+            let state = store.get_log_state().await.unwrap();
+            assert_eq!(state.last_purged_log_id, Some(log_id(3, 2)));
+            assert_eq!(state.last_log_id, Some(log_id(3, 5)));
+            assert_eq!(ids(&store.try_get_log_entries(..).await.unwrap()), vec![3, 4, 5]);
+
+            store.save_committed(None).await.unwrap();
+        }
+        let mut store = open(&dir);
+        assert_eq!(store.read_committed().await.unwrap(), None);
+        assert_eq!(store.read_vote().await.unwrap(), Some(vote));
+    }
+
+    #[tokio::test]
+    async fn vote_alone_makes_the_log_non_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(&dir);
+        assert_eq!(store.read_vote().await.unwrap(), None);
+        store.save_vote(&Vote::new(1, 1)).await.unwrap();
+        assert!(!store.is_empty().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn corrupt_values_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(&dir);
+        store.blocking_append((1..=3).map(|index| normal(1, index))).await.unwrap();
+
+        // Garbage bytes under index 2, written behind the store's back.
+        write_txn(&store.db, |txn| {
+            txn.open_table(ENTRIES)?.insert(2, [0xff_u8, 0xff, 0xff, 0xff, 0xff, 0xff].as_slice())?;
+            Ok(())
+        })
+        .unwrap();
+        let error = store.try_get_log_entries(..).await.unwrap_err();
+        assert!(error.to_string().contains("corrupt log entry at index 2"), "{error}");
+        // Entries around it are still readable.
+        assert_eq!(ids(&store.try_get_log_entries(3..).await.unwrap()), vec![3]);
+
+        // A well-formed entry stored under the wrong index is caught too.
+        let misplaced = encode_entry(&normal(1, 9)).unwrap();
+        write_txn(&store.db, |txn| {
+            txn.open_table(ENTRIES)?.insert(3, misplaced.as_slice())?;
+            Ok(())
+        })
+        .unwrap();
+        let error = store.get_log_state().await.unwrap_err();
+        assert!(error.to_string().contains("corrupt log entry at index 3"), "{error}");
+
+        // Same for the metadata.
+        write_txn(&store.db, |txn| {
+            txn.open_table(META)?.insert(VOTE_KEY, [0xff_u8].as_slice())?;
+            Ok(())
+        })
+        .unwrap();
+        let error = store.read_vote().await.unwrap_err();
+        assert!(error.to_string().contains("corrupt vote"), "{error}");
+    }
+
+    #[test]
+    fn open_reports_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        // A regular file where the directory should be.
+        let blocker = dir.path().join("raft");
+        std::fs::write(&blocker, b"not a directory").unwrap();
+        let path = blocker.join("log.redb");
+        let error = LogStore::open(&path).unwrap_err();
+        assert!(error.to_string().starts_with(&format!("cannot open raft log at {}", path.display())), "{error}");
+
+        // A file that is not a redb database.
+        let junk = dir.path().join("junk.redb");
+        std::fs::write(&junk, vec![0x5a_u8; 8192]).unwrap();
+        let error = LogStore::open(&junk).unwrap_err();
+        assert!(error.to_string().starts_with(&format!("cannot open raft log at {}", junk.display())), "{error}");
+    }
+
+    #[tokio::test]
+    async fn second_open_of_the_same_file_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let _store = open(&dir);
+        let error = LogStore::open(&dir.path().join("raft").join("log.redb")).unwrap_err();
+        assert!(matches!(error, LogStoreError::Open { .. }), "{error}");
+    }
+}

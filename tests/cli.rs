@@ -1,0 +1,295 @@
+//! The `bayard` binary as an operator uses it: certificates, serve, and every client command,
+//! checking stdout JSON, stderr messages and exit codes.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_bayard")
+}
+
+fn repository_file(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// A `bayard serve` process, killed when dropped.
+struct Server {
+    child: Child,
+    address: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `bayard serve` with `arguments` in `directory` and waits for its "node listening" log
+/// line (JSON logs) to learn the port it bound.
+fn serve(directory: &Path, arguments: &[&str]) -> Server {
+    let mut child = Command::new(binary())
+        .current_dir(directory)
+        .arg("serve")
+        .args(arguments)
+        .args(["--port", "0", "--log-format", "json"])
+        .env_remove("BAYARD_CA")
+        .env_remove("BAYARD_CERT")
+        .env_remove("BAYARD_KEY")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn bayard serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while std::time::Instant::now() < deadline {
+        let Ok(line) = receiver.recv_timeout(Duration::from_millis(200)) else {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("bayard serve exited with {status}: {}", seen.join("\n"));
+            }
+            continue;
+        };
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
+            if value["fields"]["message"] == "node listening" {
+                let address = value["fields"]["local_address"].as_str().expect("address").to_string();
+                // Keep draining stderr so the server never blocks on a full pipe.
+                std::thread::spawn(move || for _ in receiver {});
+                return Server { child, address };
+            }
+        }
+        seen.push(line);
+    }
+    panic!("bayard serve did not start: {}", seen.join("\n"));
+}
+
+fn run(directory: &Path, arguments: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(binary())
+        .current_dir(directory)
+        .args(arguments)
+        .env_remove("BAYARD_SERVERS")
+        .env_remove("BAYARD_CA")
+        .env_remove("BAYARD_CERT")
+        .env_remove("BAYARD_KEY")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn bayard");
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).expect("write stdin");
+    }
+    drop(input);
+    child.wait_with_output().expect("bayard output")
+}
+
+/// Runs a command that must succeed and returns its stdout as JSON.
+fn json(directory: &Path, arguments: &[&str], stdin: Option<&str>) -> serde_json::Value {
+    let output = run(directory, arguments, stdin);
+    assert!(output.status.success(), "bayard {arguments:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!("stdout of {arguments:?} is not JSON ({error}): {}", String::from_utf8_lossy(&output.stdout))
+    })
+}
+
+/// Runs a command that must fail and returns its stderr.
+fn failure(directory: &Path, arguments: &[&str], stdin: Option<&str>) -> String {
+    let output = run(directory, arguments, stdin);
+    assert!(!output.status.success(), "bayard {arguments:?} should have failed");
+    assert!(output.stdout.is_empty(), "a failure prints nothing on stdout");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn operator_flow_with_generated_certificates() {
+    let directory = tempfile::tempdir().unwrap();
+    let root = directory.path();
+    json(root, &["certs", "ca", "--out-dir", "certs"], None);
+    json(root, &["certs", "node", "--id", "1", "--san", "127.0.0.1,node-1.internal", "--out-dir", "certs"], None);
+    json(root, &["certs", "client", "--name", "app", "--out-dir", "certs"], None);
+    json(root, &["certs", "admin", "--name", "ops", "--out-dir", "certs"], None);
+    // Refuses to overwrite the CA.
+    assert!(failure(root, &["certs", "ca", "--out-dir", "certs"], None).contains("refusing to overwrite"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(root.join("certs/ca.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "private keys are not readable by others");
+    }
+
+    let schema = repository_file("etc/schema.json");
+    let tokenizer = repository_file("etc/tokenizer.json");
+    let server = serve(
+        root,
+        &[
+            "--id",
+            "1",
+            "--host",
+            "127.0.0.1",
+            "--data-directory",
+            "data/1",
+            "--schema-file",
+            schema.to_str().unwrap(),
+            "--tokenizer-file",
+            tokenizer.to_str().unwrap(),
+            "--ca",
+            "certs/ca.pem",
+            "--cert",
+            "certs/node-1.pem",
+            "--key",
+            "certs/node-1.key",
+            "--commit-interval",
+            "0",
+        ],
+    );
+    let servers = server.address.clone();
+    let client = [
+        "--servers",
+        &servers,
+        "--ca",
+        "certs/ca.pem",
+        "--cert",
+        "certs/client-app.pem",
+        "--key",
+        "certs/client-app.key",
+    ];
+    let with = |command: &[&str]| -> Vec<String> {
+        command.iter().chain(client.iter()).map(|part| part.to_string()).collect()
+    };
+    let call = |command: &[&str], stdin: Option<&str>| {
+        let arguments = with(command);
+        let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+        json(root, &arguments, stdin)
+    };
+    let fail = |command: &[&str], stdin: Option<&str>| {
+        let arguments = with(command);
+        let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+        failure(root, &arguments, stdin)
+    };
+
+    // Three ways to put one document.
+    let receipt = call(
+        &[
+            "put",
+            "--id",
+            "1",
+            r#"{"title":"Hello bayard","body":"search over quic","year":2024,"category":"/lang/rust"}"#,
+        ],
+        None,
+    );
+    assert_eq!(receipt["status"], "OK");
+    std::fs::write(root.join("doc.json"), r#"{"title":"From a file","year":2023,"category":"/lang/go"}"#).unwrap();
+    call(&["put", "--id", "2", "--file", "doc.json"], None);
+    call(&["put", "--id", "3"], Some(r#"{"title":"From stdin","year":2022,"category":"/lang/rust"}"#));
+    // Bulk NDJSON.
+    let ndjson: String = (10..40)
+        .map(|number| format!("{{\"_id\":\"{number}\",\"title\":\"bulk document {number}\",\"year\":{},\"category\":\"/lang/zig\"}}\n", 1990 + number))
+        .collect();
+    std::fs::write(root.join("docs.ndjson"), &ndjson).unwrap();
+    assert_eq!(call(&["put", "--bulk", "--file", "docs.ndjson"], None)["operations"], 30);
+    call(&["commit"], None);
+
+    let hits = call(&["search", "title:hello"], None);
+    assert_eq!(hits["count"], 1);
+    assert_eq!(hits["docs"][0]["id"], "1");
+    assert_eq!(hits["docs"][0]["fields"]["title"], "Hello bayard");
+    assert!(hits["docs"][0]["score"].as_f64().unwrap() > 0.0);
+
+    let faceted =
+        call(&["search", "--facet-field", "category", "--facet-prefix", "/lang", "--exclude-docs", "*"], None);
+    assert_eq!(faceted["count"], 33);
+    assert_eq!(faceted["facet"]["category"]["/lang/rust"], 2);
+    assert_eq!(faceted["facet"]["category"]["/lang/zig"], 30);
+    assert_eq!(faceted["docs"].as_array().unwrap().len(), 0);
+
+    let sorted =
+        call(&["search", "--sort", "year:desc", "--limit", "2", "--from", "1", "--exclude-count", "title:bulk"], None);
+    assert!(sorted.get("count").is_none());
+    let ids: Vec<&str> = sorted["docs"].as_array().unwrap().iter().map(|hit| hit["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["38", "37"]);
+
+    let document = call(&["get", "--id", "2"], None);
+    assert_eq!(document["fields"]["title"], "From a file");
+
+    call(&["delete", "--id", "2"], None);
+    std::fs::write(root.join("ids.ndjson"), "\"10\"\n{\"_id\":\"11\"}\n12\n").unwrap();
+    assert_eq!(call(&["delete", "--bulk", "--file", "ids.ndjson"], None)["operations"], 3);
+    call(&["commit"], None);
+    assert!(fail(&["get", "--id", "2"], None).contains("no document with id `2`"));
+    assert_eq!(call(&["search", "--exclude-docs", "*"], None)["count"], 29);
+
+    let status = call(&["status"], None);
+    assert_eq!(status["node_id"], 1);
+    assert_eq!(status["address"], servers);
+    assert_eq!(status["document_count"], 29);
+    assert_eq!(status["role"], "leader");
+    let peers = call(&["peers"], None);
+    assert_eq!(peers["1"], servers);
+    let schema = call(&["schema"], None);
+    assert!(schema.as_array().unwrap().iter().any(|field| field["name"] == "_id"));
+
+    // Errors: on stderr, non-zero exit, specific.
+    assert!(fail(&["put", "--id", "9", "{\"title\": "], None).contains("not valid JSON"));
+    assert!(fail(&["put", "--id", "9", r#"{"year":"soon"}"#], None).contains("year"));
+    assert!(fail(&["search", "title:(("], None).contains("invalid query"));
+    assert!(fail(&["search", "--sort", "nope:desc", "*"], None).contains("unknown sort field `nope`"));
+    assert!(fail(&["search", "--facet-field", "nope", "*"], None).contains("unknown facet field `nope`"));
+    std::fs::write(root.join("bad.ndjson"), "{\"_id\":\"a\",\"title\":\"ok\"}\n\n{\"_id\":\"b\",\"year\":\"x\"}\n")
+        .unwrap();
+    let bulk_error = fail(&["put", "--bulk", "--file", "bad.ndjson"], None);
+    assert!(bulk_error.contains("line 3"), "{bulk_error}");
+    std::fs::write(root.join("broken.ndjson"), "{\"_id\":\"a\"}\n{broken\n").unwrap();
+    assert!(fail(&["put", "--bulk", "--file", "broken.ndjson"], None).contains("line 2: malformed JSON"));
+    // Certificate files that do not exist.
+    let missing = failure(root, &["status", "--servers", &servers, "--ca", "certs/nope.pem"], None);
+    assert!(missing.contains("certs/nope.pem"), "{missing}");
+    // A client certificate may read status but not act as a node.
+    assert_eq!(call(&["status"], None)["status"], "OK");
+    // Nothing was lost along the way.
+    assert_eq!(call(&["search", "--exclude-docs", "*"], None)["count"], 29);
+    drop(server);
+}
+
+#[test]
+fn serve_on_embedded_defaults_makes_development_certificates() {
+    // An empty directory: no certs, no etc/: the built-in schema and analyzers are used.
+    let directory = tempfile::tempdir().unwrap();
+    let root = directory.path();
+    let server = serve(root, &[]);
+    for file in ["certs/ca.pem", "certs/ca.key", "certs/node-1.pem", "certs/admin-dev.pem", "data/1/node.json"] {
+        assert!(root.join(file).exists(), "{file} was not made");
+    }
+    // The CLI's default certificate flags point at what serve made.
+    let status = json(root, &["status", "--servers", &server.address], None);
+    assert_eq!(status["node_id"], 1);
+    json(root, &["put", "--servers", &server.address, "--id", "a", r#"{"title":"default schema"}"#], None);
+    // The default commit interval (1 s) makes it searchable without an explicit commit.
+    let mut found = false;
+    for _ in 0..100 {
+        let hits = json(root, &["search", "--servers", &server.address, "title:schema"], None);
+        if hits["count"] == 1 {
+            found = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(found, "the automatic commit never made the document searchable");
+    drop(server);
+
+    // A second start reuses the certificates and the data.
+    let server = serve(root, &[]);
+    let hits = json(root, &["search", "--servers", &server.address, "title:schema"], None);
+    assert_eq!(hits["count"], 1);
+}
