@@ -56,6 +56,41 @@ pub enum Command {
     Status(ConnectionArguments),
     /// Print the cluster members and their addresses.
     Peers(ConnectionArguments),
+    /// Remove a node from the cluster (admin certificate).
+    Leave(LeaveArguments),
+}
+
+#[derive(Debug, Args)]
+pub struct LeaveArguments {
+    #[command(flatten)]
+    pub connection: ConnectionArguments,
+    /// The node to remove.
+    #[arg(long)]
+    pub id: u64,
+    /// Remove it even if the remaining voters that answer are not a quorum.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Seed peers from `--peers`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peers(pub Vec<(u64, String)>);
+
+/// Parses `1=host:5001,2=host:5002` (spaces allowed, empty means none).
+pub fn parse_peers(text: &str) -> Result<Peers, String> {
+    let mut peers = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|item| !item.is_empty()) {
+        let Some((id, address)) = item.split_once('=') else {
+            return Err(format!("peer `{item}` is not of the form id=host:port"));
+        };
+        let id: u64 = id.trim().parse().map_err(|_| format!("peer id `{id}` is not a number"))?;
+        let address = address.trim();
+        if crate::transport::pool::split_host_port(address).is_none() {
+            return Err(format!("peer address `{address}` is not host:port"));
+        }
+        peers.push((id, address.to_string()));
+    }
+    Ok(Peers(peers))
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +103,11 @@ pub struct ServeArguments {
     pub host: IpAddr,
     #[arg(long, env = "BAYARD_PORT", default_value_t = 5001)]
     pub port: u16,
+    /// Seed members to join through, as `id=host:port` pairs, comma-separated (e.g.
+    /// "1=host1:5001,2=host2:5001"). Without it, a node with an empty data directory starts a new
+    /// cluster. Ignored once the data directory holds a cluster's log.
+    #[arg(long, env = "BAYARD_PEERS", default_value = "", value_parser = parse_peers)]
+    pub peers: Peers,
     /// Host name or address other nodes and clients reach this node by (default: the bound address).
     #[arg(long, env = "BAYARD_ADVERTISE_HOST")]
     pub advertise_host: Option<String>,
@@ -389,6 +429,7 @@ async fn run_serve(arguments: ServeArguments) -> anyhow::Result<()> {
     let listen_address = SocketAddr::new(arguments.host, arguments.port);
     let mut config = NodeConfig::new(arguments.id, listen_address, data_directory, schema_json, tokenizer_json, tls);
     config.advertise_address = arguments.advertise_host.as_ref().map(|host| format!("{host}:{}", arguments.port));
+    config.peers = arguments.peers.0.clone();
     config.trust_domain = arguments.trust_domain.clone();
     config.commit_interval = arguments.commit_interval;
     config.max_frame_bytes = arguments.max_frame_bytes;
@@ -554,12 +595,12 @@ fn status_json(status: &NodeStatus) -> serde_json::Value {
         })
         .collect();
     json!({
+        "leader": status.leader,
+        "term": status.term,
         "node_id": status.node_id,
         "cluster_id": status.cluster_id,
         "address": status.address,
         "role": status.role,
-        "leader": status.leader,
-        "term": status.term,
         "applied_index": status.applied_index,
         "document_count": status.document_count,
         "segment_count": status.segment_count,
@@ -752,6 +793,11 @@ async fn run_client_command(command: Command) -> anyhow::Result<()> {
                 .collect();
             print_json(&serde_json::Value::Object(object));
         }
+        Command::Leave(arguments) => {
+            let client = connect(&arguments.connection)?;
+            client.leave(arguments.id, arguments.force).await?;
+            print_json(&json!({"status": "OK", "removed": arguments.id}));
+        }
         Command::Search(arguments) => {
             let sort = arguments.sort.as_deref().map(parse_sort).transpose()?;
             let facets = arguments
@@ -789,6 +835,18 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn peers_parse() {
+        assert_eq!(parse_peers("").unwrap(), Peers(vec![]));
+        assert_eq!(
+            parse_peers("1=0.0.0.0:5001, 2=host-b:5002").unwrap(),
+            Peers(vec![(1, "0.0.0.0:5001".into()), (2, "host-b:5002".into())])
+        );
+        assert!(parse_peers("1:host:5001").is_err());
+        assert!(parse_peers("x=host:5001").is_err());
+        assert!(parse_peers("1=host").is_err());
     }
 
     #[test]

@@ -406,6 +406,16 @@ impl Client {
         }
     }
 
+    /// Removes `node_id` from the cluster (admin certificate). Refused when the remaining voters
+    /// that answer would not be a quorum, unless `force`.
+    pub async fn leave(&self, node_id: u64, force: bool) -> Result<(), ClientError> {
+        let (response, server) = self.call(StreamKind::Admin, &AdminRequest::Leave { node_id, force }).await?;
+        match response {
+            AdminResponse::Left { .. } => Ok(()),
+            _ => Err(ClientError::UnexpectedResponse { server, request: "leave" }),
+        }
+    }
+
     /// Sends an arbitrary stream kind and body; for diagnostics and tests of refusals.
     pub async fn raw_call<Request: Serialize>(
         &self,

@@ -21,6 +21,7 @@
 pub mod certs;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod index;
 pub mod node;
 pub mod protocol;

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::index::{SearchRequest, SearchResponse, StoredDocument};
+use crate::raft::types::{BatchOutcome, IndexBatch, NodeId, TypeConfig};
 pub use crate::transport::stream::{ErrorCode, StreamHeader, StreamKind, WireError};
 
 /// A document to put. `id: None` means the document carries its own `_id` (bulk NDJSON lines).
@@ -88,20 +89,41 @@ pub enum ClientResponse {
 /// certificates; the others need a node or admin certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminRequest {
+    /// This node's view of the cluster, with every member asked for its own state.
     Status,
+    /// This node's own state only (what `Status` asks each member).
+    LocalStatus,
     Peers,
+    /// A new node asks to join (node certificates only, for their own id).
+    Join {
+        node_id: u64,
+        address: String,
+    },
+    /// Remove a member (admin or node certificates).
+    Leave {
+        node_id: u64,
+        force: bool,
+    },
+    /// The leader tells a removed node that it is no longer a member (node certificates only).
+    Removed {
+        node_id: u64,
+    },
 }
 
 impl AdminRequest {
     pub fn name(&self) -> &'static str {
         match self {
             AdminRequest::Status => "status",
+            AdminRequest::LocalStatus => "local_status",
             AdminRequest::Peers => "peers",
+            AdminRequest::Join { .. } => "join",
+            AdminRequest::Leave { .. } => "leave",
+            AdminRequest::Removed { .. } => "removed",
         }
     }
 
     pub fn is_read_only(&self) -> bool {
-        matches!(self, AdminRequest::Status | AdminRequest::Peers)
+        matches!(self, AdminRequest::Status | AdminRequest::LocalStatus | AdminRequest::Peers)
     }
 }
 
@@ -135,4 +157,59 @@ pub struct NodeStatus {
 pub enum AdminResponse {
     Status(NodeStatus),
     Peers(BTreeMap<u64, String>),
+    /// The node is a voter; `leader` is who admitted it.
+    Joined {
+        leader: u64,
+    },
+    /// The node was removed from the membership.
+    Left {
+        node_id: u64,
+    },
+    Acknowledged,
+}
+
+/// Requests on a `Raft` stream (node certificates only). The first three are openraft's RPCs;
+/// `Propose` carries a write another node accepted from a client, to the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RaftRequest {
+    AppendEntries(openraft::raft::AppendEntriesRequest<TypeConfig>),
+    Vote(openraft::raft::VoteRequest<NodeId>),
+    InstallSnapshot(openraft::raft::InstallSnapshotRequest<TypeConfig>),
+    Propose(IndexBatch),
+}
+
+impl RaftRequest {
+    pub fn name(&self) -> &'static str {
+        match self {
+            RaftRequest::AppendEntries(_) => "append_entries",
+            RaftRequest::Vote(_) => "vote",
+            RaftRequest::InstallSnapshot(_) => "install_snapshot",
+            RaftRequest::Propose(_) => "propose",
+        }
+    }
+
+    /// The node the message says it comes from, for the RPCs that name one.
+    pub fn claimed_sender(&self) -> Option<NodeId> {
+        let vote = match self {
+            RaftRequest::AppendEntries(request) => &request.vote,
+            RaftRequest::Vote(request) => &request.vote,
+            RaftRequest::InstallSnapshot(request) => &request.vote,
+            RaftRequest::Propose(_) => return None,
+        };
+        Some(vote.leader_id().voted_for().unwrap_or_default())
+    }
+}
+
+/// Answers on a `Raft` stream.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftResponse {
+    AppendEntries(Result<openraft::raft::AppendEntriesResponse<NodeId>, openraft::error::RaftError<NodeId>>),
+    Vote(Result<openraft::raft::VoteResponse<NodeId>, openraft::error::RaftError<NodeId>>),
+    InstallSnapshot(
+        Result<
+            openraft::raft::InstallSnapshotResponse<NodeId>,
+            openraft::error::RaftError<NodeId, openraft::error::InstallSnapshotError>,
+        >,
+    ),
+    Proposed(BatchOutcome),
 }

@@ -8,6 +8,7 @@
 mod analyzers;
 mod document;
 mod error;
+mod export;
 mod schema;
 mod search;
 mod search_index;
@@ -21,6 +22,7 @@ pub use analyzers::{
 };
 pub use document::MAX_ID_BYTES;
 pub use error::IndexError;
+pub use export::{CommittedState, SharedIndex, META_FILE_NAME};
 pub use schema::{check_id_field, load_schema};
 pub use search::{
     FacetCounts, FacetRequest, SearchHit, SearchRequest, SearchResponse, SortSpec, MAX_SEARCH_LIMIT, MAX_SEARCH_OFFSET,

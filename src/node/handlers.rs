@@ -1,14 +1,17 @@
-//! What each request does. Index work runs on blocking threads so the runtime keeps serving.
+//! What each request does. Index work runs on blocking threads so the runtime keeps serving;
+//! writes go through the replicated log (`cluster::propose`).
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use super::apply::WriteError;
 use super::NodeState;
+use crate::cluster;
 use crate::index::{IndexError, IndexOperation, SearchIndex};
 use crate::protocol::{
-    AdminRequest, AdminResponse, ClientRequest, ClientResponse, DocumentInput, ErrorCode, MemberStatus, NodeStatus,
-    WireError,
+    AdminRequest, AdminResponse, ClientRequest, ClientResponse, Consistency, DocumentInput, ErrorCode, RaftRequest,
+    RaftResponse, WireError,
 };
+use crate::raft::types::IndexBatch;
+use crate::transport::Role;
 
 /// Most operations one write request may carry; larger loads are split by the client.
 pub const MAX_OPERATIONS_PER_REQUEST: usize = 100_000;
@@ -22,24 +25,18 @@ pub(crate) fn index_error_to_wire(error: IndexError) -> WireError {
     WireError::new(code, error.to_string())
 }
 
-fn write_error_to_wire(error: WriteError) -> WireError {
-    match error {
-        WriteError::Index(error) => index_error_to_wire(error),
-        WriteError::Worker(message) => WireError::new(ErrorCode::Internal, format!("index worker failed: {message}")),
-    }
+fn worker_failure(error: tokio::task::JoinError) -> WireError {
+    WireError::new(ErrorCode::Internal, format!("index worker failed: {error}"))
 }
 
-/// Runs index work on a blocking thread.
+/// Runs index work on a blocking thread, on the index in use now.
 async fn blocking<T, F>(state: &NodeState, work: F) -> Result<T, WireError>
 where
     T: Send + 'static,
     F: FnOnce(&SearchIndex) -> Result<T, IndexError> + Send + 'static,
 {
-    let index = state.index.clone();
-    tokio::task::spawn_blocking(move || work(&index))
-        .await
-        .map_err(|error| WireError::new(ErrorCode::Internal, format!("index worker failed: {error}")))?
-        .map_err(index_error_to_wire)
+    let index = state.index.current();
+    tokio::task::spawn_blocking(move || work(&index)).await.map_err(worker_failure)?.map_err(index_error_to_wire)
 }
 
 fn check_batch_size(count: usize) -> Result<(), WireError> {
@@ -55,9 +52,9 @@ fn check_batch_size(count: usize) -> Result<(), WireError> {
     Ok(())
 }
 
-/// Validates every document before anything is applied: a batch with one bad document is refused
-/// whole, and the error names the document by its position in the request (the client turns that
-/// into a line number), so nothing is half-written.
+/// Validates every document before anything is replicated: a batch with one bad document is
+/// refused whole, and the error names the document by its position in the request (the client
+/// turns that into a line number), so nothing is half-written and nothing bad enters the log.
 fn prepare_puts(index: &SearchIndex, documents: Vec<DocumentInput>) -> Result<Vec<IndexOperation>, WireError> {
     documents
         .into_iter()
@@ -82,21 +79,37 @@ fn prepare_puts(index: &SearchIndex, documents: Vec<DocumentInput>) -> Result<Ve
         .collect()
 }
 
-async fn submit(state: &NodeState, operations: Vec<IndexOperation>) -> Result<ClientResponse, WireError> {
+async fn write(state: &NodeState, operations: Vec<IndexOperation>) -> Result<ClientResponse, WireError> {
     let operation_count = operations.len() as u64;
-    let (applied_index, _) = state.write_path.submit(operations).await.map_err(write_error_to_wire)?;
-    Ok(ClientResponse::Written { operations: operation_count, applied_index })
+    let outcome = cluster::propose(state, IndexBatch { operations }).await?;
+    Ok(ClientResponse::Written { operations: operation_count, applied_index: outcome.applied_index })
 }
 
-pub(crate) async fn handle_client(state: &NodeState, request: ClientRequest) -> Result<ClientResponse, WireError> {
+fn applied_index(state: &NodeState) -> u64 {
+    state.raft.metrics().borrow().last_applied.map(|log_id| log_id.index).unwrap_or(0)
+}
+
+async fn search_here(state: &NodeState, request: crate::index::SearchRequest) -> Result<ClientResponse, WireError> {
+    let applied_index = applied_index(state);
+    let response = blocking(state, move |index| index.search(&request)).await?;
+    Ok(ClientResponse::Search { response, node_id: state.node_id(), applied_index })
+}
+
+/// `forwarded` is set when another node sent the request (it already went through one hop and
+/// must not be sent on again).
+pub(crate) async fn handle_client(
+    state: &NodeState,
+    request: ClientRequest,
+    forwarded: bool,
+) -> Result<ClientResponse, WireError> {
     match request {
         ClientRequest::Put { documents } => {
             check_batch_size(documents.len())?;
-            let index = state.index.clone();
+            let index = state.index.current();
             let operations = tokio::task::spawn_blocking(move || prepare_puts(&index, documents))
                 .await
-                .map_err(|error| WireError::new(ErrorCode::Internal, format!("index worker failed: {error}")))??;
-            submit(state, operations).await
+                .map_err(worker_failure)??;
+            write(state, operations).await
         }
         ClientRequest::Delete { ids } => {
             check_batch_size(ids.len())?;
@@ -106,12 +119,11 @@ pub(crate) async fn handle_client(state: &NodeState, request: ClientRequest) -> 
                     format!("id {position} of the request is empty"),
                 ));
             }
-            let operations = ids.into_iter().map(|id| IndexOperation::Delete { id }).collect();
-            submit(state, operations).await
+            write(state, ids.into_iter().map(|id| IndexOperation::Delete { id }).collect()).await
         }
-        ClientRequest::Commit => submit(state, vec![IndexOperation::Commit]).await,
-        ClientRequest::Rollback => submit(state, vec![IndexOperation::Rollback]).await,
-        ClientRequest::Merge => submit(state, vec![IndexOperation::Merge]).await,
+        ClientRequest::Commit => write(state, vec![IndexOperation::Commit]).await,
+        ClientRequest::Rollback => write(state, vec![IndexOperation::Rollback]).await,
+        ClientRequest::Merge => write(state, vec![IndexOperation::Merge]).await,
         ClientRequest::Get { id } => {
             if id.is_empty() {
                 return Err(WireError::new(ErrorCode::InvalidArgument, "id is empty"));
@@ -119,47 +131,70 @@ pub(crate) async fn handle_client(state: &NodeState, request: ClientRequest) -> 
             let document = blocking(state, move |index| index.get(&id)).await?;
             Ok(ClientResponse::Document { document })
         }
-        ClientRequest::Search { request, consistency: _ } => {
-            // A standalone node is its own leader: every consistency level reads the same index.
-            let applied_index = state.write_path.applied_index().await;
-            let response = blocking(state, move |index| index.search(&request)).await?;
-            Ok(ClientResponse::Search { response, node_id: state.config.node_id, applied_index })
-        }
-        ClientRequest::Schema => Ok(ClientResponse::Schema { schema_json: state.index.schema_json() }),
+        ClientRequest::Search { request, consistency } => match consistency {
+            Consistency::Local => search_here(state, request).await,
+            Consistency::Leader | Consistency::Linearizable if cluster::is_leader(state) => {
+                if consistency == Consistency::Linearizable {
+                    // Read index: confirm leadership with a quorum and wait until everything
+                    // committed before this moment is applied here.
+                    state.raft.ensure_linearizable().await.map_err(|error| {
+                        WireError::new(
+                            ErrorCode::Unavailable,
+                            format!("cannot confirm leadership for a linearizable read: {error}"),
+                        )
+                    })?;
+                }
+                search_here(state, request).await
+            }
+            Consistency::Leader | Consistency::Linearizable if forwarded => {
+                Err(WireError::new(ErrorCode::Unavailable, format!("node {} is no longer the leader", state.node_id())))
+            }
+            Consistency::Leader | Consistency::Linearizable => {
+                cluster::forward_to_leader(state, &ClientRequest::Search { request, consistency }).await
+            }
+        },
+        ClientRequest::Schema => Ok(ClientResponse::Schema { schema_json: state.index.current().schema_json() }),
     }
 }
 
-pub(crate) async fn handle_admin(state: &NodeState, request: AdminRequest) -> Result<AdminResponse, WireError> {
+pub(crate) async fn handle_admin(
+    state: &Arc<NodeState>,
+    role: &Role,
+    request: AdminRequest,
+) -> Result<AdminResponse, WireError> {
     match request {
-        AdminRequest::Status => {
-            let applied_index = state.write_path.applied_index().await;
-            let (document_count, segment_count) =
-                blocking(state, |index| Ok((index.document_count(), index.segment_count() as u64))).await?;
-            let node_id = state.config.node_id;
-            Ok(AdminResponse::Status(NodeStatus {
-                node_id,
-                cluster_id: state.metadata.cluster_id.clone(),
-                address: state.address.clone(),
-                role: "leader".to_string(),
-                leader: Some(node_id),
-                term: 0,
-                applied_index,
-                document_count,
-                segment_count,
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                members: vec![MemberStatus {
-                    node_id,
-                    address: state.address.clone(),
-                    role: "voter".to_string(),
-                    applied_index,
-                    state: "alive".to_string(),
-                }],
-            }))
+        AdminRequest::Status => Ok(AdminResponse::Status(cluster::cluster_status(state).await)),
+        AdminRequest::LocalStatus => Ok(AdminResponse::Status(cluster::local_status(state))),
+        AdminRequest::Peers => Ok(AdminResponse::Peers(cluster::peers(state))),
+        AdminRequest::Join { node_id, address } => {
+            // Only the node itself may ask to join under its id.
+            if *role != (Role::Node { node_id }) {
+                return Err(WireError::new(
+                    ErrorCode::PermissionDenied,
+                    format!("permission denied: a {role} certificate may not join as node {node_id}"),
+                ));
+            }
+            cluster::handle_join(state, node_id, address).await
         }
-        AdminRequest::Peers => {
-            let mut peers = BTreeMap::new();
-            peers.insert(state.config.node_id, state.address.clone());
-            Ok(AdminResponse::Peers(peers))
+        AdminRequest::Leave { node_id, force } => cluster::handle_leave(state, node_id, force).await,
+        AdminRequest::Removed { node_id } => {
+            if node_id != state.node_id() || !matches!(role, Role::Node { .. }) {
+                return Err(WireError::new(
+                    ErrorCode::PermissionDenied,
+                    "permission denied: not a removal notice for this node",
+                ));
+            }
+            cluster::mark_removed(state, format!("removed by `bayard leave`, as {role} reported")).await;
+            Ok(AdminResponse::Acknowledged)
         }
     }
+}
+
+pub(crate) async fn handle_raft(state: &NodeState, request: RaftRequest) -> Result<RaftResponse, WireError> {
+    Ok(match request {
+        RaftRequest::AppendEntries(rpc) => RaftResponse::AppendEntries(state.raft.append_entries(rpc).await),
+        RaftRequest::Vote(rpc) => RaftResponse::Vote(state.raft.vote(rpc).await),
+        RaftRequest::InstallSnapshot(rpc) => RaftResponse::InstallSnapshot(state.raft.install_snapshot(rpc).await),
+        RaftRequest::Propose(batch) => RaftResponse::Proposed(cluster::propose_as_leader(state, batch).await?),
+    })
 }

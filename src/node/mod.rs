@@ -1,27 +1,35 @@
-//! A running bayard node: the endpoint, the index, and the handlers that connect them.
+//! A running bayard node: the endpoint, Raft, the index, and the handlers that connect them.
 //!
-//! [`Node::start`] binds the endpoint (port 0 works, for tests), opens the index and spawns the
-//! accept loop; [`RunningNode::shutdown`] stops accepting, lets in-flight streams finish (bounded),
-//! then closes the endpoint. [`run`] is the same for the binary, with a shutdown future.
+//! [`Node::start`] opens the data directory, the index and the Raft log, binds the endpoint
+//! (port 0 works, for tests), starts Raft, and then either bootstraps a one-node cluster (empty
+//! data directory, no peers), asks a seed to join (empty data directory, peers), or resumes (data
+//! present: never bootstraps or joins again). [`RunningNode::shutdown`] stops accepting, lets
+//! in-flight streams finish (bounded), stops Raft and closes the endpoint. [`run`] does the same
+//! for the binary, driven by signals.
 
-pub mod apply;
 pub mod authorization;
 mod handlers;
 pub mod metadata;
 mod server;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::BasicNode;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::index::{AnalyzerConfig, IndexError, SearchIndex};
-use crate::transport::{self, TlsFiles, TlsMaterial, TransportError};
-use apply::{IndexCommitMarker, LocalWritePath};
+use crate::cluster;
+use crate::index::{AnalyzerConfig, IndexError, SharedIndex};
+use crate::raft::log_store::{LogStore, LogStoreError};
+use crate::raft::network::Network;
+use crate::raft::state_machine::{recover_interrupted_install, IndexOpener, StateMachinePaths, StateMachineStore};
+use crate::raft::types::Raft;
+use crate::transport::{self, ConnectionPool, TlsFiles, TlsMaterial, TransportError};
 use metadata::{MetadataError, NodeMetadata};
 
 /// Everything a node needs to start. [`NodeConfig::new`] fills in the defaults.
@@ -32,6 +40,8 @@ pub struct NodeConfig {
     pub listen_address: SocketAddr,
     /// The address other nodes and clients use for this node, when it differs from the bound one.
     pub advertise_address: Option<String>,
+    /// Seeds to join through (`id`, `host:port`); empty bootstraps a new cluster on first start.
+    pub peers: Vec<(u64, String)>,
     pub data_directory: PathBuf,
     /// tantivy schema JSON.
     pub schema_json: String,
@@ -52,6 +62,34 @@ pub struct NodeConfig {
     /// How long shutdown waits for in-flight streams.
     pub drain_timeout: Duration,
     pub writer_memory_bytes: usize,
+    pub raft: RaftTimings,
+}
+
+/// Raft settings an operator may tune.
+#[derive(Debug, Clone)]
+pub struct RaftTimings {
+    pub heartbeat_interval: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// Build a snapshot after this many log entries since the last one.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log behind a snapshot (to catch up slow followers without one).
+    pub entries_kept_after_snapshot: u64,
+    /// Time to send one snapshot chunk.
+    pub snapshot_chunk_timeout: Duration,
+}
+
+impl Default for RaftTimings {
+    fn default() -> Self {
+        RaftTimings {
+            heartbeat_interval: Duration::from_millis(250),
+            election_timeout_min: Duration::from_millis(1000),
+            election_timeout_max: Duration::from_millis(2000),
+            snapshot_after_entries: 5_000,
+            entries_kept_after_snapshot: 1_000,
+            snapshot_chunk_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 impl NodeConfig {
@@ -67,6 +105,7 @@ impl NodeConfig {
             node_id,
             listen_address,
             advertise_address: None,
+            peers: Vec::new(),
             data_directory,
             schema_json,
             tokenizer_json,
@@ -77,9 +116,10 @@ impl NodeConfig {
             max_concurrent_streams: transport::DEFAULT_MAX_CONCURRENT_STREAMS,
             handshake_timeout: Duration::from_secs(10),
             first_frame_timeout: Duration::from_secs(10),
-            max_request_timeout: Duration::from_secs(300),
+            max_request_timeout: Duration::from_secs(600),
             drain_timeout: Duration::from_secs(10),
             writer_memory_bytes: 128 * 1024 * 1024,
+            raft: RaftTimings::default(),
         }
     }
 }
@@ -91,11 +131,25 @@ pub enum NodeError {
     #[error(transparent)]
     Index(#[from] IndexError),
     #[error(transparent)]
+    LogStore(#[from] LogStoreError),
+    #[error(transparent)]
     Transport(#[from] TransportError),
     #[error(transparent)]
     Tls(#[from] transport::TlsError),
+    #[error("invalid raft settings: {0}")]
+    RaftConfig(String),
+    #[error("raft failed: {0}")]
+    Raft(String),
+    #[error("{0}")]
+    Storage(String),
+    #[error("cannot join the cluster: {0}")]
+    Join(String),
+    #[error("node {node_id} was removed from the cluster ({reason}); to add this host again, start it with an empty data directory and a new --id")]
+    Removed { node_id: u64, reason: String },
     #[error("index worker failed: {0}")]
     Worker(String),
+    #[error("{0}")]
+    Stopped(String),
 }
 
 /// State shared by every connection and stream of a node.
@@ -104,8 +158,31 @@ pub(crate) struct NodeState {
     pub metadata: NodeMetadata,
     /// The address reported to clients and peers.
     pub address: String,
-    pub index: Arc<SearchIndex>,
-    pub write_path: LocalWritePath,
+    pub index: SharedIndex,
+    pub raft: Raft,
+    /// Connections to other nodes (Raft, forwarding, membership requests).
+    pub pool: Arc<ConnectionPool>,
+    /// One membership change at a time on the leader.
+    pub membership_change: tokio::sync::Mutex<()>,
+    /// Set once when the node must stop: removed from the cluster, or a fatal join refusal.
+    pub stop_reason: watch::Sender<Option<NodeError>>,
+}
+
+impl NodeState {
+    pub fn node_id(&self) -> u64 {
+        self.config.node_id
+    }
+
+    /// Asks the node to stop for `reason` (the first reason wins).
+    pub fn stop_because(&self, reason: NodeError) {
+        self.stop_reason.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(reason);
+            true
+        });
+    }
 }
 
 /// A node that is serving.
@@ -115,6 +192,7 @@ pub struct RunningNode {
     endpoint: quinn::Endpoint,
     tls_files: TlsFiles,
     max_concurrent_streams: u32,
+    state: Arc<NodeState>,
     shutdown_sender: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -125,13 +203,23 @@ impl RunningNode {
         self.local_address
     }
 
+    /// The address the node gives to others.
+    pub fn advertised_address(&self) -> &str {
+        &self.state.address
+    }
+
     pub fn node_id(&self) -> u64 {
         self.node_id
     }
 
+    /// The node's Raft handle (metrics, for tests and tools).
+    pub fn raft(&self) -> &Raft {
+        &self.state.raft
+    }
+
     /// Re-reads the CA, certificate and key files (what SIGHUP does). New inbound connections use
-    /// the new files; open connections keep the identity they were made with.
-    /// When the files do not load, the node keeps its current ones and says why.
+    /// the new files; open connections keep the identity they were made with. When the files do
+    /// not load, the node keeps its current ones and says why.
     pub fn reload_certificates(&self) -> Result<(), NodeError> {
         let material = TlsMaterial::load(&self.tls_files)?;
         let server_config = transport::tls::server_config(&material, self.max_concurrent_streams)?;
@@ -140,109 +228,164 @@ impl RunningNode {
         Ok(())
     }
 
-    /// Stops accepting, waits for in-flight streams (bounded by the drain timeout), closes.
+    /// Completes when the node must stop by itself, with the reason.
+    pub async fn stopped(&self) -> String {
+        let mut receiver = self.state.stop_reason.subscribe();
+        loop {
+            if let Some(reason) = receiver.borrow().as_ref() {
+                return reason.to_string();
+            }
+            if receiver.changed().await.is_err() {
+                return "node state dropped".to_string();
+            }
+        }
+    }
+
+    /// The reason the node stopped by itself, if it did.
+    pub fn stop_reason(&self) -> Option<String> {
+        self.state.stop_reason.borrow().as_ref().map(ToString::to_string)
+    }
+
+    /// Stops accepting, waits for in-flight streams (bounded by the drain timeout), stops Raft,
+    /// closes the endpoint.
     pub async fn shutdown(self) {
         let _ = self.shutdown_sender.send(true);
         if let Err(error) = self.task.await {
             tracing::error!(%error, "node task ended abnormally");
         }
-    }
-
-    /// Waits until the node stops by itself.
-    pub async fn wait(self) {
-        if let Err(error) = self.task.await {
-            tracing::error!(%error, "node task ended abnormally");
+        if let Err(error) = self.state.raft.shutdown().await {
+            tracing::warn!(%error, "raft did not stop cleanly");
         }
     }
+}
+
+fn storage_error(context: &str, error: impl std::fmt::Display) -> NodeError {
+    NodeError::Storage(format!("{context}: {error}"))
+}
+
+fn raft_config(timings: &RaftTimings) -> Result<openraft::Config, NodeError> {
+    let config = openraft::Config {
+        cluster_name: "bayard".to_string(),
+        heartbeat_interval: timings.heartbeat_interval.as_millis() as u64,
+        election_timeout_min: timings.election_timeout_min.as_millis() as u64,
+        election_timeout_max: timings.election_timeout_max.as_millis() as u64,
+        install_snapshot_timeout: timings.snapshot_chunk_timeout.as_millis() as u64,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(timings.snapshot_after_entries),
+        max_in_snapshot_log_to_keep: timings.entries_kept_after_snapshot,
+        // Entries are batches of documents: keep replication messages to a few of them.
+        max_payload_entries: 32,
+        // Chunks stay well under the frame limit.
+        snapshot_max_chunk_size: 4 * 1024 * 1024,
+        ..Default::default()
+    };
+    config.validate().map_err(|error| NodeError::RaftConfig(error.to_string()))
 }
 
 pub struct Node;
 
 impl Node {
-    /// Opens the data directory and index, binds the endpoint and starts serving.
+    /// Opens the data directory, index and log, binds the endpoint, starts Raft and serving.
     pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
         let (metadata, directory_state) = metadata::load_or_create(&config.data_directory, config.node_id)?;
+        if let Some(reason) = &metadata.removed {
+            return Err(NodeError::Removed { node_id: config.node_id, reason: reason.clone() });
+        }
         tracing::info!(
             node_id = config.node_id,
             data_directory = %config.data_directory.display(),
             ?directory_state,
-            cluster_id = %metadata.cluster_id,
             "opened data directory"
         );
-        let index = open_index(&config).await?;
-        let last_applied_index = {
-            let index = index.clone();
-            tokio::task::spawn_blocking(move || IndexCommitMarker::read(&index))
-                .await
-                .map_err(|error| NodeError::Worker(error.to_string()))??
-                .map(|marker| marker.applied_index)
-                .unwrap_or(0)
+
+        let paths = StateMachinePaths::in_data_directory(&config.data_directory);
+        let opener = IndexOpener {
+            schema: crate::index::load_schema(&config.schema_json)?,
+            analyzers: AnalyzerConfig::from_json(&config.tokenizer_json)?,
+            writer_memory_bytes: config.writer_memory_bytes,
         };
+        let log_path = config.data_directory.join("raft").join("log.redb");
+        let (state_machine, log_store) = {
+            let paths = paths.clone();
+            let opener = opener.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
+                recover_interrupted_install(&paths)
+                    .map_err(|error| storage_error("cannot recover the index", error))?;
+                let index = SharedIndex::new(opener.open(&paths.index)?);
+                let state_machine = StateMachineStore::new(index, opener, paths)?;
+                let log_store = LogStore::open(&log_path)?;
+                Ok((state_machine, log_store))
+            })
+            .await
+            .map_err(|error| NodeError::Worker(error.to_string()))??
+        };
+        let fresh = log_store.is_empty().await.map_err(|error| storage_error("cannot read the raft log", error))?;
 
         let material = TlsMaterial::load(&config.tls)?;
         let endpoint = transport::bind_node_endpoint(config.listen_address, &material, config.max_concurrent_streams)?;
         let local_address =
             endpoint.local_addr().map_err(|source| TransportError::Bind { address: config.listen_address, source })?;
         let address = config.advertise_address.clone().unwrap_or_else(|| local_address.to_string());
-        tracing::info!(node_id = config.node_id, %local_address, %address, last_applied_index, "node listening");
+        let pool = Arc::new(ConnectionPool::new(endpoint.clone(), config.trust_domain.clone(), Duration::from_secs(3)));
+
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config(&config.raft)?),
+            Network::new(pool.clone(), config.max_frame_bytes),
+            log_store,
+            state_machine.clone(),
+        )
+        .await
+        .map_err(|error| NodeError::Raft(error.to_string()))?;
 
         let node_id = config.node_id;
         let tls_files = config.tls.clone();
         let max_concurrent_streams = config.max_concurrent_streams;
+        let (stop_reason, _) = watch::channel(None);
         let state = Arc::new(NodeState {
-            write_path: LocalWritePath::new(index.clone(), last_applied_index),
-            index,
+            index: state_machine.index().clone(),
+            raft,
+            pool,
+            membership_change: tokio::sync::Mutex::new(()),
+            stop_reason,
             metadata,
             address,
             config,
         });
+        tracing::info!(node_id, %local_address, address = %state.address, fresh, "node listening");
+
         let (shutdown_sender, shutdown_receiver) = watch::channel(false);
+        let task = tokio::spawn(server::serve(state.clone(), endpoint.clone(), shutdown_receiver.clone()));
+
+        if fresh && state.config.peers.is_empty() {
+            let members = BTreeMap::from([(node_id, BasicNode::new(state.address.clone()))]);
+            state.raft.initialize(members).await.map_err(|error| NodeError::Raft(error.to_string()))?;
+            tracing::info!(node_id, "bootstrapped a new one-node cluster");
+        } else if fresh {
+            tokio::spawn(cluster::join_through_seeds(state.clone(), shutdown_receiver.clone()));
+        } else {
+            tracing::info!(node_id, "resuming from the data directory");
+        }
         if !state.config.commit_interval.is_zero() {
-            tokio::spawn(auto_commit(state.clone(), shutdown_receiver.clone()));
+            tokio::spawn(cluster::auto_commit(state.clone(), shutdown_receiver.clone()));
         }
-        let task = tokio::spawn(server::serve(state, endpoint.clone(), shutdown_receiver));
-        Ok(RunningNode { local_address, node_id, endpoint, tls_files, max_concurrent_streams, shutdown_sender, task })
+        tokio::spawn(cluster::watch_for_removal(state.clone(), shutdown_receiver));
+
+        Ok(RunningNode {
+            local_address,
+            node_id,
+            endpoint,
+            tls_files,
+            max_concurrent_streams,
+            state,
+            shutdown_sender,
+            task,
+        })
     }
 }
 
-async fn open_index(config: &NodeConfig) -> Result<Arc<SearchIndex>, NodeError> {
-    let schema = crate::index::load_schema(&config.schema_json)?;
-    let analyzers = AnalyzerConfig::from_json(&config.tokenizer_json)?;
-    let index_directory = config.data_directory.join("index");
-    let writer_memory_bytes = config.writer_memory_bytes;
-    let index = tokio::task::spawn_blocking(move || {
-        SearchIndex::open_or_create(&index_directory, schema, &analyzers, writer_memory_bytes)
-    })
-    .await
-    .map_err(|error| NodeError::Worker(error.to_string()))??;
-    Ok(Arc::new(index))
-}
-
-/// Commits on a timer when there are uncommitted writes, so documents become searchable without
-/// every client calling commit. The commit goes through the write path like any other operation.
-async fn auto_commit(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) {
-    let mut ticker = tokio::time::interval(state.config.commit_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            changed = shutdown.changed() => {
-                if changed.is_err() || *shutdown.borrow() {
-                    return;
-                }
-            }
-        }
-        if !state.index.has_uncommitted_changes() {
-            continue;
-        }
-        if let Err(error) = state.write_path.submit(vec![crate::index::IndexOperation::Commit]).await {
-            tracing::error!(%error, "automatic commit failed");
-        }
-    }
-}
-
-/// Runs a node until `shutdown` completes, then drains and stops. Each item of `reload` re-reads
-/// the certificate files (the binary feeds it from SIGHUP).
+/// Runs a node until `shutdown` completes or the node must stop by itself (removed from the
+/// cluster, join refused), then drains and stops. Each item of `reload` re-reads the certificate
+/// files (the binary feeds it from SIGHUP).
 pub async fn run(
     config: NodeConfig,
     shutdown: impl Future<Output = ()>,
@@ -250,9 +393,14 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     let node = Node::start(config).await?;
     tokio::pin!(shutdown);
+    let mut stop_reason = None;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            reason = node.stopped() => {
+                stop_reason = Some(reason);
+                break;
+            }
             Some(()) = reload.recv() => {
                 if let Err(error) = node.reload_certificates() {
                     tracing::error!(%error, "certificate reload failed; keeping the current certificates");
@@ -261,6 +409,15 @@ pub async fn run(
         }
     }
     tracing::info!("shutting down");
+    let removed = matches!(node.state.stop_reason.borrow().as_ref(), Some(NodeError::Removed { .. }));
     node.shutdown().await;
-    Ok(())
+    match stop_reason {
+        Some(reason) if removed => {
+            // Leaving is what the operator asked for: say why and exit normally.
+            tracing::warn!(%reason, "node stopped");
+            Ok(())
+        }
+        Some(reason) => Err(NodeError::Stopped(reason)),
+        None => Ok(()),
+    }
 }

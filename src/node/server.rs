@@ -12,9 +12,11 @@ use tokio::task::JoinSet;
 
 use super::authorization::{authorize_admin_request, authorize_stream};
 use super::{handlers, NodeState};
-use crate::protocol::{AdminRequest, ClientRequest, ErrorCode, StreamHeader, StreamKind, WireError};
+use crate::protocol::{AdminRequest, ClientRequest, ErrorCode, RaftRequest, StreamHeader, StreamKind, WireError};
+use crate::raft::network::RAFT_FRAME_OVERHEAD_BYTES;
 use crate::transport::frame::{self, FrameError};
 use crate::transport::identity::{peer_of_connection, Peer};
+use crate::transport::Role;
 
 /// QUIC application error codes used when a stream or connection is cut short.
 mod close_code {
@@ -200,7 +202,11 @@ async fn serve_stream(
                 Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
             };
             let request_name = request.name();
-            let answer = with_deadline(deadline, handlers::handle_client(&state, request)).await;
+            let answer = with_deadline(
+                deadline,
+                handlers::handle_client(&state, request, matches!(peer.role, Role::Node { .. })),
+            )
+            .await;
             log_outcome(&peer, kind, request_name, &answer);
             reply(&mut send, &answer, max_frame_bytes).await;
         }
@@ -214,15 +220,34 @@ async fn serve_stream(
                 return reply::<()>(&mut send, &Err(error), max_frame_bytes).await;
             }
             let request_name = request.name();
-            let answer = with_deadline(deadline, handlers::handle_admin(&state, request)).await;
+            let answer = with_deadline(deadline, handlers::handle_admin(&state, &peer.role, request)).await;
             log_outcome(&peer, kind, request_name, &answer);
             reply(&mut send, &answer, max_frame_bytes).await;
         }
-        StreamKind::Raft | StreamKind::Membership => {
-            let error = WireError::new(
-                ErrorCode::Unavailable,
-                format!("{} streams are not served: this node runs standalone", kind.name()),
-            );
+        StreamKind::Raft => {
+            let raft_frame_bytes = max_frame_bytes + RAFT_FRAME_OVERHEAD_BYTES;
+            let request = match read_request::<RaftRequest>(&mut receive, first_frame_timeout, raft_frame_bytes).await {
+                Ok(request) => request,
+                Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
+            };
+            // A node certificate for id 2 cannot speak for node 3.
+            if let (Some(claimed), Role::Node { node_id }) = (request.claimed_sender(), &peer.role) {
+                if claimed != *node_id {
+                    tracing::warn!(peer = %peer.role, claimed, reason = "impersonation", "refused raft message");
+                    let error = WireError::new(
+                        ErrorCode::PermissionDenied,
+                        format!("permission denied: node {node_id} may not send raft messages as node {claimed}"),
+                    );
+                    return reply::<()>(&mut send, &Err(error), max_frame_bytes).await;
+                }
+            }
+            let request_name = request.name();
+            let answer = with_deadline(deadline, handlers::handle_raft(&state, request)).await;
+            log_outcome(&peer, kind, request_name, &answer);
+            reply(&mut send, &answer, raft_frame_bytes).await;
+        }
+        StreamKind::Membership => {
+            let error = WireError::new(ErrorCode::Unavailable, "membership streams are not served by this version");
             refuse(&mut send, &mut receive, error, max_frame_bytes).await;
         }
     }

@@ -53,7 +53,7 @@ pub enum LogStoreError {
     Open {
         path: PathBuf,
         #[source]
-        source: redb::DatabaseError,
+        source: Box<redb::DatabaseError>,
     },
 
     /// The file opened but its tables cannot be created.
@@ -61,7 +61,7 @@ pub enum LogStoreError {
     Init {
         path: PathBuf,
         #[source]
-        source: redb::Error,
+        source: Box<redb::Error>,
     },
 }
 
@@ -69,22 +69,15 @@ pub enum LogStoreError {
 /// the subject and verb of the operation) at the async boundary.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
+    // Boxed: redb's error is large and this travels through every `Result` of the module.
     #[error("redb: {0}")]
-    Db(#[from] redb::Error),
+    Db(Box<redb::Error>),
 
-    #[error("cannot encode {what}: {source}")]
-    Encode {
-        what: String,
-        #[source]
-        source: postcard::Error,
-    },
+    #[error("cannot encode {what}: {error}")]
+    Encode { what: String, error: postcard::Error },
 
-    #[error("corrupt {what}: {source}")]
-    Decode {
-        what: String,
-        #[source]
-        source: postcard::Error,
-    },
+    #[error("corrupt {what}: {error}")]
+    Decode { what: String, error: postcard::Error },
 
     /// The key and the log id inside the value disagree: the table was damaged or written by
     /// something else. Returning such an entry would silently corrupt replication.
@@ -92,7 +85,7 @@ enum Failure {
     Misplaced { key: u64, found: LogId },
 
     #[error("raft log task did not complete: {0}")]
-    Task(#[from] tokio::task::JoinError),
+    Task(tokio::task::JoinError),
 }
 
 // Each redb operation has its own error type; all of them convert into `redb::Error`, so `?` can
@@ -101,16 +94,18 @@ macro_rules! failure_from_redb {
     ($($error:ty),* $(,)?) => {
         $(impl From<$error> for Failure {
             fn from(error: $error) -> Self {
-                Failure::Db(error.into())
+                Failure::Db(Box::new(error.into()))
             }
         })*
     };
 }
-failure_from_redb!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+failure_from_redb!(redb::Error, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
 impl Failure {
     fn into_storage_error(self, subject: ErrorSubject<NodeId>, verb: ErrorVerb) -> StorageError {
-        StorageIOError::new(subject, verb, AnyError::new(&self)).into()
+        // The message already carries the causes; `AnyError::new` would prefix the type name and
+        // repeat each source.
+        StorageIOError::new(subject, verb, AnyError::error(self.to_string())).into()
     }
 }
 
@@ -140,7 +135,8 @@ impl LogStore {
                 source,
             })?;
         }
-        let db = Database::create(path).map_err(|source| LogStoreError::Open { path: path.to_path_buf(), source })?;
+        let db = Database::create(path)
+            .map_err(|source| LogStoreError::Open { path: path.to_path_buf(), source: Box::new(source) })?;
 
         // Create both tables up front so that read transactions never meet a missing table.
         create_tables(&db).map_err(|source| LogStoreError::Init { path: path.to_path_buf(), source })?;
@@ -199,7 +195,7 @@ impl LogStore {
         F: FnOnce(&Database) -> Result<T, Failure> + Send + 'static,
     {
         let db = Arc::clone(&self.db);
-        let outcome = tokio::task::spawn_blocking(move || work(&db)).await.map_err(Failure::from);
+        let outcome = tokio::task::spawn_blocking(move || work(&db)).await.map_err(Failure::Task);
         match outcome.and_then(|result| result) {
             Ok(value) => Ok(value),
             Err(failure) => {
@@ -315,13 +311,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
-fn create_tables(db: &Database) -> Result<(), redb::Error> {
-    let mut txn = db.begin_write()?;
+fn create_tables(db: &Database) -> Result<(), Box<redb::Error>> {
+    fn boxed(error: impl Into<redb::Error>) -> Box<redb::Error> {
+        Box::new(error.into())
+    }
+    let mut txn = db.begin_write().map_err(boxed)?;
     txn.set_durability(Durability::Immediate);
-    txn.open_table(ENTRIES)?;
-    txn.open_table(META)?;
-    txn.commit()?;
-    Ok(())
+    txn.open_table(ENTRIES).map_err(boxed)?;
+    txn.open_table(META).map_err(boxed)?;
+    txn.commit().map_err(boxed)
 }
 
 /// Runs `work` in a write transaction committed with immediate durability (fsync on commit).
@@ -378,23 +376,23 @@ fn put_meta(db: &Database, key: &'static str, bytes: Option<Vec<u8>>) -> Result<
 }
 
 fn encode<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, Failure> {
-    postcard::to_stdvec(value).map_err(|source| Failure::Encode { what: what.to_string(), source })
+    postcard::to_stdvec(value).map_err(|error| Failure::Encode { what: what.to_string(), error })
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Failure> {
-    postcard::from_bytes(bytes).map_err(|source| Failure::Decode { what: what.to_string(), source })
+    postcard::from_bytes(bytes).map_err(|error| Failure::Decode { what: what.to_string(), error })
 }
 
 fn encode_entry(entry: &Entry) -> Result<Vec<u8>, Failure> {
     // A tuple rather than the `Entry` itself: the byte layout is the same, but spelling it out
     // here makes "the log id comes first" a property of this file, not of openraft's field order.
     postcard::to_stdvec(&(&entry.log_id, &entry.payload))
-        .map_err(|source| Failure::Encode { what: format!("log entry {}", entry.log_id), source })
+        .map_err(|error| Failure::Encode { what: format!("log entry {}", entry.log_id), error })
 }
 
 fn decode_entry(key: u64, bytes: &[u8]) -> Result<Entry, Failure> {
     let (log_id, payload): (LogId, EntryPayload<TypeConfig>) = postcard::from_bytes(bytes)
-        .map_err(|source| Failure::Decode { what: format!("log entry at index {key}"), source })?;
+        .map_err(|error| Failure::Decode { what: format!("log entry at index {key}"), error })?;
     check_index(key, log_id)?;
     Ok(Entry { log_id, payload })
 }
@@ -402,7 +400,7 @@ fn decode_entry(key: u64, bytes: &[u8]) -> Result<Entry, Failure> {
 /// Decodes only the log id at the front of an entry, skipping its (possibly large) payload.
 fn decode_log_id(key: u64, bytes: &[u8]) -> Result<LogId, Failure> {
     let (log_id, _payload) = postcard::take_from_bytes::<LogId>(bytes)
-        .map_err(|source| Failure::Decode { what: format!("log entry at index {key}"), source })?;
+        .map_err(|error| Failure::Decode { what: format!("log entry at index {key}"), error })?;
     check_index(key, log_id)
 }
 

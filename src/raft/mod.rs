@@ -2,4 +2,7 @@
 //! endpoint, and the state machine that applies batches to the index.
 
 pub mod log_store;
+pub mod network;
+pub mod snapshot;
+pub mod state_machine;
 pub mod types;

@@ -16,11 +16,13 @@ pub struct IndexBatch {
 }
 
 /// What applying one entry reports back to the proposer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct BatchOutcome {
     /// Log index at which the batch was applied.
     pub applied_index: u64,
     pub operations: u64,
+    /// Set when the index refused the batch's content; every replica refuses it the same way.
+    pub error: Option<String>,
 }
 
 pub type NodeId = u64;

@@ -87,7 +87,23 @@ impl ConnectionPool {
             address: address.to_string(),
             reason: "expected host:port".to_string(),
         })?;
-        let socket_address = resolve(address, &server_name, port).await?;
+        // "0.0.0.0:5001" (what a node bound to all interfaces reports when it has no
+        // --advertise-host) means this host: dial loopback and expect the name every node
+        // certificate carries.
+        let (server_name, socket_address) = match server_name.parse::<std::net::IpAddr>() {
+            Ok(ip) if ip.is_unspecified() => {
+                let loopback: std::net::IpAddr = if ip.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                };
+                ("localhost".to_string(), SocketAddr::new(loopback, port))
+            }
+            _ => {
+                let socket_address = resolve(address, &server_name, port).await?;
+                (server_name, socket_address)
+            }
+        };
         let connecting = self
             .endpoint
             .connect(socket_address, &server_name)

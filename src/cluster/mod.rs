@@ -1,0 +1,455 @@
+//! Membership and everything that crosses nodes: forwarding writes and reads to the leader,
+//! joining through seeds, leaving with a quorum guard, cluster status, leader-driven commits.
+//!
+//! Raft membership is the source of truth for who votes and where each member is reached
+//! (openraft's `BasicNode::addr`); this module only asks Raft and other nodes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::index::IndexOperation;
+use crate::node::{NodeError, NodeState};
+use crate::protocol::{
+    AdminRequest, AdminResponse, ClientRequest, ClientResponse, ErrorCode, MemberStatus, NodeStatus, RaftRequest,
+    RaftResponse, StreamKind, WireError,
+};
+use crate::raft::network::RAFT_FRAME_OVERHEAD_BYTES;
+use crate::raft::types::{BatchOutcome, IndexBatch};
+use crate::transport;
+
+/// How long a write waits for a leader to appear before giving up.
+const LEADER_WAIT: Duration = Duration::from_secs(5);
+/// How long `status` waits for each member.
+const MEMBER_STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn unavailable(message: impl Into<String>) -> WireError {
+    WireError::new(ErrorCode::Unavailable, message)
+}
+
+/// The leader this node knows of, with its address.
+pub(crate) fn known_leader(state: &NodeState) -> Option<(u64, String)> {
+    let metrics = state.raft.metrics().borrow().clone();
+    let leader = metrics.current_leader?;
+    let address = metrics.membership_config.membership().get_node(&leader)?.addr.clone();
+    Some((leader, address))
+}
+
+pub(crate) fn is_leader(state: &NodeState) -> bool {
+    state.raft.metrics().borrow().state == ServerState::Leader
+}
+
+/// Waits (bounded) until some leader is known.
+async fn wait_for_leader(state: &NodeState, limit: Duration) -> Option<(u64, String)> {
+    let mut metrics = state.raft.metrics();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(leader) = known_leader(state) {
+            return Some(leader);
+        }
+        match tokio::time::timeout_at(deadline, metrics.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// One request/answer on a stream to another node, with this node's certificate.
+pub(crate) async fn call_node<Request: Serialize, Response: DeserializeOwned>(
+    state: &NodeState,
+    address: &str,
+    kind: StreamKind,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Response, WireError> {
+    let connection =
+        state.pool.get(address).await.map_err(|error| unavailable(format!("cannot reach {address}: {error}")))?;
+    let frame_limit = state.config.max_frame_bytes + RAFT_FRAME_OVERHEAD_BYTES;
+    match transport::call::<Request, Response>(&connection, kind, None, request, timeout, frame_limit).await {
+        Ok(answer) => answer,
+        Err(error) => {
+            state.pool.forget(address);
+            Err(unavailable(format!("{address} did not answer: {error}")))
+        }
+    }
+}
+
+fn outcome_to_result(outcome: BatchOutcome) -> Result<BatchOutcome, WireError> {
+    match &outcome.error {
+        Some(message) => Err(WireError::new(ErrorCode::InvalidArgument, message.clone())),
+        None => Ok(outcome),
+    }
+}
+
+/// Appends a batch through this node's Raft, which must be the leader. Returns once the entry is
+/// committed and applied here.
+pub(crate) async fn propose_as_leader(state: &NodeState, batch: IndexBatch) -> Result<BatchOutcome, WireError> {
+    match state.raft.client_write(batch).await {
+        Ok(response) => outcome_to_result(response.data),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+            Err(unavailable(format!("node {} is not the leader", state.node_id())))
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error))) => {
+            Err(WireError::new(ErrorCode::Internal, error.to_string()))
+        }
+        Err(RaftError::Fatal(fatal)) => Err(unavailable(format!("raft stopped on node {}: {fatal}", state.node_id()))),
+    }
+}
+
+/// Appends a batch to the replicated log from any node: locally when this node leads, else
+/// forwarded to the leader. Leadership changes in between are retried, a bounded number of times.
+pub(crate) async fn propose(state: &NodeState, batch: IndexBatch) -> Result<BatchOutcome, WireError> {
+    let mut last_error = unavailable("no leader is known; the cluster may be electing one or have lost its quorum");
+    for _attempt in 0..4 {
+        if is_leader(state) {
+            match propose_as_leader(state, batch.clone()).await {
+                Err(error) if error.code == ErrorCode::Unavailable => last_error = error,
+                other => return other,
+            }
+        } else if let Some((leader, address)) = wait_for_leader(state, LEADER_WAIT).await {
+            if leader == state.node_id() {
+                continue;
+            }
+            let request = RaftRequest::Propose(batch.clone());
+            match call_node::<_, RaftResponse>(
+                state,
+                &address,
+                StreamKind::Raft,
+                &request,
+                state.config.max_request_timeout,
+            )
+            .await
+            {
+                Ok(RaftResponse::Proposed(outcome)) => return outcome_to_result(outcome),
+                Ok(_) => {
+                    return Err(WireError::new(ErrorCode::Internal, "the leader answered a write with another message"))
+                }
+                Err(error) if error.code == ErrorCode::Unavailable => last_error = error,
+                Err(error) => return Err(error),
+            }
+        }
+        // Give an election a moment before the next try.
+        let _ = wait_for_leader(state, Duration::from_millis(300)).await;
+    }
+    Err(last_error)
+}
+
+/// Sends a client request (a read that must be served by the leader) to the leader.
+pub(crate) async fn forward_to_leader(state: &NodeState, request: &ClientRequest) -> Result<ClientResponse, WireError> {
+    let Some((leader, address)) = wait_for_leader(state, LEADER_WAIT).await else {
+        return Err(unavailable("no leader is known; the cluster may be electing one or have lost its quorum"));
+    };
+    if leader == state.node_id() {
+        return Err(unavailable("this node just became the leader; retry"));
+    }
+    call_node(state, &address, StreamKind::Client, request, state.config.max_request_timeout).await
+}
+
+/// Sends an admin request to the leader (join, leave).
+async fn forward_admin_to_leader(state: &NodeState, request: &AdminRequest) -> Result<AdminResponse, WireError> {
+    let Some((leader, address)) = wait_for_leader(state, LEADER_WAIT).await else {
+        return Err(unavailable("no leader is known; the cluster may be electing one or have lost its quorum"));
+    };
+    if leader == state.node_id() {
+        return Err(unavailable("this node just became the leader; retry"));
+    }
+    call_node(state, &address, StreamKind::Admin, request, state.config.max_request_timeout).await
+}
+
+/// Member id → address, from the Raft membership.
+pub(crate) fn peers(state: &NodeState) -> BTreeMap<u64, String> {
+    let metrics = state.raft.metrics().borrow().clone();
+    metrics.membership_config.membership().nodes().map(|(id, node)| (*id, node.addr.clone())).collect()
+}
+
+fn server_state_name(server_state: ServerState) -> &'static str {
+    match server_state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+/// This node's own state.
+pub(crate) fn local_status(state: &NodeState) -> NodeStatus {
+    let metrics = state.raft.metrics().borrow().clone();
+    let index = state.index.current();
+    NodeStatus {
+        node_id: state.node_id(),
+        cluster_id: state.metadata.cluster_id.clone(),
+        address: state.address.clone(),
+        role: server_state_name(metrics.state).to_string(),
+        leader: metrics.current_leader,
+        term: metrics.current_term,
+        applied_index: metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0),
+        document_count: index.document_count(),
+        segment_count: index.segment_count() as u64,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        members: Vec::new(),
+    }
+}
+
+/// Asks every member for its state (bounded by [`MEMBER_STATUS_TIMEOUT`] each, in parallel).
+async fn member_states(state: &Arc<NodeState>) -> Vec<MemberStatus> {
+    let metrics = state.raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership().clone();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let mut asks = tokio::task::JoinSet::new();
+    for (node_id, node) in membership.nodes() {
+        let role = if voters.contains(node_id) { "voter" } else { "learner" };
+        let (node_id, address, state) = (*node_id, node.addr.clone(), state.clone());
+        asks.spawn(async move {
+            let answer = if node_id == state.node_id() {
+                Ok(local_status(&state))
+            } else {
+                call_node::<_, AdminResponse>(
+                    &state,
+                    &address,
+                    StreamKind::Admin,
+                    &AdminRequest::LocalStatus,
+                    MEMBER_STATUS_TIMEOUT,
+                )
+                .await
+                .and_then(|response| match response {
+                    AdminResponse::Status(status) => Ok(status),
+                    _ => Err(unavailable("unexpected answer")),
+                })
+            };
+            let (applied_index, liveness) = match answer {
+                Ok(status) => (status.applied_index, "alive"),
+                Err(_) => (0, "unreachable"),
+            };
+            MemberStatus { node_id, address, role: role.to_string(), applied_index, state: liveness.to_string() }
+        });
+    }
+    let mut members = Vec::new();
+    while let Some(joined) = asks.join_next().await {
+        if let Ok(member) = joined {
+            members.push(member);
+        }
+    }
+    members.sort_by_key(|member| member.node_id);
+    members
+}
+
+/// This node's state plus every member's.
+pub(crate) async fn cluster_status(state: &Arc<NodeState>) -> NodeStatus {
+    let mut status = local_status(state);
+    status.members = member_states(state).await;
+    status
+}
+
+/// Leader side of a join: learner, caught up, voter; one change at a time. A repeated join of a
+/// member at the same address is a no-op.
+pub(crate) async fn handle_join(
+    state: &Arc<NodeState>,
+    node_id: u64,
+    address: String,
+) -> Result<AdminResponse, WireError> {
+    if !is_leader(state) {
+        return forward_admin_to_leader(state, &AdminRequest::Join { node_id, address }).await;
+    }
+    let _one_change_at_a_time = state.membership_change.lock().await;
+    let membership = state.raft.metrics().borrow().membership_config.membership().clone();
+    let is_voter = membership.voter_ids().any(|voter| voter == node_id);
+    if let Some(existing) = membership.get_node(&node_id) {
+        if existing.addr != address {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "node {node_id} is already a member at {}; run `bayard leave --id {node_id}` first",
+                    existing.addr
+                ),
+            ));
+        }
+        if is_voter {
+            return Ok(AdminResponse::Joined { leader: state.node_id() });
+        }
+    } else {
+        tracing::info!(node_id, %address, "adding a learner");
+        // Blocks until the learner has caught up with the leader's log.
+        state
+            .raft
+            .add_learner(node_id, BasicNode::new(address.clone()), true)
+            .await
+            .map_err(|error| unavailable(format!("cannot add node {node_id} as a learner: {error}")))?;
+    }
+    tracing::info!(node_id, "promoting to voter");
+    state
+        .raft
+        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), false)
+        .await
+        .map_err(|error| unavailable(format!("cannot promote node {node_id} to voter: {error}")))?;
+    Ok(AdminResponse::Joined { leader: state.node_id() })
+}
+
+/// Leader side of a leave: refuses to remove a member when the remaining voters that answer are
+/// not a majority of the remaining voters, unless forced; then removes it and tells it.
+pub(crate) async fn handle_leave(
+    state: &Arc<NodeState>,
+    node_id: u64,
+    force: bool,
+) -> Result<AdminResponse, WireError> {
+    if !is_leader(state) {
+        return forward_admin_to_leader(state, &AdminRequest::Leave { node_id, force }).await;
+    }
+    let _one_change_at_a_time = state.membership_change.lock().await;
+    let membership = state.raft.metrics().borrow().membership_config.membership().clone();
+    let Some(node) = membership.get_node(&node_id).cloned() else {
+        return Err(WireError::new(ErrorCode::InvalidArgument, format!("node {node_id} is not a member")));
+    };
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let remaining: BTreeSet<u64> = voters.iter().copied().filter(|voter| *voter != node_id).collect();
+    if remaining.is_empty() {
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!("node {node_id} is the last voter and cannot leave"),
+        ));
+    }
+    if !force {
+        let members = member_states(state).await;
+        let alive =
+            members.iter().filter(|member| remaining.contains(&member.node_id) && member.state == "alive").count();
+        let quorum = remaining.len() / 2 + 1;
+        if alive < quorum {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "removing node {node_id} would leave {alive} of {} remaining voters reachable, fewer than the {quorum} a quorum needs; use --force to remove it anyway",
+                    remaining.len()
+                ),
+            ));
+        }
+    }
+    let change = if voters.contains(&node_id) {
+        ChangeMembers::RemoveVoters(BTreeSet::from([node_id]))
+    } else {
+        ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
+    };
+    state
+        .raft
+        .change_membership(change, false)
+        .await
+        .map_err(|error| unavailable(format!("cannot remove node {node_id}: {error}")))?;
+    tracing::info!(node_id, "removed a member");
+    // Tell the removed node, so it stops instead of campaigning; it also notices by itself when
+    // the new membership reaches it.
+    if node_id == state.node_id() {
+        mark_removed(state, "removed by `bayard leave`".to_string()).await;
+    } else {
+        let notice = AdminRequest::Removed { node_id };
+        if let Err(error) =
+            call_node::<_, AdminResponse>(state, &node.addr, StreamKind::Admin, &notice, Duration::from_secs(2)).await
+        {
+            tracing::warn!(node_id, %error, "could not tell the removed node; it stops when it learns the membership");
+        }
+    }
+    Ok(AdminResponse::Left { node_id })
+}
+
+/// Records in `node.json` that this node was removed, then stops it.
+pub(crate) async fn mark_removed(state: &Arc<NodeState>, reason: String) {
+    let mut metadata = state.metadata.clone();
+    metadata.removed = Some(reason.clone());
+    let data_directory = state.config.data_directory.clone();
+    let stored = tokio::task::spawn_blocking(move || crate::node::metadata::store(&data_directory, &metadata)).await;
+    if !matches!(stored, Ok(Ok(()))) {
+        tracing::error!("could not record the removal in node.json");
+    }
+    tracing::warn!(node_id = state.node_id(), %reason, "this node is no longer a member of the cluster; stopping");
+    state.stop_because(NodeError::Removed { node_id: state.node_id(), reason });
+}
+
+/// Stops the node once the membership it knows no longer lists it (after having listed it).
+pub(crate) async fn watch_for_removal(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) {
+    let mut metrics = state.raft.metrics();
+    let mut was_member = false;
+    loop {
+        let is_member = {
+            let current = metrics.borrow();
+            current.membership_config.membership().get_node(&state.node_id()).is_some()
+        };
+        if is_member {
+            was_member = true;
+        } else if was_member {
+            mark_removed(&state, "the cluster membership no longer lists it".to_string()).await;
+            return;
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Joining side: asks the seeds (in order, skipping the ones that do not answer) to admit this
+/// node, with backoff, until it is a member or a seed refuses for good.
+pub(crate) async fn join_through_seeds(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) {
+    let request = AdminRequest::Join { node_id: state.node_id(), address: state.address.clone() };
+    let mut backoff = Duration::from_millis(200);
+    let started = tokio::time::Instant::now();
+    loop {
+        for (seed_id, seed_address) in &state.config.peers {
+            if *seed_id == state.node_id() {
+                continue;
+            }
+            match call_node::<_, AdminResponse>(
+                &state,
+                seed_address,
+                StreamKind::Admin,
+                &request,
+                state.config.max_request_timeout,
+            )
+            .await
+            {
+                Ok(AdminResponse::Joined { leader }) => {
+                    tracing::info!(leader, seed = seed_id, elapsed = ?started.elapsed(), "joined the cluster as a voter");
+                    return;
+                }
+                Ok(_) => tracing::warn!(seed = seed_id, "seed answered the join with another message"),
+                Err(error) if matches!(error.code, ErrorCode::InvalidArgument | ErrorCode::PermissionDenied) => {
+                    tracing::error!(seed = seed_id, error = %error.message, "the cluster refused this node");
+                    state.stop_because(NodeError::Join(error.message));
+                    return;
+                }
+                Err(error) => {
+                    tracing::info!(seed = seed_id, error = %error.message, "seed could not admit this node yet")
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// On the leader, proposes a `Commit` entry whenever the index has uncommitted writes, every
+/// commit interval. Commits are log entries so that every replica commits at the same positions:
+/// that is what makes a replayed log and a rollback give the same index everywhere.
+pub(crate) async fn auto_commit(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(state.config.commit_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if !is_leader(&state) || !state.index.current().has_uncommitted_changes() {
+            continue;
+        }
+        let batch = IndexBatch { operations: vec![IndexOperation::Commit] };
+        if let Err(error) = propose_as_leader(&state, batch).await {
+            tracing::warn!(error = %error.message, "automatic commit failed");
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! openraft's network over the node's QUIC endpoint: each RPC is one `Raft` stream on the pooled
+//! connection to the target.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+
+use super::types::{NodeId, TypeConfig};
+use crate::protocol::{RaftRequest, RaftResponse, StreamKind};
+use crate::transport::frame::FrameError;
+use crate::transport::{self, CallError, ConnectionPool};
+
+/// Frames on `Raft` streams may exceed the client frame limit by this much: a log entry holds a
+/// client request (at most one frame) plus its envelope.
+pub const RAFT_FRAME_OVERHEAD_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportFailure(String);
+
+/// Makes a connection object per target; all of them share the node's connection pool.
+#[derive(Clone)]
+pub struct Network {
+    pool: Arc<ConnectionPool>,
+    raft_frame_bytes: usize,
+}
+
+impl Network {
+    pub fn new(pool: Arc<ConnectionPool>, max_frame_bytes: usize) -> Self {
+        Network { pool, raft_frame_bytes: max_frame_bytes + RAFT_FRAME_OVERHEAD_BYTES }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+        PeerConnection {
+            target,
+            address: node.addr.clone(),
+            pool: self.pool.clone(),
+            raft_frame_bytes: self.raft_frame_bytes,
+        }
+    }
+}
+
+pub struct PeerConnection {
+    target: NodeId,
+    address: String,
+    pool: Arc<ConnectionPool>,
+    raft_frame_bytes: usize,
+}
+
+/// How one RPC failed, before it is shaped into the error type of that RPC.
+enum Failure {
+    Unreachable(String),
+    Network(String),
+    TooLarge,
+    Remote(String),
+}
+
+impl PeerConnection {
+    async fn send(&self, request: &RaftRequest, timeout: Duration) -> Result<RaftResponse, Failure> {
+        let connection = self.pool.get(&self.address).await.map_err(|error| Failure::Unreachable(error.to_string()))?;
+        let answer = transport::call::<_, RaftResponse>(
+            &connection,
+            StreamKind::Raft,
+            None,
+            request,
+            timeout,
+            self.raft_frame_bytes,
+        )
+        .await;
+        match answer {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(wire_error)) => Err(Failure::Remote(wire_error.message)),
+            Err(CallError::Frame(FrameError::TooLarge { .. })) => Err(Failure::TooLarge),
+            Err(error @ CallError::Connection(_)) => {
+                self.pool.forget(&self.address);
+                Err(Failure::Unreachable(error.to_string()))
+            }
+            Err(error) => Err(Failure::Network(error.to_string())),
+        }
+    }
+
+    fn rpc_error<E: std::error::Error>(&self, failure: Failure, entries: usize) -> RPCError<NodeId, BasicNode, E> {
+        match failure {
+            Failure::Unreachable(message) => RPCError::Unreachable(Unreachable::new(&TransportFailure(message))),
+            Failure::Network(message) | Failure::Remote(message) => {
+                RPCError::Network(NetworkError::new(&TransportFailure(format!("node {}: {message}", self.target))))
+            }
+            // Ask openraft to send fewer entries per message; one entry always fits.
+            Failure::TooLarge => {
+                RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint((entries as u64 / 2).max(1)))
+            }
+        }
+    }
+
+    fn unexpected<E: std::error::Error>(&self, what: &str) -> RPCError<NodeId, BasicNode, E> {
+        RPCError::Network(NetworkError::new(&TransportFailure(format!(
+            "node {} answered {what} with another kind of response",
+            self.target
+        ))))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let entries = rpc.entries.len();
+        match self.send(&RaftRequest::AppendEntries(rpc), option.hard_ttl()).await {
+            Ok(RaftResponse::AppendEntries(Ok(response))) => Ok(response),
+            Ok(RaftResponse::AppendEntries(Err(error))) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, error)))
+            }
+            Ok(_) => Err(self.unexpected("append_entries")),
+            Err(failure) => Err(self.rpc_error(failure, entries)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        match self.send(&RaftRequest::InstallSnapshot(rpc), option.hard_ttl()).await {
+            Ok(RaftResponse::InstallSnapshot(Ok(response))) => Ok(response),
+            Ok(RaftResponse::InstallSnapshot(Err(error))) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, error)))
+            }
+            Ok(_) => Err(self.unexpected("install_snapshot")),
+            Err(failure) => Err(self.rpc_error(failure, 1)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        match self.send(&RaftRequest::Vote(rpc), option.hard_ttl()).await {
+            Ok(RaftResponse::Vote(Ok(response))) => Ok(response),
+            Ok(RaftResponse::Vote(Err(error))) => Err(RPCError::RemoteError(RemoteError::new(self.target, error))),
+            Ok(_) => Err(self.unexpected("vote")),
+            Err(failure) => Err(self.rpc_error(failure, 1)),
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! The Raft state machine: applies log entries to the index, builds and installs snapshots.
+//!
+//! The index is the state machine's durable state. Every tantivy commit carries an
+//! [`IndexCommitMarker`]: the log id of the last entry the commit includes and the membership at
+//! that point. After a crash, the node reports that log id as "applied" and openraft replays the
+//! log from there; replaying puts and deletes on top of the last commit yields exactly the state
+//! the other replicas have, because commits (explicit or automatic) are log entries themselves and
+//! happen at the same log positions on every node.
+//!
+//! A snapshot is the committed index (never uncommitted writes): the files of the last commit and
+//! a `meta.json` listing them, at the commit's log id. Entries after it stay in the log.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, RaftSnapshotBuilder, Snapshot, StorageIOError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::snapshot;
+use super::types::{BatchOutcome, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use crate::index::{AnalyzerConfig, IndexError, SearchIndex, SharedIndex};
+
+/// What every tantivy commit records, as its payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexCommitMarker {
+    /// The last log entry the commit includes.
+    pub log_id: Option<LogId>,
+    /// The membership as of that entry.
+    pub membership: StoredMembership,
+}
+
+impl IndexCommitMarker {
+    pub fn to_payload(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The marker of the index's last commit; the default (nothing applied) for a new index.
+    pub fn read(index: &SearchIndex) -> Result<IndexCommitMarker, IndexError> {
+        let Some(payload) = index.last_commit_payload()? else {
+            return Ok(IndexCommitMarker::default());
+        };
+        serde_json::from_str(&payload).map_err(|error| {
+            IndexError::Internal(format!("the index's commit payload is not a bayard commit marker: {error}"))
+        })
+    }
+}
+
+/// Where the state machine keeps its files, inside the data directory.
+#[derive(Debug, Clone)]
+pub struct StateMachinePaths {
+    /// The live index: `<data>/index`.
+    pub index: PathBuf,
+    /// A snapshot being installed: `<data>/index.incoming`.
+    pub incoming: PathBuf,
+    /// The index being replaced: `<data>/index.old`.
+    pub replaced: PathBuf,
+    /// Snapshot archives: `<data>/raft/snapshots`.
+    pub snapshots: PathBuf,
+}
+
+impl StateMachinePaths {
+    pub fn in_data_directory(data_directory: &Path) -> Self {
+        StateMachinePaths {
+            index: data_directory.join("index"),
+            incoming: data_directory.join("index.incoming"),
+            replaced: data_directory.join("index.old"),
+            snapshots: data_directory.join("raft").join("snapshots"),
+        }
+    }
+}
+
+/// Marks an extracted snapshot as complete, so a crash between the directory renames is
+/// recoverable.
+const COMPLETE_MARKER: &str = ".bayard-complete";
+
+/// Finishes or undoes a snapshot installation that a crash interrupted. Runs before the index is
+/// opened.
+pub fn recover_interrupted_install(paths: &StateMachinePaths) -> io::Result<()> {
+    if !paths.index.exists() {
+        if paths.incoming.join(COMPLETE_MARKER).exists() {
+            tracing::warn!("finishing a snapshot installation interrupted by a crash");
+            fs::rename(&paths.incoming, &paths.index)?;
+        } else if paths.replaced.exists() {
+            tracing::warn!("undoing a snapshot installation interrupted by a crash");
+            fs::rename(&paths.replaced, &paths.index)?;
+        }
+    }
+    for leftover in [&paths.incoming, &paths.replaced] {
+        if leftover.exists() {
+            fs::remove_dir_all(leftover)?;
+        }
+    }
+    Ok(())
+}
+
+/// How to (re)open the index, for installs.
+#[derive(Clone)]
+pub struct IndexOpener {
+    pub schema: tantivy::schema::Schema,
+    pub analyzers: AnalyzerConfig,
+    pub writer_memory_bytes: usize,
+}
+
+impl IndexOpener {
+    pub fn open(&self, directory: &Path) -> Result<SearchIndex, IndexError> {
+        SearchIndex::open_or_create(directory, self.schema.clone(), &self.analyzers, self.writer_memory_bytes)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct AppliedState {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+struct Shared {
+    index: SharedIndex,
+    opener: IndexOpener,
+    paths: StateMachinePaths,
+    /// Held while entries are applied, snapshots installed or the committed state read, so
+    /// each sees one consistent position.
+    applied: Mutex<AppliedState>,
+    /// The newest snapshot archive.
+    current_snapshot: std::sync::Mutex<Option<(SnapshotMeta, PathBuf)>>,
+    /// The file the snapshot being received is written to; it becomes the current archive once
+    /// installed.
+    receiving: std::sync::Mutex<Option<PathBuf>>,
+}
+
+/// The state machine handed to openraft; clones share everything.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    shared: Arc<Shared>,
+}
+
+fn blocking_failure(error: tokio::task::JoinError) -> StorageError {
+    StorageIOError::write_state_machine(&io::Error::other(error.to_string())).into()
+}
+
+impl StateMachineStore {
+    /// Wraps an opened index whose last commit is where applying resumes.
+    pub fn new(
+        index: SharedIndex,
+        opener: IndexOpener,
+        paths: StateMachinePaths,
+    ) -> Result<StateMachineStore, IndexError> {
+        let marker = IndexCommitMarker::read(&index.current())?;
+        fs::create_dir_all(&paths.snapshots).map_err(|source| IndexError::Io {
+            context: format!("cannot create {}", paths.snapshots.display()),
+            source,
+        })?;
+        let current_snapshot = snapshot::newest_archive(&paths.snapshots).map_err(|source| IndexError::Io {
+            context: format!("cannot read snapshots in {}", paths.snapshots.display()),
+            source,
+        })?;
+        tracing::info!(last_applied = ?marker.log_id, "state machine resumes from the index's last commit");
+        Ok(StateMachineStore {
+            shared: Arc::new(Shared {
+                index,
+                opener,
+                paths,
+                applied: Mutex::new(AppliedState { last_applied: marker.log_id, membership: marker.membership }),
+                current_snapshot: std::sync::Mutex::new(current_snapshot),
+                receiving: std::sync::Mutex::new(None),
+            }),
+        })
+    }
+
+    pub fn index(&self) -> &SharedIndex {
+        &self.shared.index
+    }
+
+    /// The log id of the last applied entry.
+    pub async fn last_applied(&self) -> Option<LogId> {
+        self.shared.applied.lock().await.last_applied
+    }
+
+    fn current_snapshot(&self) -> Option<(SnapshotMeta, PathBuf)> {
+        self.shared.current_snapshot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    fn set_current_snapshot(&self, meta: SnapshotMeta, path: PathBuf) {
+        let previous = {
+            let mut current = self.shared.current_snapshot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            current.replace((meta, path.clone()))
+        };
+        // An archive being streamed to a follower stays readable through its open handle.
+        if let Some((_, previous_path)) = previous {
+            if previous_path != path {
+                let _ = fs::remove_file(previous_path);
+            }
+        }
+    }
+
+    async fn open_snapshot(meta: SnapshotMeta, path: &Path) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|error| StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &error)))?;
+        Ok(Snapshot { meta, snapshot: Box::new(file) })
+    }
+}
+
+/// Applies entries on a blocking thread. A batch whose content the index refuses (which
+/// validation before replication should have made impossible) is reported in its outcome and
+/// skipped the same way on every replica; an I/O or tantivy failure stops the state machine, since
+/// continuing would let this replica diverge.
+fn apply_entries(
+    index: &SearchIndex,
+    mut state: AppliedState,
+    entries: Vec<Entry>,
+) -> Result<(AppliedState, Vec<BatchOutcome>), StorageError> {
+    let mut outcomes = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let log_id = entry.log_id;
+        match entry.payload {
+            EntryPayload::Blank => outcomes.push(BatchOutcome { applied_index: log_id.index, ..Default::default() }),
+            EntryPayload::Membership(membership) => {
+                state.membership = StoredMembership::new(Some(log_id), membership);
+                outcomes.push(BatchOutcome { applied_index: log_id.index, ..Default::default() });
+            }
+            EntryPayload::Normal(batch) => {
+                let marker = IndexCommitMarker { log_id: Some(log_id), membership: state.membership.clone() };
+                let operations = batch.operations.len() as u64;
+                let error = match index.apply(&batch.operations, Some(&marker.to_payload())) {
+                    Ok(_) => None,
+                    Err(IndexError::InvalidDocument(message) | IndexError::InvalidRequest(message)) => {
+                        tracing::error!(log_index = log_id.index, %message, "skipped a batch the index refused");
+                        Some(message)
+                    }
+                    Err(error) => return Err(StorageIOError::apply(log_id, &error).into()),
+                };
+                outcomes.push(BatchOutcome { applied_index: log_id.index, operations, error });
+            }
+        }
+        state.last_applied = Some(log_id);
+    }
+    Ok((state, outcomes))
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let state = self.shared.applied.lock().await;
+        Ok((state.last_applied, state.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchOutcome>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let mut state = self.shared.applied.lock().await;
+        let index = self.shared.index.current();
+        let before = state.clone();
+        let (after, outcomes) = tokio::task::spawn_blocking(move || apply_entries(&index, before, entries))
+            .await
+            .map_err(blocking_failure)??;
+        *state = after;
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
+        let path = self.shared.paths.snapshots.join(format!("receiving-{:016x}.part", rand::random::<u64>()));
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await
+            .map_err(|error| StorageError::from(StorageIOError::write_snapshot(None, &error)))?;
+        *self.shared.receiving.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(path);
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        let mut state = self.shared.applied.lock().await;
+        let shared = self.shared.clone();
+        let signature = meta.signature();
+        let meta = meta.clone();
+        let mut archive = snapshot.into_std().await;
+        let received_path = self.shared.receiving.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let write_error =
+            move |error: io::Error| StorageError::from(StorageIOError::write_snapshot(Some(signature.clone()), &error));
+        let (installed_meta, archive_path) =
+            tokio::task::spawn_blocking(move || -> Result<(SnapshotMeta, PathBuf), io::Error> {
+                let paths = &shared.paths;
+                if paths.incoming.exists() {
+                    fs::remove_dir_all(&paths.incoming)?;
+                }
+                let archived_meta = snapshot::extract_archive(&mut archive, &paths.incoming)?;
+                if archived_meta.last_log_id != meta.last_log_id {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "snapshot archive does not match its metadata",
+                    ));
+                }
+                fs::write(paths.incoming.join(COMPLETE_MARKER), b"")?;
+                // Swap the directories: after the second rename the new index is the one on disk,
+                // and a crash in between is finished by `recover_interrupted_install`.
+                if paths.replaced.exists() {
+                    fs::remove_dir_all(&paths.replaced)?;
+                }
+                fs::rename(&paths.index, &paths.replaced)?;
+                fs::rename(&paths.incoming, &paths.index)?;
+                let _ = fs::remove_file(paths.index.join(COMPLETE_MARKER));
+                if let Some(parent) = paths.index.parent() {
+                    fs::File::open(parent)?.sync_all()?;
+                }
+                let index = shared.opener.open(&paths.index).map_err(io::Error::other)?;
+                let replaced = shared.index.replace(index);
+                drop(replaced);
+                if let Err(error) = fs::remove_dir_all(&paths.replaced) {
+                    tracing::warn!(%error, "could not remove the replaced index; it is removed at the next start");
+                }
+                // Keep the received archive as this node's current snapshot.
+                let archive_path = snapshot::archive_path(&paths.snapshots, &meta.snapshot_id);
+                drop(archive);
+                match received_path {
+                    Some(received_path) => fs::rename(&received_path, &archive_path)?,
+                    None => {
+                        return Err(io::Error::other("installed a snapshot that was not received into a known file"))
+                    }
+                }
+                Ok((meta, archive_path))
+            })
+            .await
+            .map_err(blocking_failure)?
+            .map_err(write_error.clone())?;
+        *state = AppliedState {
+            last_applied: installed_meta.last_log_id,
+            membership: installed_meta.last_membership.clone(),
+        };
+        drop(state);
+        tracing::info!(last_log_id = ?installed_meta.last_log_id, "installed a snapshot");
+        self.set_current_snapshot(installed_meta, archive_path);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let Some((meta, path)) = self.current_snapshot() else {
+            return Ok(None);
+        };
+        Ok(Some(Self::open_snapshot(meta, &path).await?))
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let state = self.shared.applied.lock().await;
+        let index = self.shared.index.current();
+        let committed = tokio::task::spawn_blocking(move || -> Result<_, IndexError> {
+            let committed = index.committed_state()?;
+            let marker = match &committed.payload {
+                Some(payload) => serde_json::from_str::<IndexCommitMarker>(payload)
+                    .map_err(|error| IndexError::Internal(format!("commit payload does not parse: {error}")))?,
+                None => IndexCommitMarker::default(),
+            };
+            Ok((committed, marker, index))
+        })
+        .await
+        .map_err(blocking_failure)?
+        .map_err(|error| StorageError::from(StorageIOError::read_state_machine(&error)))?;
+        drop(state);
+        let (committed, marker, index) = committed;
+
+        // Nothing committed since the current snapshot: it still describes the committed index.
+        if let Some((meta, path)) = self.current_snapshot() {
+            if meta.last_log_id == marker.log_id {
+                return Self::open_snapshot(meta, &path).await;
+            }
+        }
+        let snapshot_id = match marker.log_id {
+            Some(log_id) => format!("{}-{}-{:08x}", log_id.leader_id.term, log_id.index, rand::random::<u32>()),
+            None => format!("0-0-{:08x}", rand::random::<u32>()),
+        };
+        let meta = SnapshotMeta { last_log_id: marker.log_id, last_membership: marker.membership, snapshot_id };
+        let directory = self.shared.paths.snapshots.clone();
+        let build_meta = meta.clone();
+        let path = tokio::task::spawn_blocking(move || -> io::Result<PathBuf> {
+            let final_path = snapshot::archive_path(&directory, &build_meta.snapshot_id);
+            let temporary = final_path.with_extension("building");
+            let bytes = snapshot::write_archive(&temporary, &build_meta, index.index_directory(), &committed)?;
+            fs::rename(&temporary, &final_path)?;
+            fs::File::open(&directory)?.sync_all()?;
+            tracing::info!(last_log_id = ?build_meta.last_log_id, bytes, files = committed.files.len(), "built a snapshot");
+            Ok(final_path)
+        })
+        .await
+        .map_err(blocking_failure)?
+        .map_err(|error| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &error)))?;
+        self.set_current_snapshot(meta.clone(), path.clone());
+        Self::open_snapshot(meta, &path).await
+    }
+}
