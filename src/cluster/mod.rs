@@ -368,14 +368,19 @@ pub(crate) async fn mark_removed(state: &Arc<NodeState>, reason: String) {
     state.stop_because(NodeError::Removed { node_id: state.node_id(), reason });
 }
 
-/// Stops the node once the membership it knows no longer lists it (after having listed it).
+/// Stops the node once it is no longer a member. It notices in two ways: the membership it
+/// replicates stops listing it, or (when it was down while removed, so nothing reaches it any
+/// more and it finds no leader) the leader its former peers name does not list it.
 pub(crate) async fn watch_for_removal(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) {
     let mut metrics = state.raft.metrics();
     let mut was_member = false;
+    let mut ask_peers = tokio::time::interval(Duration::from_secs(3));
+    ask_peers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let is_member = {
+        let (is_member, has_leader) = {
             let current = metrics.borrow();
-            current.membership_config.membership().get_node(&state.node_id()).is_some()
+            let is_member = current.membership_config.membership().get_node(&state.node_id()).is_some();
+            (is_member, current.current_leader.is_some())
         };
         if is_member {
             was_member = true;
@@ -385,9 +390,51 @@ pub(crate) async fn watch_for_removal(state: Arc<NodeState>, mut shutdown: watch
         }
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { return },
+            _ = ask_peers.tick(), if was_member && !has_leader => {
+                if leader_says_not_a_member(&state).await {
+                    mark_removed(&state, "the leader's membership no longer lists it".to_string()).await;
+                    return;
+                }
+            }
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// Asks the other members this node knows for the leader, and the leader for its membership.
+async fn leader_says_not_a_member(state: &Arc<NodeState>) -> bool {
+    let known = peers(state);
+    for (node_id, address) in &known {
+        if *node_id == state.node_id() {
+            continue;
+        }
+        let Ok(AdminResponse::Status(status)) = call_node::<_, AdminResponse>(
+            state,
+            address,
+            StreamKind::Admin,
+            &AdminRequest::LocalStatus,
+            MEMBER_STATUS_TIMEOUT,
+        )
+        .await
+        else {
+            continue;
+        };
+        if status.role != "leader" {
+            continue;
+        }
+        if let Ok(AdminResponse::Peers(members)) = call_node::<_, AdminResponse>(
+            state,
+            address,
+            StreamKind::Admin,
+            &AdminRequest::Peers,
+            MEMBER_STATUS_TIMEOUT,
+        )
+        .await
+        {
+            return !members.contains_key(&state.node_id());
+        }
+    }
+    false
 }
 
 /// Joining side: asks the seeds (in order, skipping the ones that do not answer) to admit this

@@ -167,8 +167,14 @@ pub(crate) async fn handle_admin(
         AdminRequest::LocalStatus => Ok(AdminResponse::Status(cluster::local_status(state))),
         AdminRequest::Peers => Ok(AdminResponse::Peers(cluster::peers(state))),
         AdminRequest::Join { node_id, address } => {
-            // Only the node itself may ask to join under its id.
-            if *role != (Role::Node { node_id }) {
+            // A node asks to join under its own id; a member may forward another node's request
+            // to the leader. Nobody else may.
+            let allowed = match role {
+                Role::Node { node_id: sender } if *sender == node_id => true,
+                Role::Node { node_id: sender } => cluster::peers(state).contains_key(sender),
+                _ => false,
+            };
+            if !allowed {
                 return Err(WireError::new(
                     ErrorCode::PermissionDenied,
                     format!("permission denied: a {role} certificate may not join as node {node_id}"),

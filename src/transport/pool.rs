@@ -2,8 +2,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use super::identity::{peer_of_connection, Role};
 
@@ -32,11 +34,26 @@ pub fn split_host_port(address: &str) -> Option<(String, u16)> {
     Some((host.to_string(), port))
 }
 
+/// How long a failed dial is remembered: calls in that window fail at once instead of waiting
+/// for another handshake to time out (openraft then backs off instead of piling up dials).
+const DIAL_FAILURE_MEMORY: Duration = Duration::from_secs(1);
+
+type DialOutcome = Option<Result<quinn::Connection, ConnectError>>;
+
+#[derive(Default)]
+struct PoolState {
+    connections: HashMap<String, quinn::Connection>,
+    /// Dials under way: every caller for the same address waits on the same one.
+    dialing: HashMap<String, watch::Receiver<DialOutcome>>,
+    /// The last failed dial per address, and why.
+    failures: HashMap<String, (Instant, ConnectError)>,
+}
+
 pub struct ConnectionPool {
     endpoint: quinn::Endpoint,
     trust_domain: String,
     connect_timeout: Duration,
-    connections: Mutex<HashMap<String, quinn::Connection>>,
+    state: Arc<Mutex<PoolState>>,
 }
 
 impl ConnectionPool {
@@ -45,7 +62,7 @@ impl ConnectionPool {
             endpoint,
             trust_domain: trust_domain.into(),
             connect_timeout,
-            connections: Mutex::new(HashMap::new()),
+            state: Arc::new(Mutex::new(PoolState::default())),
         }
     }
 
@@ -53,35 +70,85 @@ impl ConnectionPool {
         &self.endpoint
     }
 
-    fn cached(&self, address: &str) -> Option<quinn::Connection> {
-        let connections = self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        connections.get(address).filter(|connection| connection.close_reason().is_none()).cloned()
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Drops the cached connection to `address`, so the next call dials again.
     pub fn forget(&self, address: &str) {
-        let mut connections = self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        connections.remove(address);
+        self.lock().connections.remove(address);
     }
 
     /// Returns the live connection to `address`, dialling it when there is none. The remote must
     /// present a node certificate of this cluster whose names match `address`.
+    ///
+    /// The dial runs in its own task: a caller that gives up (its own timeout) does not cancel it,
+    /// so its outcome is always recorded, and concurrent callers share one dial.
     pub async fn get(&self, address: &str) -> Result<quinn::Connection, ConnectError> {
-        if let Some(connection) = self.cached(address) {
-            return Ok(connection);
+        let mut outcome = {
+            let mut state = self.lock();
+            if let Some(connection) = state.connections.get(address).filter(|c| c.close_reason().is_none()) {
+                return Ok(connection.clone());
+            }
+            if let Some((failed_at, error)) = state.failures.get(address) {
+                if failed_at.elapsed() < DIAL_FAILURE_MEMORY {
+                    return Err(error.clone());
+                }
+            }
+            match state.dialing.get(address) {
+                Some(receiver) => receiver.clone(),
+                None => {
+                    let (sender, receiver) = watch::channel(None);
+                    state.dialing.insert(address.to_string(), receiver.clone());
+                    let dialer = Dialer {
+                        endpoint: self.endpoint.clone(),
+                        trust_domain: self.trust_domain.clone(),
+                        connect_timeout: self.connect_timeout,
+                    };
+                    let pool_state = self.state.clone();
+                    let address = address.to_string();
+                    tokio::spawn(async move {
+                        let result = dialer.dial(&address).await;
+                        {
+                            let mut state = pool_state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                            state.dialing.remove(&address);
+                            match &result {
+                                Ok(connection) => {
+                                    state.failures.remove(&address);
+                                    state.connections.insert(address.clone(), connection.clone());
+                                }
+                                Err(error) => {
+                                    state.failures.insert(address.clone(), (Instant::now(), error.clone()));
+                                }
+                            }
+                        }
+                        let _ = sender.send(Some(result));
+                    });
+                    receiver
+                }
+            }
+        };
+        loop {
+            if let Some(result) = outcome.borrow_and_update().as_ref() {
+                return result.clone();
+            }
+            if outcome.changed().await.is_err() {
+                return Err(ConnectError::Connect {
+                    address: address.to_string(),
+                    reason: "the dial was abandoned".to_string(),
+                });
+            }
         }
-        let connection = self.dial(address).await?;
-        let mut connections = self.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Another task may have dialled concurrently; keep the first live one.
-        if let Some(existing) = connections.get(address).filter(|existing| existing.close_reason().is_none()) {
-            let existing = existing.clone();
-            connection.close(0_u32.into(), b"duplicate");
-            return Ok(existing);
-        }
-        connections.insert(address.to_string(), connection.clone());
-        Ok(connection)
     }
+}
 
+struct Dialer {
+    endpoint: quinn::Endpoint,
+    trust_domain: String,
+    connect_timeout: Duration,
+}
+
+impl Dialer {
     async fn dial(&self, address: &str) -> Result<quinn::Connection, ConnectError> {
         let (server_name, port) = split_host_port(address).ok_or_else(|| ConnectError::Resolve {
             address: address.to_string(),

@@ -133,3 +133,100 @@ where
     }
     false
 }
+
+/// Several in-process nodes sharing one CA, each with its own data directory.
+pub struct TestCluster {
+    pub certificates: CertificateSet,
+    pub nodes: std::collections::BTreeMap<u64, RunningNode>,
+    pub data: std::collections::BTreeMap<u64, tempfile::TempDir>,
+    pub timings: bayard::node::RaftTimings,
+}
+
+impl TestCluster {
+    pub fn new() -> Self {
+        // `RUST_LOG=info cargo test …` shows the nodes' logs.
+        if std::env::var_os("RUST_LOG").is_some() {
+            bayard::telemetry::init_logging(bayard::telemetry::LogFormat::Text, "info");
+        }
+        TestCluster {
+            certificates: CertificateSet::new(),
+            nodes: Default::default(),
+            data: Default::default(),
+            timings: Default::default(),
+        }
+    }
+
+    pub fn config(&mut self, node_id: u64, peers: Vec<(u64, String)>) -> NodeConfig {
+        let data = self.data.entry(node_id).or_insert_with(|| tempfile::tempdir().expect("temp dir"));
+        let mut config = node_config(&self.certificates, node_id, data.path());
+        config.peers = peers;
+        config.raft = self.timings.clone();
+        config
+    }
+
+    pub fn address(&self, node_id: u64) -> String {
+        self.nodes[&node_id].local_address().to_string()
+    }
+
+    /// Starts node `node_id`; with `seed`, it joins through that member.
+    pub async fn start(&mut self, node_id: u64, seed: Option<u64>) {
+        let peers = match seed {
+            Some(seed) => vec![(seed, self.address(seed))],
+            None => Vec::new(),
+        };
+        let config = self.config(node_id, peers);
+        let node = start_node(config).await;
+        self.nodes.insert(node_id, node);
+    }
+
+    /// Waits until `node_id` sees exactly `voters` as voters and knows a leader.
+    pub async fn wait_for_voters(&self, node_id: u64, voters: &[u64], limit: Duration) {
+        let expected: std::collections::BTreeSet<u64> = voters.iter().copied().collect();
+        let raft = self.nodes[&node_id].raft().clone();
+        raft.wait(Some(limit))
+            .metrics(
+                |metrics| {
+                    let membership = metrics.membership_config.membership();
+                    membership.voter_ids().collect::<std::collections::BTreeSet<u64>>() == expected
+                        && membership.get_joint_config().len() == 1
+                        && metrics.current_leader.is_some()
+                },
+                format!("node {node_id} sees voters {voters:?}"),
+            )
+            .await
+            .expect("membership settles");
+    }
+
+    /// A client of every node, trying them in order.
+    pub fn client(&self) -> Client {
+        let servers = self.nodes.values().map(|node| node.local_address().to_string()).collect();
+        let mut options = ClientOptions::new(servers, self.certificates.admin("ops"));
+        options.request_timeout = Duration::from_secs(20);
+        Client::connect(options).expect("client")
+    }
+
+    /// A client of one node only.
+    pub fn client_of(&self, node_id: u64) -> Client {
+        client_with(&self.address(node_id), self.certificates.admin("ops"))
+    }
+
+    pub fn leader(&self) -> Option<u64> {
+        self.nodes.values().find_map(|node| {
+            let metrics = node.raft().metrics().borrow().clone();
+            (metrics.state == openraft::ServerState::Leader).then_some(metrics.id)
+        })
+    }
+
+    pub async fn stop(&mut self, node_id: u64) {
+        if let Some(node) = self.nodes.remove(&node_id) {
+            node.shutdown().await;
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for node_id in ids {
+            self.stop(node_id).await;
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Cluster mode with in-process nodes over real QUIC + mTLS on 127.0.0.1: joining, replication,
+//! forwarding, consistency levels, snapshots, leave and its quorum guard.
+
+mod common;
+
+use std::time::Duration;
+
+use bayard::index::SearchRequest;
+use bayard::protocol::{Consistency, DocumentInput};
+use common::{eventually, TestCluster};
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+fn everything() -> SearchRequest {
+    SearchRequest { query: "*".into(), limit: 1_000, exclude_docs: true, ..Default::default() }
+}
+
+async fn three_node_cluster() -> TestCluster {
+    let mut cluster = TestCluster::new();
+    cluster.start(1, None).await;
+    cluster.wait_for_voters(1, &[1], SETTLE).await;
+    cluster.start(2, Some(1)).await;
+    cluster.wait_for_voters(1, &[1, 2], SETTLE).await;
+    cluster.start(3, Some(2)).await;
+    for node_id in [1, 2, 3] {
+        cluster.wait_for_voters(node_id, &[1, 2, 3], SETTLE).await;
+    }
+    cluster
+}
+
+fn follower_of(cluster: &TestCluster) -> u64 {
+    let leader = cluster.leader().expect("a leader");
+    *cluster.nodes.keys().find(|node_id| **node_id != leader).expect("a follower")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_join_and_replicate_writes_made_through_a_follower() {
+    let cluster = three_node_cluster().await;
+    let peers = cluster.client_of(1).peers().await.unwrap();
+    assert_eq!(peers.len(), 3);
+    for node_id in [1, 2, 3] {
+        assert_eq!(peers[&node_id], cluster.address(node_id));
+    }
+
+    let follower = follower_of(&cluster);
+    let through_follower = cluster.client_of(follower);
+    let documents: Vec<DocumentInput> = (0..50)
+        .map(|number| DocumentInput {
+            id: None,
+            document_json: format!(r#"{{"_id":"f{number}","title":"through a follower {number}"}}"#),
+        })
+        .collect();
+    through_follower.put_documents(documents).await.unwrap();
+    through_follower.commit().await.unwrap();
+
+    for node_id in [1, 2, 3] {
+        let client = cluster.client_of(node_id);
+        let replicated = eventually(SETTLE, || async {
+            client
+                .search(everything(), Consistency::Local)
+                .await
+                .map(|result| result.count == Some(50))
+                .unwrap_or(false)
+        })
+        .await;
+        assert!(replicated, "node {node_id} never saw the 50 documents");
+        assert_eq!(client.get("f7").await.unwrap().unwrap().fields["title"], "through a follower 7");
+    }
+
+    let status = cluster.client_of(follower).status().await.unwrap();
+    assert_eq!(status.leader, cluster.leader());
+    assert_eq!(status.members.len(), 3);
+    assert!(status.members.iter().all(|member| member.role == "voter" && member.state == "alive"), "{status:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn linearizable_searches_never_miss_an_acknowledged_commit() {
+    let cluster = three_node_cluster().await;
+    let follower = follower_of(&cluster);
+    let writer = cluster.client_of(follower);
+    let reader = cluster.client_of(follower);
+    for round in 0..20_u64 {
+        writer.put(&format!("lin{round}"), &format!(r#"{{"title":"round {round}","year":{round}}}"#)).await.unwrap();
+        writer.commit().await.unwrap();
+        // Asked of the follower, served by the leader after a read-index check.
+        let result = reader.search(everything(), Consistency::Linearizable).await.unwrap();
+        assert_eq!(result.count, Some(round + 1), "round {round}: a linearizable search missed an acknowledged commit");
+        assert_eq!(Some(result.node_id), cluster.leader());
+        let leader_read = reader.search(everything(), Consistency::Leader).await.unwrap();
+        assert_eq!(Some(leader_read.node_id), cluster.leader());
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_joins_after_the_log_was_purged_is_brought_up_by_snapshot() {
+    let mut cluster = TestCluster::new();
+    cluster.timings.snapshot_after_entries = 20;
+    cluster.timings.entries_kept_after_snapshot = 0;
+    cluster.start(1, None).await;
+    cluster.wait_for_voters(1, &[1], SETTLE).await;
+    let client = cluster.client_of(1);
+    for round in 0..30 {
+        client.put(&format!("s{round}"), &format!(r#"{{"title":"before the snapshot {round}"}}"#)).await.unwrap();
+        client.commit().await.unwrap();
+    }
+    // The log behind the snapshot is gone: a new node cannot be caught up from entries.
+    let raft = cluster.nodes[&1].raft().clone();
+    let purged = raft
+        .wait(Some(SETTLE))
+        .metrics(|metrics| metrics.snapshot.is_some() && metrics.purged.is_some(), "snapshot built and log purged")
+        .await
+        .unwrap();
+    assert!(purged.purged.unwrap().index > 10);
+
+    cluster.start(2, Some(1)).await;
+    cluster.wait_for_voters(2, &[1, 2], SETTLE).await;
+    let joined = cluster.nodes[&2].raft().metrics().borrow().clone();
+    assert!(joined.snapshot.is_some(), "node 2 was not brought up by a snapshot: {joined:?}");
+    let second = cluster.client_of(2);
+    let caught_up = eventually(SETTLE, || async {
+        second.search(everything(), Consistency::Local).await.map(|result| result.count == Some(30)).unwrap_or(false)
+    })
+    .await;
+    assert!(caught_up, "node 2 does not hold the 30 documents");
+    assert_eq!(second.get("s29").await.unwrap().unwrap().fields["title"], "before the snapshot 29");
+    // Writes after the snapshot reach it by replication.
+    client.put("after", r#"{"title":"after the snapshot"}"#).await.unwrap();
+    client.commit().await.unwrap();
+    assert!(eventually(SETTLE, || async { second.get("after").await.unwrap().is_some() }).await);
+
+    // A restart of the node that installed the snapshot resumes from it.
+    cluster.stop(2).await;
+    let config = cluster.config(2, vec![]);
+    cluster.nodes.insert(2, common::start_node(config).await);
+    let restarted = cluster.client_of(2);
+    assert!(
+        eventually(SETTLE, || async {
+            restarted
+                .search(everything(), Consistency::Local)
+                .await
+                .map(|result| result.count == Some(31))
+                .unwrap_or(false)
+        })
+        .await
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leave_removes_a_node_and_guards_the_quorum() {
+    let mut cluster = three_node_cluster().await;
+    let admin = cluster.client_of(1);
+
+    // Node 3 stops; removing node 2 would leave {1, 3} with one voter answering: refused.
+    cluster.stop(3).await;
+    let error = admin.leave(2, false).await.unwrap_err();
+    assert!(error.to_string().contains("fewer than the 2 a quorum needs"), "{error}");
+    assert!(error.to_string().contains("--force"), "{error}");
+    // Removing the stopped node itself leaves {1, 2}, both answering: allowed.
+    admin.leave(3, false).await.unwrap();
+    cluster.wait_for_voters(1, &[1, 2], SETTLE).await;
+    assert_eq!(admin.peers().await.unwrap().keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+
+    // A removed node's data directory does not serve again.
+    let config = cluster.config(3, vec![]);
+    let refused = bayard::node::Node::start(config).await;
+    // Node 3 was down when removed; it learns it when it comes back (its data still lists it,
+    // so it starts, and stops as soon as the new membership reaches it), or it was told.
+    if let Ok(node) = refused {
+        let stopped = tokio::time::timeout(SETTLE, node.stopped()).await;
+        assert!(stopped.is_ok(), "a removed node kept running");
+        node.shutdown().await;
+    }
+    // From then on the directory is refused at start, with what to do instead.
+    let error = bayard::node::Node::start(cluster.config(3, vec![])).await.err().expect("refused");
+    assert!(error.to_string().contains("node 3 was removed from the cluster"), "{error}");
+
+    // A fresh node with a new id joins the two remaining.
+    cluster.start(4, Some(2)).await;
+    cluster.wait_for_voters(1, &[1, 2, 4], SETTLE).await;
+    // Leaving a running node: it stops by itself and says why.
+    admin.leave(4, false).await.unwrap();
+    let reason = tokio::time::timeout(SETTLE, cluster.nodes[&4].stopped()).await.expect("node 4 stops");
+    assert!(reason.contains("removed"), "{reason}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_certificates_cannot_change_membership() {
+    let cluster = three_node_cluster().await;
+    let client = common::client_with(&cluster.address(1), cluster.certificates.client("app"));
+    let error = client.leave(3, true).await.unwrap_err();
+    assert!(error.to_string().contains("permission denied"), "{error}");
+    assert_eq!(client.peers().await.unwrap().len(), 3);
+    cluster.shutdown().await;
+}
