@@ -1,115 +1,26 @@
 //! The `bayard` binary as an operator uses it: certificates, serve, and every client command,
 //! checking stdout JSON, stderr messages and exit codes.
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+#[path = "common/process.rs"]
+mod process;
+
+use std::path::Path;
 use std::time::Duration;
 
-fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_bayard")
-}
+use process::{failure, json, repository_file, ServeProcess};
 
-fn repository_file(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
-/// A `bayard serve` process, killed when dropped.
 struct Server {
-    child: Child,
+    process: ServeProcess,
     address: String,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `bayard serve` with `arguments` in `directory` and waits for its "node listening" log
-/// line (JSON logs) to learn the port it bound.
+/// Starts `bayard serve` with `arguments` on a free port in `directory`.
 fn serve(directory: &Path, arguments: &[&str]) -> Server {
-    let mut child = Command::new(binary())
-        .current_dir(directory)
-        .arg("serve")
-        .args(arguments)
-        .args(["--port", "0", "--log-format", "json"])
-        .env_remove("BAYARD_CA")
-        .env_remove("BAYARD_CERT")
-        .env_remove("BAYARD_KEY")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn bayard serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let (sender, receiver) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if sender.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut seen = Vec::new();
-    while std::time::Instant::now() < deadline {
-        let Ok(line) = receiver.recv_timeout(Duration::from_millis(200)) else {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("bayard serve exited with {status}: {}", seen.join("\n"));
-            }
-            continue;
-        };
-        if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
-            if value["fields"]["message"] == "node listening" {
-                let address = value["fields"]["local_address"].as_str().expect("address").to_string();
-                // Keep draining stderr so the server never blocks on a full pipe.
-                std::thread::spawn(move || for _ in receiver {});
-                return Server { child, address };
-            }
-        }
-        seen.push(line);
-    }
-    panic!("bayard serve did not start: {}", seen.join("\n"));
-}
-
-fn run(directory: &Path, arguments: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(binary())
-        .current_dir(directory)
-        .args(arguments)
-        .env_remove("BAYARD_SERVERS")
-        .env_remove("BAYARD_CA")
-        .env_remove("BAYARD_CERT")
-        .env_remove("BAYARD_KEY")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn bayard");
-    let mut input = child.stdin.take().expect("stdin");
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).expect("write stdin");
-    }
-    drop(input);
-    child.wait_with_output().expect("bayard output")
-}
-
-/// Runs a command that must succeed and returns its stdout as JSON.
-fn json(directory: &Path, arguments: &[&str], stdin: Option<&str>) -> serde_json::Value {
-    let output = run(directory, arguments, stdin);
-    assert!(output.status.success(), "bayard {arguments:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
-        panic!("stdout of {arguments:?} is not JSON ({error}): {}", String::from_utf8_lossy(&output.stdout))
-    })
-}
-
-/// Runs a command that must fail and returns its stderr.
-fn failure(directory: &Path, arguments: &[&str], stdin: Option<&str>) -> String {
-    let output = run(directory, arguments, stdin);
-    assert!(!output.status.success(), "bayard {arguments:?} should have failed");
-    assert!(output.stdout.is_empty(), "a failure prints nothing on stdout");
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    let mut arguments: Vec<String> = arguments.iter().map(|argument| argument.to_string()).collect();
+    arguments.extend(["--port".to_string(), "0".to_string()]);
+    let process = ServeProcess::start(directory, &arguments);
+    let address = process.local_address.clone();
+    Server { process, address }
 }
 
 #[test]
@@ -259,7 +170,7 @@ fn operator_flow_with_generated_certificates() {
     assert_eq!(call(&["status"], None)["status"], "OK");
     // Nothing was lost along the way.
     assert_eq!(call(&["search", "--exclude-docs", "*"], None)["count"], 29);
-    drop(server);
+    drop(server.process);
 }
 
 #[test]
