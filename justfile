@@ -28,3 +28,7 @@ certs:
     for id in 1 2 3; do cargo run --release -- certs node --id $id --san localhost,127.0.0.1 --out-dir certs; done
     cargo run --release -- certs client --name app --out-dir certs
     cargo run --release -- certs admin --name ops --out-dir certs
+
+# Bulk-put throughput: single node versus a three-node cluster, same run (prints the ratio).
+bench:
+    cargo bench --bench bulk_put

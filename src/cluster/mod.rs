@@ -60,6 +60,19 @@ async fn wait_for_leader(state: &NodeState, limit: Duration) -> Option<(u64, Str
     }
 }
 
+/// Completes when this node's Raft no longer names `leader` as the leader.
+async fn leader_changes_from(state: &NodeState, leader: u64) {
+    let mut metrics = state.raft.metrics();
+    loop {
+        if metrics.borrow_and_update().current_leader != Some(leader) {
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// One request/answer on a stream to another node, with this node's certificate.
 pub(crate) async fn call_node<Request: Serialize, Response: DeserializeOwned>(
     state: &NodeState,
@@ -117,15 +130,20 @@ pub(crate) async fn propose(state: &NodeState, batch: IndexBatch) -> Result<Batc
                 continue;
             }
             let request = RaftRequest::Propose(batch.clone());
-            match call_node::<_, RaftResponse>(
+            let forwarded = call_node::<_, RaftResponse>(
                 state,
                 &address,
                 StreamKind::Raft,
                 &request,
                 state.config.max_request_timeout,
-            )
-            .await
-            {
+            );
+            // A leader that died does not answer; as soon as Raft names another one, go there.
+            // Re-proposing is safe: puts and deletes are idempotent.
+            let answer = tokio::select! {
+                answer = forwarded => answer,
+                () = leader_changes_from(state, leader) => Err(unavailable(format!("leader {leader} was replaced"))),
+            };
+            match answer {
                 Ok(RaftResponse::Proposed(outcome)) => return outcome_to_result(outcome),
                 Ok(_) => {
                     return Err(WireError::new(ErrorCode::Internal, "the leader answered a write with another message"))

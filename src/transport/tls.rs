@@ -97,13 +97,19 @@ impl TlsMaterial {
     }
 }
 
-/// Transport settings shared by both sides: keep-alive under the idle timeout so that quiet but
-/// healthy connections stay open, and a cap on concurrent streams per connection.
+/// Keep-alive period of every connection.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Silence after which a connection is considered dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Transport settings shared by both sides: a keep-alive well under the idle timeout so quiet but
+/// healthy connections stay open, while a peer that died (a killed process sends nothing) is
+/// noticed within seconds and the requests waiting on it move on to another node. And a cap on
+/// concurrent streams per connection.
 pub fn transport_config(max_concurrent_streams: u32) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(5)));
-    // 30 s always fits quinn's VarInt range.
-    if let Ok(idle_timeout) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
+    transport.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    if let Ok(idle_timeout) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
         transport.max_idle_timeout(Some(idle_timeout));
     }
     transport.max_concurrent_bidi_streams(max_concurrent_streams.into());
