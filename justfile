@@ -32,3 +32,26 @@ certs:
 # Bulk-put throughput: single node versus a three-node cluster, same run (prints the ratio).
 bench:
     cargo bench --bench bulk_put
+
+# A local three-node cluster on ports 5001-5003 with generated certificates; Ctrl-C stops it.
+cluster:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo build --release
+    bayard=target/release/bayard
+    mkdir -p data
+    [ -f certs/ca.pem ] || $bayard certs ca --out-dir certs
+    for id in 1 2 3; do [ -f certs/node-$id.pem ] || $bayard certs node --id $id --out-dir certs; done
+    [ -f certs/admin-ops.pem ] || $bayard certs admin --name ops --out-dir certs
+    trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT
+    peers=""
+    for id in 1 2 3; do
+        $bayard serve --id $id --host 127.0.0.1 --port 500$id --data-directory data/$id \
+            --ca certs/ca.pem --cert certs/node-$id.pem --key certs/node-$id.key ${peers:+--peers "$peers"} \
+            > data/node-$id.log 2>&1 &
+        peers="${peers:+$peers,}$id=127.0.0.1:500$id"
+        sleep 1
+    done
+    echo "three nodes on 127.0.0.1:5001-5003; logs in data/node-<id>.log; Ctrl-C stops them"
+    echo "try: BAYARD_CERT=certs/admin-ops.pem BAYARD_KEY=certs/admin-ops.key $bayard status"
+    wait

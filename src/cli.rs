@@ -139,6 +139,9 @@ pub struct ServeArguments {
     /// Largest frame accepted on a stream, in bytes.
     #[arg(long, env = "BAYARD_MAX_FRAME_BYTES", default_value_t = transport::DEFAULT_MAX_FRAME_BYTES)]
     pub max_frame_bytes: usize,
+    /// Snapshot the index after this many Raft log entries (and purge the log behind it).
+    #[arg(long, env = "BAYARD_SNAPSHOT_ENTRIES", default_value_t = 5_000)]
+    pub snapshot_entries: u64,
     /// Memory of the index writer, in MiB.
     #[arg(long, env = "BAYARD_WRITER_MEMORY_MB", default_value_t = 128)]
     pub writer_memory_mb: usize,
@@ -381,7 +384,7 @@ fn read_file_or_embedded(
 }
 
 async fn run_serve(arguments: ServeArguments) -> anyhow::Result<()> {
-    telemetry::init_logging(arguments.log_format, "info");
+    telemetry::init_logging(arguments.log_format, "info,openraft=warn");
     let tls = match (&arguments.ca, &arguments.cert, &arguments.key) {
         (Some(ca), Some(cert), Some(key)) => {
             TlsFiles { ca_certificate: ca.clone(), certificate: cert.clone(), private_key: key.clone() }
@@ -434,6 +437,7 @@ async fn run_serve(arguments: ServeArguments) -> anyhow::Result<()> {
     config.commit_interval = arguments.commit_interval;
     config.max_frame_bytes = arguments.max_frame_bytes;
     config.writer_memory_bytes = arguments.writer_memory_mb.max(16) * 1024 * 1024;
+    config.raft.snapshot_after_entries = arguments.snapshot_entries.max(1);
     node::run(config, shutdown_signal(), reload_signal()).await.map_err(|error| anyhow!(error))
 }
 

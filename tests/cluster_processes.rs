@@ -140,15 +140,10 @@ fn three_node_walkthrough_peers_status_leave_and_rejoin() {
     assert!(node3.logs().contains("no longer a member"), "{}", node3.logs());
     wait_for_peers(root, &seed, &["1", "2"]);
     // Its data directory does not serve again.
-    let restart = process::run(
-        root,
-        &["serve"]
-            .iter()
-            .map(|s| *s)
-            .chain(serve_arguments(3, "0.0.0.0", p3, "").iter().map(String::as_str))
-            .collect::<Vec<_>>(),
-        None,
-    );
+    let mut restart_arguments = vec!["serve".to_string()];
+    restart_arguments.extend(serve_arguments(3, "0.0.0.0", p3, ""));
+    let restart_arguments: Vec<&str> = restart_arguments.iter().map(String::as_str).collect();
+    let restart = process::run(root, &restart_arguments, None);
     assert!(!restart.status.success());
     assert!(String::from_utf8_lossy(&restart.stderr).contains("node 3 was removed from the cluster"));
 

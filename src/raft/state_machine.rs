@@ -212,7 +212,7 @@ fn apply_entries(
     index: &SearchIndex,
     mut state: AppliedState,
     entries: Vec<Entry>,
-) -> Result<(AppliedState, Vec<BatchOutcome>), StorageError> {
+) -> Result<(AppliedState, Vec<BatchOutcome>), Box<StorageError>> {
     let mut outcomes = Vec::with_capacity(entries.len());
     for entry in entries {
         let log_id = entry.log_id;
@@ -231,7 +231,7 @@ fn apply_entries(
                         tracing::error!(log_index = log_id.index, %message, "skipped a batch the index refused");
                         Some(message)
                     }
-                    Err(error) => return Err(StorageIOError::apply(log_id, &error).into()),
+                    Err(error) => return Err(Box::new(StorageIOError::apply(log_id, &error).into())),
                 };
                 outcomes.push(BatchOutcome { applied_index: log_id.index, operations, error });
             }
@@ -260,7 +260,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let before = state.clone();
         let (after, outcomes) = tokio::task::spawn_blocking(move || apply_entries(&index, before, entries))
             .await
-            .map_err(blocking_failure)??;
+            .map_err(blocking_failure)?
+            .map_err(|error| *error)?;
         *state = after;
         Ok(outcomes)
     }

@@ -65,29 +65,32 @@ impl ServeProcess {
                 sink.lock().unwrap().push(line);
             }
         });
+        // From here on, Drop kills and reaps the process whatever happens.
+        let mut process = ServeProcess {
+            child,
+            local_address: String::new(),
+            logs,
+            arguments: arguments.to_vec(),
+            directory: directory.to_path_buf(),
+        };
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(60) {
-            let address = logs.lock().unwrap().iter().find_map(|line| {
+            let address = process.logs.lock().unwrap().iter().find_map(|line| {
                 let value: serde_json::Value = serde_json::from_str(line).ok()?;
                 (value["fields"]["message"] == "node listening")
                     .then(|| value["fields"]["local_address"].as_str().map(str::to_string))
                     .flatten()
             });
             if let Some(local_address) = address {
-                return ServeProcess {
-                    child,
-                    local_address,
-                    logs,
-                    arguments: arguments.to_vec(),
-                    directory: directory.to_path_buf(),
-                };
+                process.local_address = local_address;
+                return process;
             }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("bayard serve exited with {status}: {}", logs.lock().unwrap().join("\n"));
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!("bayard serve exited with {status}: {}", process.logs());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("bayard serve did not start: {}", logs.lock().unwrap().join("\n"));
+        panic!("bayard serve did not start: {}", process.logs());
     }
 
     /// Starts the same command again (after a kill).
