@@ -594,6 +594,7 @@ fn status_json(status: &NodeStatus) -> serde_json::Value {
                 "address": member.address,
                 "role": member.role,
                 "applied_index": member.applied_index,
+                "lag": member.lag,
                 "state": member.state,
             })
         })

@@ -94,10 +94,11 @@ pub enum AdminRequest {
     /// This node's own state only (what `Status` asks each member).
     LocalStatus,
     Peers,
-    /// A new node asks to join (node certificates only, for their own id).
+    /// A new node asks to join (node certificates only, for their own id, or a member forwarding).
     Join {
         node_id: u64,
         address: String,
+        incarnation: u64,
     },
     /// Remove a member (admin or node certificates).
     Leave {
@@ -107,6 +108,7 @@ pub enum AdminRequest {
     /// The leader tells a removed node that it is no longer a member (node certificates only).
     Removed {
         node_id: u64,
+        incarnation: u64,
     },
 }
 
@@ -132,8 +134,12 @@ impl AdminRequest {
 pub struct MemberStatus {
     pub node_id: u64,
     pub address: String,
+    /// `voter` or `learner`.
     pub role: String,
     pub applied_index: u64,
+    /// How many entries it is behind the highest applied index known.
+    pub lag: u64,
+    /// Liveness from the membership exchange: `alive`, `suspect` or `down`.
     pub state: String,
 }
 
@@ -141,7 +147,7 @@ pub struct MemberStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub node_id: u64,
-    pub cluster_id: String,
+    pub cluster_id: Option<String>,
     pub address: String,
     pub role: String,
     pub leader: Option<u64>,
@@ -157,9 +163,10 @@ pub struct NodeStatus {
 pub enum AdminResponse {
     Status(NodeStatus),
     Peers(BTreeMap<u64, String>),
-    /// The node is a voter; `leader` is who admitted it.
+    /// The node is a voter; `leader` is who admitted it, into cluster `cluster_id`.
     Joined {
         leader: u64,
+        cluster_id: String,
     },
     /// The node was removed from the membership.
     Left {

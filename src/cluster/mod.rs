@@ -1,15 +1,18 @@
 //! Membership and everything that crosses nodes: forwarding writes and reads to the leader,
 //! joining through seeds, leaving with a quorum guard, cluster status, leader-driven commits.
 //!
-//! Raft membership is the source of truth for who votes and where each member is reached
-//! (openraft's `BasicNode::addr`); this module only asks Raft and other nodes.
+//! Raft membership is the source of truth for who votes, where each member is reached and which
+//! incarnation it joined with ([`MemberNode`]); the membership exchange ([`membership`]) carries
+//! liveness, leaders and applied indexes between nodes.
+
+pub mod membership;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, ChangeMembers, ServerState};
+use openraft::{ChangeMembers, ServerState};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -21,8 +24,9 @@ use crate::protocol::{
     RaftResponse, StreamKind, WireError,
 };
 use crate::raft::network::RAFT_FRAME_OVERHEAD_BYTES;
-use crate::raft::types::{BatchOutcome, IndexBatch};
+use crate::raft::types::{BatchOutcome, IndexBatch, MemberNode};
 use crate::transport;
+use membership::{Liveness, MemberDigest, MembershipDigest, EXCHANGE_INTERVAL, FANOUT};
 
 /// How long a write waits for a leader to appear before giving up.
 const LEADER_WAIT: Duration = Duration::from_secs(5);
@@ -202,7 +206,7 @@ pub(crate) fn local_status(state: &NodeState) -> NodeStatus {
     let index = state.index.current();
     NodeStatus {
         node_id: state.node_id(),
-        cluster_id: state.metadata.cluster_id.clone(),
+        cluster_id: state.cluster_id(),
         address: state.address.clone(),
         role: server_state_name(metrics.state).to_string(),
         leader: metrics.current_leader,
@@ -215,88 +219,89 @@ pub(crate) fn local_status(state: &NodeState) -> NodeStatus {
     }
 }
 
-/// Asks every member for its state (bounded by [`MEMBER_STATUS_TIMEOUT`] each, in parallel).
-async fn member_states(state: &Arc<NodeState>) -> Vec<MemberStatus> {
+/// Every member of the Raft membership with its liveness, applied index and lag as the
+/// membership exchange reports them.
+fn member_states(state: &NodeState) -> Vec<MemberStatus> {
     let metrics = state.raft.metrics().borrow().clone();
     let membership = metrics.membership_config.membership().clone();
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
-    let mut asks = tokio::task::JoinSet::new();
-    for (node_id, node) in membership.nodes() {
-        let role = if voters.contains(node_id) { "voter" } else { "learner" };
-        let (node_id, address, state) = (*node_id, node.addr.clone(), state.clone());
-        asks.spawn(async move {
-            let answer = if node_id == state.node_id() {
-                Ok(local_status(&state))
+    let own_applied = metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0);
+    let mut members: Vec<MemberStatus> = membership
+        .nodes()
+        .map(|(node_id, node)| {
+            let (applied_index, liveness) = if *node_id == state.node_id() {
+                (own_applied, Liveness::Alive)
             } else {
-                call_node::<_, AdminResponse>(
-                    &state,
-                    &address,
-                    StreamKind::Admin,
-                    &AdminRequest::LocalStatus,
-                    MEMBER_STATUS_TIMEOUT,
-                )
-                .await
-                .and_then(|response| match response {
-                    AdminResponse::Status(status) => Ok(status),
-                    _ => Err(unavailable("unexpected answer")),
-                })
+                match state.membership.get(*node_id) {
+                    Some((digest, liveness)) => (digest.applied_index, liveness),
+                    // Never heard of since this node started: nothing says it is alive.
+                    None => (0, Liveness::Down),
+                }
             };
-            let (applied_index, liveness) = match answer {
-                Ok(status) => (status.applied_index, "alive"),
-                Err(_) => (0, "unreachable"),
-            };
-            MemberStatus { node_id, address, role: role.to_string(), applied_index, state: liveness.to_string() }
-        });
+            MemberStatus {
+                node_id: *node_id,
+                address: node.addr.clone(),
+                role: if voters.contains(node_id) { "voter" } else { "learner" }.to_string(),
+                applied_index,
+                lag: 0,
+                state: liveness.name().to_string(),
+            }
+        })
+        .collect();
+    let highest = members.iter().map(|member| member.applied_index).max().unwrap_or(0);
+    for member in &mut members {
+        member.lag = highest - member.applied_index;
     }
-    let mut members = Vec::new();
-    while let Some(joined) = asks.join_next().await {
-        if let Ok(member) = joined {
-            members.push(member);
-        }
-    }
-    members.sort_by_key(|member| member.node_id);
     members
 }
 
 /// This node's state plus every member's.
 pub(crate) async fn cluster_status(state: &Arc<NodeState>) -> NodeStatus {
     let mut status = local_status(state);
-    status.members = member_states(state).await;
+    status.members = member_states(state);
     status
 }
 
-/// Leader side of a join: learner, caught up, voter; one change at a time. A repeated join of a
-/// member at the same address is a no-op.
+/// Leader side of a join: checks that the node at `address` is who it says, then learner, caught
+/// up, voter; one change at a time. A repeated join of the same incarnation is a no-op; another
+/// incarnation of a current member (it lost its data) is refused until the member leaves.
 pub(crate) async fn handle_join(
     state: &Arc<NodeState>,
     node_id: u64,
     address: String,
+    incarnation: u64,
 ) -> Result<AdminResponse, WireError> {
     if !is_leader(state) {
-        return forward_admin_to_leader(state, &AdminRequest::Join { node_id, address }).await;
+        return forward_admin_to_leader(state, &AdminRequest::Join { node_id, address, incarnation }).await;
     }
+    let refuse = |message: String| WireError::new(ErrorCode::InvalidArgument, message);
     let _one_change_at_a_time = state.membership_change.lock().await;
     let membership = state.raft.metrics().borrow().membership_config.membership().clone();
     let is_voter = membership.voter_ids().any(|voter| voter == node_id);
+    let joined =
+        || AdminResponse::Joined { leader: state.node_id(), cluster_id: state.cluster_id().unwrap_or_default() };
     if let Some(existing) = membership.get_node(&node_id) {
+        if existing.incarnation != incarnation {
+            return Err(refuse(format!(
+                "node {node_id} is still a member with other data; run `bayard leave --id {node_id}` first"
+            )));
+        }
         if existing.addr != address {
-            return Err(WireError::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "node {node_id} is already a member at {}; run `bayard leave --id {node_id}` first",
-                    existing.addr
-                ),
-            ));
+            return Err(refuse(format!(
+                "node {node_id} is a member at {}, not {address}; run `bayard leave --id {node_id}` first",
+                existing.addr
+            )));
         }
         if is_voter {
-            return Ok(AdminResponse::Joined { leader: state.node_id() });
+            return Ok(joined());
         }
     } else {
+        verify_node_at(state, node_id, &address).await?;
         tracing::info!(node_id, %address, "adding a learner");
-        // Blocks until the learner has caught up with the leader's log.
+        // Blocks until the learner has caught up with the leader's log (or installed a snapshot).
         state
             .raft
-            .add_learner(node_id, BasicNode::new(address.clone()), true)
+            .add_learner(node_id, MemberNode::new(address.clone(), incarnation), true)
             .await
             .map_err(|error| unavailable(format!("cannot add node {node_id} as a learner: {error}")))?;
     }
@@ -306,7 +311,26 @@ pub(crate) async fn handle_join(
         .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), false)
         .await
         .map_err(|error| unavailable(format!("cannot promote node {node_id} to voter: {error}")))?;
-    Ok(AdminResponse::Joined { leader: state.node_id() })
+    Ok(joined())
+}
+
+/// Dials `address` and checks that the node there presents the certificate of `node_id`: a
+/// request forwarded by a member must not admit an impostor.
+async fn verify_node_at(state: &NodeState, node_id: u64, address: &str) -> Result<(), WireError> {
+    let connection =
+        state.pool.get(address).await.map_err(|error| unavailable(format!("cannot reach node {node_id}: {error}")))?;
+    let peer = transport::identity::peer_of_connection(&connection, &state.config.trust_domain)
+        .map_err(|error| WireError::new(ErrorCode::PermissionDenied, error.to_string()))?;
+    if peer.role != (transport::Role::Node { node_id }) {
+        return Err(WireError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "permission denied: the node at {address} presents the certificate of {}, not node/{node_id}",
+                peer.role
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Leader side of a leave: refuses to remove a member when the remaining voters that answer are
@@ -333,7 +357,7 @@ pub(crate) async fn handle_leave(
         ));
     }
     if !force {
-        let members = member_states(state).await;
+        let members = member_states(state);
         let alive =
             members.iter().filter(|member| remaining.contains(&member.node_id) && member.state == "alive").count();
         let quorum = remaining.len() / 2 + 1;
@@ -363,7 +387,8 @@ pub(crate) async fn handle_leave(
     if node_id == state.node_id() {
         mark_removed(state, "removed by `bayard leave`".to_string()).await;
     } else {
-        let notice = AdminRequest::Removed { node_id };
+        state.membership.forget(node_id);
+        let notice = AdminRequest::Removed { node_id, incarnation: node.incarnation };
         if let Err(error) =
             call_node::<_, AdminResponse>(state, &node.addr, StreamKind::Admin, &notice, Duration::from_secs(2)).await
         {
@@ -375,12 +400,9 @@ pub(crate) async fn handle_leave(
 
 /// Records in `node.json` that this node was removed, then stops it.
 pub(crate) async fn mark_removed(state: &Arc<NodeState>, reason: String) {
-    let mut metadata = state.metadata.clone();
-    metadata.removed = Some(reason.clone());
-    let data_directory = state.config.data_directory.clone();
-    let stored = tokio::task::spawn_blocking(move || crate::node::metadata::store(&data_directory, &metadata)).await;
-    if !matches!(stored, Ok(Ok(()))) {
-        tracing::error!("could not record the removal in node.json");
+    let recorded = reason.clone();
+    if let Err(error) = state.update_metadata(|metadata| metadata.removed = Some(recorded)).await {
+        tracing::error!(%error, "could not record the removal in node.json");
     }
     tracing::warn!(node_id = state.node_id(), %reason, "this node is no longer a member of the cluster; stopping");
     state.stop_because(NodeError::Removed { node_id: state.node_id(), reason });
@@ -455,39 +477,56 @@ async fn leader_says_not_a_member(state: &Arc<NodeState>) -> bool {
     false
 }
 
-/// Joining side: asks the seeds (in order, skipping the ones that do not answer) to admit this
-/// node, with backoff, until it is a member or a seed refuses for good.
+/// Joining side: learns the members and the leader from the seeds through the membership
+/// exchange (any seed will do; dead ones are skipped), then asks the leader — or, failing that,
+/// each seed, which forwards — to admit this node. Retries with backoff until it is a voter or
+/// the cluster refuses it for good.
 pub(crate) async fn join_through_seeds(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) {
-    let request = AdminRequest::Join { node_id: state.node_id(), address: state.address.clone() };
+    let request = AdminRequest::Join {
+        node_id: state.node_id(),
+        address: state.address.clone(),
+        incarnation: state.incarnation(),
+    };
     let mut backoff = Duration::from_millis(200);
     let started = tokio::time::Instant::now();
     loop {
-        for (seed_id, seed_address) in &state.config.peers {
-            if *seed_id == state.node_id() {
-                continue;
+        let mut answered = 0;
+        for (_, seed_address) in &state.config.peers {
+            if exchange_with(&state, seed_address).await.is_ok() {
+                answered += 1;
             }
+        }
+        let mut targets: Vec<String> = Vec::new();
+        if let Some((_, leader_address)) = state.membership.leader_hint() {
+            targets.push(leader_address);
+        }
+        targets.extend(state.config.peers.iter().map(|(_, address)| address.clone()));
+        targets.dedup();
+        tracing::info!(seeds_answering = answered, targets = ?targets, "asking to join");
+        for target in &targets {
             match call_node::<_, AdminResponse>(
                 &state,
-                seed_address,
+                target,
                 StreamKind::Admin,
                 &request,
                 state.config.max_request_timeout,
             )
             .await
             {
-                Ok(AdminResponse::Joined { leader }) => {
-                    tracing::info!(leader, seed = seed_id, elapsed = ?started.elapsed(), "joined the cluster as a voter");
+                Ok(AdminResponse::Joined { leader, cluster_id }) => {
+                    if let Err(error) = state.update_metadata(|metadata| metadata.cluster_id = Some(cluster_id)).await {
+                        tracing::error!(%error, "could not record the cluster id");
+                    }
+                    tracing::info!(leader, elapsed = ?started.elapsed(), "joined the cluster as a voter");
                     return;
                 }
-                Ok(_) => tracing::warn!(seed = seed_id, "seed answered the join with another message"),
+                Ok(_) => tracing::warn!(%target, "answered the join with another message"),
                 Err(error) if matches!(error.code, ErrorCode::InvalidArgument | ErrorCode::PermissionDenied) => {
-                    tracing::error!(seed = seed_id, error = %error.message, "the cluster refused this node");
+                    tracing::error!(%target, error = %error.message, "the cluster refused this node");
                     state.stop_because(NodeError::Join(error.message));
                     return;
                 }
-                Err(error) => {
-                    tracing::info!(seed = seed_id, error = %error.message, "seed could not admit this node yet")
-                }
+                Err(error) => tracing::info!(%target, error = %error.message, "could not join through this node yet"),
             }
         }
         tokio::select! {
@@ -495,6 +534,119 @@ pub(crate) async fn join_through_seeds(state: Arc<NodeState>, mut shutdown: watc
             _ = shutdown.changed() => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One exchange with the node at `address`: send our digests, merge theirs.
+async fn exchange_with(state: &NodeState, address: &str) -> Result<(), WireError> {
+    let message = MembershipDigest {
+        sender: state.node_id(),
+        cluster_id: state.cluster_id(),
+        members: state.membership.digests(),
+    };
+    let answer: MembershipDigest =
+        call_node(state, address, StreamKind::Membership, &message, Duration::from_secs(1)).await?;
+    if let (Some(ours), Some(theirs)) = (state.cluster_id(), &answer.cluster_id) {
+        if &ours != theirs {
+            return Err(WireError::new(
+                ErrorCode::PermissionDenied,
+                format!("{address} belongs to cluster {theirs}, not {ours}"),
+            ));
+        }
+    }
+    state.membership.merge(&answer.members);
+    Ok(())
+}
+
+/// Server side of an exchange: the sender must be the node its certificate names and of this
+/// cluster (or of none yet, when it is joining).
+pub(crate) fn handle_exchange(
+    state: &NodeState,
+    sender_certificate_id: u64,
+    message: MembershipDigest,
+) -> Result<MembershipDigest, WireError> {
+    if message.sender != sender_certificate_id {
+        return Err(WireError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "permission denied: node {sender_certificate_id} may not send membership digests as node {}",
+                message.sender
+            ),
+        ));
+    }
+    if let (Some(ours), Some(theirs)) = (state.cluster_id(), &message.cluster_id) {
+        if &ours != theirs {
+            return Err(WireError::new(
+                ErrorCode::PermissionDenied,
+                format!("node {} belongs to cluster {theirs}; this is cluster {ours}", message.sender),
+            ));
+        }
+    }
+    // What a node says about itself must match who sent it.
+    let members: Vec<MemberDigest> = message
+        .members
+        .into_iter()
+        .filter(|digest| digest.node_id != message.sender || digest.node_id == sender_certificate_id)
+        .collect();
+    state.membership.merge(&members);
+    Ok(MembershipDigest {
+        sender: state.node_id(),
+        cluster_id: state.cluster_id(),
+        members: state.membership.digests(),
+    })
+}
+
+/// Every interval: refresh this node's digest and exchange it with a few random known nodes.
+pub(crate) async fn exchange_membership(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(EXCHANGE_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let metrics = state.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let role = if membership.voter_ids().any(|voter| voter == state.node_id()) {
+            "voter"
+        } else if membership.get_node(&state.node_id()).is_some() {
+            "learner"
+        } else {
+            "joining"
+        };
+        state.membership.beat(|own| {
+            own.role = role.to_string();
+            own.applied_index = metrics.last_applied.map(|log_id| log_id.index).unwrap_or(0);
+            own.leader = metrics.current_leader;
+        });
+        // Candidates: Raft members, nodes heard of, seeds; never this node.
+        let mut candidates: BTreeMap<u64, String> =
+            membership.nodes().map(|(node_id, node)| (*node_id, node.addr.clone())).collect();
+        for (digest, liveness) in state.membership.snapshot() {
+            if liveness != Liveness::Down {
+                candidates.entry(digest.node_id).or_insert(digest.address);
+            }
+        }
+        for (node_id, address) in &state.config.peers {
+            candidates.entry(*node_id).or_insert_with(|| address.clone());
+        }
+        candidates.remove(&state.node_id());
+        let mut candidates: Vec<String> = candidates.into_values().collect();
+        let chosen: Vec<String> = {
+            use rand::seq::SliceRandom;
+            candidates.shuffle(&mut rand::rng());
+            candidates.into_iter().take(FANOUT).collect()
+        };
+        let mut exchanges = tokio::task::JoinSet::new();
+        for address in chosen {
+            let state = state.clone();
+            exchanges.spawn(async move {
+                if let Err(error) = exchange_with(&state, &address).await {
+                    tracing::debug!(%address, error = %error.message, "membership exchange failed");
+                }
+            });
+        }
+        while exchanges.join_next().await.is_some() {}
     }
 }
 

@@ -166,7 +166,7 @@ pub(crate) async fn handle_admin(
         AdminRequest::Status => Ok(AdminResponse::Status(cluster::cluster_status(state).await)),
         AdminRequest::LocalStatus => Ok(AdminResponse::Status(cluster::local_status(state))),
         AdminRequest::Peers => Ok(AdminResponse::Peers(cluster::peers(state))),
-        AdminRequest::Join { node_id, address } => {
+        AdminRequest::Join { node_id, address, incarnation } => {
             // A node asks to join under its own id; a member may forward another node's request
             // to the leader. Nobody else may.
             let allowed = match role {
@@ -180,11 +180,12 @@ pub(crate) async fn handle_admin(
                     format!("permission denied: a {role} certificate may not join as node {node_id}"),
                 ));
             }
-            cluster::handle_join(state, node_id, address).await
+            cluster::handle_join(state, node_id, address, incarnation).await
         }
         AdminRequest::Leave { node_id, force } => cluster::handle_leave(state, node_id, force).await,
-        AdminRequest::Removed { node_id } => {
-            if node_id != state.node_id() || !matches!(role, Role::Node { .. }) {
+        AdminRequest::Removed { node_id, incarnation } => {
+            // Only this incarnation: a notice about the data this host had before is not about us.
+            if node_id != state.node_id() || incarnation != state.incarnation() || !matches!(role, Role::Node { .. }) {
                 return Err(WireError::new(
                     ErrorCode::PermissionDenied,
                     "permission denied: not a removal notice for this node",

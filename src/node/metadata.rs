@@ -14,7 +14,9 @@ pub const METADATA_FILE_NAME: &str = "node.json";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeMetadata {
     pub node_id: u64,
-    pub cluster_id: String,
+    /// The cluster this directory belongs to: set when it bootstraps one or joins one.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
     pub incarnation: u64,
     /// Set when the cluster removed this node (`bayard leave`): the directory may not serve again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -62,12 +64,8 @@ pub fn load_or_create(data_directory: &Path, node_id: u64) -> Result<(NodeMetada
             Ok((metadata, DirectoryState::Existing))
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            let metadata = NodeMetadata {
-                node_id,
-                cluster_id: random_hex_id(),
-                incarnation: rand::random::<u64>() >> 1,
-                removed: None,
-            };
+            let metadata =
+                NodeMetadata { node_id, cluster_id: None, incarnation: rand::random::<u64>() >> 1, removed: None };
             write_durably(&path, &metadata).map_err(io_error(&path))?;
             Ok((metadata, DirectoryState::Created))
         }

@@ -19,16 +19,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::BasicNode;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cluster;
+use crate::cluster::membership::{MemberDigest, MembershipTable};
 use crate::index::{AnalyzerConfig, IndexError, SharedIndex};
 use crate::raft::log_store::{LogStore, LogStoreError};
 use crate::raft::network::Network;
 use crate::raft::state_machine::{recover_interrupted_install, IndexOpener, StateMachinePaths, StateMachineStore};
-use crate::raft::types::Raft;
+use crate::raft::types::{MemberNode, Raft};
 use crate::transport::{self, ConnectionPool, TlsFiles, TlsMaterial, TransportError};
 use metadata::{MetadataError, NodeMetadata};
 
@@ -150,12 +150,17 @@ pub enum NodeError {
     Worker(String),
     #[error("{0}")]
     Stopped(String),
+    #[error("certificate refused: {0}")]
+    Certificate(String),
 }
 
 /// State shared by every connection and stream of a node.
 pub(crate) struct NodeState {
     pub config: NodeConfig,
-    pub metadata: NodeMetadata,
+    /// `node.json`, kept in step with the file.
+    pub metadata: std::sync::Mutex<NodeMetadata>,
+    /// Digests of the membership exchange.
+    pub membership: MembershipTable,
     /// The address reported to clients and peers.
     pub address: String,
     pub index: SharedIndex,
@@ -171,6 +176,31 @@ pub(crate) struct NodeState {
 impl NodeState {
     pub fn node_id(&self) -> u64 {
         self.config.node_id
+    }
+
+    pub fn metadata(&self) -> NodeMetadata {
+        self.metadata.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.metadata().incarnation
+    }
+
+    pub fn cluster_id(&self) -> Option<String> {
+        self.metadata().cluster_id
+    }
+
+    /// Changes `node.json` (durably, off the runtime) and the copy in memory.
+    pub async fn update_metadata(&self, change: impl FnOnce(&mut NodeMetadata)) -> Result<(), NodeError> {
+        let mut updated = self.metadata();
+        change(&mut updated);
+        let data_directory = self.config.data_directory.clone();
+        let stored = updated.clone();
+        tokio::task::spawn_blocking(move || metadata::store(&data_directory, &stored))
+            .await
+            .map_err(|error| NodeError::Worker(error.to_string()))??;
+        *self.metadata.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = updated;
+        Ok(())
     }
 
     /// Asks the node to stop for `reason` (the first reason wins).
@@ -281,6 +311,26 @@ fn raft_config(timings: &RaftTimings) -> Result<openraft::Config, NodeError> {
     config.validate().map_err(|error| NodeError::RaftConfig(error.to_string()))
 }
 
+/// Refuses to start with a certificate that names another node: it would be refused by every
+/// peer anyway, and the operator learns why at once.
+fn check_own_certificate(material: &TlsMaterial, config: &NodeConfig) -> Result<(), NodeError> {
+    let Some(leaf) = material.certificate_chain.first() else {
+        return Err(NodeError::Certificate(format!("{} holds no certificate", config.tls.certificate.display())));
+    };
+    let peer = transport::identity::peer_from_certificate(leaf, &config.trust_domain)
+        .map_err(|error| NodeError::Certificate(format!("{}: {error}", config.tls.certificate.display())))?;
+    if peer.role != (transport::Role::Node { node_id: config.node_id }) {
+        return Err(NodeError::Certificate(format!(
+            "{} is the certificate of {}, but this is node {}; make one with `bayard certs node --id {}`",
+            config.tls.certificate.display(),
+            peer.role,
+            config.node_id,
+            config.node_id
+        )));
+    }
+    Ok(())
+}
+
 pub struct Node;
 
 impl Node {
@@ -321,6 +371,7 @@ impl Node {
         let fresh = log_store.is_empty().await.map_err(|error| storage_error("cannot read the raft log", error))?;
 
         let material = TlsMaterial::load(&config.tls)?;
+        check_own_certificate(&material, &config)?;
         let endpoint = transport::bind_node_endpoint(config.listen_address, &material, config.max_concurrent_streams)?;
         let local_address =
             endpoint.local_addr().map_err(|source| TransportError::Bind { address: config.listen_address, source })?;
@@ -341,13 +392,24 @@ impl Node {
         let tls_files = config.tls.clone();
         let max_concurrent_streams = config.max_concurrent_streams;
         let (stop_reason, _) = watch::channel(None);
+        let membership = MembershipTable::new(MemberDigest {
+            node_id,
+            address: address.clone(),
+            incarnation: metadata.incarnation,
+            heartbeat: 0,
+            role: if fresh && !config.peers.is_empty() { "joining" } else { "voter" }.to_string(),
+            applied_index: 0,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            leader: None,
+        });
         let state = Arc::new(NodeState {
+            membership,
             index: state_machine.index().clone(),
             raft,
             pool,
             membership_change: tokio::sync::Mutex::new(()),
             stop_reason,
-            metadata,
+            metadata: std::sync::Mutex::new(metadata),
             address,
             config,
         });
@@ -357,9 +419,13 @@ impl Node {
         let task = tokio::spawn(server::serve(state.clone(), endpoint.clone(), shutdown_receiver.clone()));
 
         if fresh && state.config.peers.is_empty() {
-            let members = BTreeMap::from([(node_id, BasicNode::new(state.address.clone()))]);
+            if state.cluster_id().is_none() {
+                let cluster_id = metadata::random_hex_id();
+                state.update_metadata(|metadata| metadata.cluster_id = Some(cluster_id)).await?;
+            }
+            let members = BTreeMap::from([(node_id, MemberNode::new(state.address.clone(), state.incarnation()))]);
             state.raft.initialize(members).await.map_err(|error| NodeError::Raft(error.to_string()))?;
-            tracing::info!(node_id, "bootstrapped a new one-node cluster");
+            tracing::info!(node_id, cluster_id = ?state.cluster_id(), "bootstrapped a new one-node cluster");
         } else if fresh {
             tokio::spawn(cluster::join_through_seeds(state.clone(), shutdown_receiver.clone()));
         } else {
@@ -368,7 +434,8 @@ impl Node {
         if !state.config.commit_interval.is_zero() {
             tokio::spawn(cluster::auto_commit(state.clone(), shutdown_receiver.clone()));
         }
-        tokio::spawn(cluster::watch_for_removal(state.clone(), shutdown_receiver));
+        tokio::spawn(cluster::watch_for_removal(state.clone(), shutdown_receiver.clone()));
+        tokio::spawn(cluster::exchange_membership(state.clone(), shutdown_receiver));
 
         Ok(RunningNode {
             local_address,

@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 
 use super::authorization::{authorize_admin_request, authorize_stream};
 use super::{handlers, NodeState};
+use crate::cluster::{self, membership::MembershipDigest};
 use crate::protocol::{AdminRequest, ClientRequest, ErrorCode, RaftRequest, StreamHeader, StreamKind, WireError};
 use crate::raft::network::RAFT_FRAME_OVERHEAD_BYTES;
 use crate::transport::frame::{self, FrameError};
@@ -247,8 +248,19 @@ async fn serve_stream(
             reply(&mut send, &answer, raft_frame_bytes).await;
         }
         StreamKind::Membership => {
-            let error = WireError::new(ErrorCode::Unavailable, "membership streams are not served by this version");
-            refuse(&mut send, &mut receive, error, max_frame_bytes).await;
+            let request =
+                match read_request::<MembershipDigest>(&mut receive, first_frame_timeout, max_frame_bytes).await {
+                    Ok(request) => request,
+                    Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
+                };
+            let Role::Node { node_id } = peer.role else {
+                return;
+            };
+            let answer = cluster::handle_exchange(&state, node_id, request);
+            if let Err(error) = &answer {
+                tracing::warn!(peer = %peer.role, error = %error.message, "refused membership digest");
+            }
+            reply(&mut send, &answer, max_frame_bytes).await;
         }
     }
 }

@@ -437,7 +437,9 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use openraft::storage::RaftLogStorageExt;
-    use openraft::{BasicNode, CommittedLeaderId, Membership};
+    use openraft::{CommittedLeaderId, Membership};
+
+    use crate::raft::types::MemberNode;
 
     use super::*;
     use crate::index::IndexOperation;
@@ -462,8 +464,10 @@ mod tests {
     }
 
     fn membership(term: u64, index: u64) -> Entry {
-        let nodes: BTreeMap<NodeId, BasicNode> =
-            [(1, BasicNode::new("127.0.0.1:7001")), (2, BasicNode::new("127.0.0.1:7002"))].into_iter().collect();
+        let nodes: BTreeMap<NodeId, MemberNode> =
+            [(1, MemberNode::new("127.0.0.1:7001", 1)), (2, MemberNode::new("127.0.0.1:7002", 2))]
+                .into_iter()
+                .collect();
         let membership = Membership::new(vec![BTreeSet::from([1, 2])], nodes);
         Entry { log_id: log_id(term, index), payload: EntryPayload::Membership(membership) }
     }

@@ -4,6 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::types::{MemberNode, NodeId, TypeConfig};
+use crate::protocol::{RaftRequest, RaftResponse, StreamKind};
+use crate::transport::frame::FrameError;
+use crate::transport::{self, CallError, ConnectionPool};
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -12,12 +16,6 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use openraft::BasicNode;
-
-use super::types::{NodeId, TypeConfig};
-use crate::protocol::{RaftRequest, RaftResponse, StreamKind};
-use crate::transport::frame::FrameError;
-use crate::transport::{self, CallError, ConnectionPool};
 
 /// Frames on `Raft` streams may exceed the client frame limit by this much: a log entry holds a
 /// client request (at most one frame) plus its envelope.
@@ -43,7 +41,7 @@ impl Network {
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+    async fn new_client(&mut self, target: NodeId, node: &MemberNode) -> PeerConnection {
         PeerConnection {
             target,
             address: node.addr.clone(),
@@ -92,7 +90,7 @@ impl PeerConnection {
         }
     }
 
-    fn rpc_error<E: std::error::Error>(&self, failure: Failure, entries: usize) -> RPCError<NodeId, BasicNode, E> {
+    fn rpc_error<E: std::error::Error>(&self, failure: Failure, entries: usize) -> RPCError<NodeId, MemberNode, E> {
         match failure {
             Failure::Unreachable(message) => RPCError::Unreachable(Unreachable::new(&TransportFailure(message))),
             Failure::Network(message) | Failure::Remote(message) => {
@@ -105,7 +103,7 @@ impl PeerConnection {
         }
     }
 
-    fn unexpected<E: std::error::Error>(&self, what: &str) -> RPCError<NodeId, BasicNode, E> {
+    fn unexpected<E: std::error::Error>(&self, what: &str) -> RPCError<NodeId, MemberNode, E> {
         RPCError::Network(NetworkError::new(&TransportFailure(format!(
             "node {} answered {what} with another kind of response",
             self.target
@@ -118,7 +116,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>> {
         let entries = rpc.entries.len();
         match self.send(&RaftRequest::AppendEntries(rpc), option.hard_ttl()).await {
             Ok(RaftResponse::AppendEntries(Ok(response))) => Ok(response),
@@ -134,7 +132,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId, InstallSnapshotError>>>
     {
         match self.send(&RaftRequest::InstallSnapshot(rpc), option.hard_ttl()).await {
             Ok(RaftResponse::InstallSnapshot(Ok(response))) => Ok(response),
@@ -150,7 +148,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         &mut self,
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>> {
         match self.send(&RaftRequest::Vote(rpc), option.hard_ttl()).await {
             Ok(RaftResponse::Vote(Ok(response))) => Ok(response),
             Ok(RaftResponse::Vote(Err(error))) => Err(RPCError::RemoteError(RemoteError::new(self.target, error))),

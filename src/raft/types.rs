@@ -1,8 +1,8 @@
 //! The Raft type configuration of bayard.
 //!
 //! A log entry carries an [`IndexBatch`]: many index operations at once (a bulk load is one entry
-//! per request, never one entry per document). The node type is openraft's `BasicNode`, whose
-//! `addr` is the `host:port` other nodes dial. Snapshot data is a file: a snapshot of a large index
+//! per request, never one entry per document). A member is a [`MemberNode`]: the `host:port` other
+//! nodes dial, and the incarnation of the data directory it was admitted with. Snapshot data is a file: a snapshot of a large index
 //! is streamed to and from disk, never held in memory whole.
 
 use serde::{Deserialize, Serialize};
@@ -27,13 +27,35 @@ pub struct BatchOutcome {
 
 pub type NodeId = u64;
 
+/// A member as the Raft membership records it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberNode {
+    /// `host:port` other nodes and clients dial.
+    pub addr: String,
+    /// The incarnation of the data directory the member joined with: a node that lost its data
+    /// comes back with another one, and is not the same member.
+    pub incarnation: u64,
+}
+
+impl MemberNode {
+    pub fn new(addr: impl Into<String>, incarnation: u64) -> Self {
+        MemberNode { addr: addr.into(), incarnation }
+    }
+}
+
+impl std::fmt::Display for MemberNode {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{} (incarnation {:x})", self.addr, self.incarnation)
+    }
+}
+
 openraft::declare_raft_types!(
     /// Types bayard's Raft runs with.
     pub TypeConfig:
         D = IndexBatch,
         R = BatchOutcome,
         NodeId = NodeId,
-        Node = openraft::BasicNode,
+        Node = MemberNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
@@ -43,6 +65,6 @@ pub type Raft = openraft::Raft<TypeConfig>;
 pub type LogId = openraft::LogId<NodeId>;
 pub type Vote = openraft::Vote<NodeId>;
 pub type Entry = openraft::Entry<TypeConfig>;
-pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
-pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, MemberNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, MemberNode>;
 pub type StorageError = openraft::StorageError<NodeId>;

@@ -1,0 +1,227 @@
+//! The membership exchange: what Raft does not carry — liveness, the current leader, incarnation,
+//! version, applied index — spread by periodic digests between a few random members.
+//!
+//! Every node keeps a table of digests, one per node it has heard of. Once per interval it bumps
+//! its own heartbeat and exchanges its table with up to [`FANOUT`] peers over `Membership`
+//! streams; both sides merge, and for each node the entry with the higher (incarnation,
+//! heartbeat) wins. A node whose heartbeat has not advanced for [`SUSPECT_AFTER`] is `suspect`,
+//! after [`DOWN_AFTER`] `down`. Messages carry the cluster id; another cluster's are refused. A
+//! joining node uses the same exchange to find the members and the leader from its seeds before it
+//! asks to join.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Exchange period.
+pub const EXCHANGE_INTERVAL: Duration = Duration::from_secs(1);
+/// Peers contacted per round.
+pub const FANOUT: usize = 3;
+/// Silence after which a node is suspect.
+pub const SUSPECT_AFTER: Duration = Duration::from_secs(3);
+/// Silence after which a node is down.
+pub const DOWN_AFTER: Duration = Duration::from_secs(10);
+
+/// What one node says about one node (itself or another it heard of).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberDigest {
+    pub node_id: u64,
+    pub address: String,
+    /// Drawn when the node's data directory was created: a wiped node has a new one.
+    pub incarnation: u64,
+    /// Bumped by the node itself every interval.
+    pub heartbeat: u64,
+    /// `voter`, `learner` or `joining`, as the node itself sees it.
+    pub role: String,
+    pub applied_index: u64,
+    pub version: String,
+    /// The leader the node knows of.
+    pub leader: Option<u64>,
+}
+
+impl MemberDigest {
+    fn is_newer_than(&self, other: &MemberDigest) -> bool {
+        (self.incarnation, self.heartbeat) > (other.incarnation, other.heartbeat)
+    }
+}
+
+/// One exchange message, in both directions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipDigest {
+    /// The node sending it; must be the node its certificate names.
+    pub sender: u64,
+    /// The sender's cluster; `None` while it has not joined one yet.
+    pub cluster_id: Option<String>,
+    pub members: Vec<MemberDigest>,
+}
+
+/// Liveness as seen from here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    Suspect,
+    Down,
+}
+
+impl Liveness {
+    pub fn name(self) -> &'static str {
+        match self {
+            Liveness::Alive => "alive",
+            Liveness::Suspect => "suspect",
+            Liveness::Down => "down",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    digest: MemberDigest,
+    /// When this node last saw the entry's heartbeat advance.
+    refreshed: Instant,
+}
+
+/// The table of digests. Thread-safe; every operation is short.
+#[derive(Debug)]
+pub struct MembershipTable {
+    own_node_id: u64,
+    entries: Mutex<BTreeMap<u64, Entry>>,
+}
+
+impl MembershipTable {
+    pub fn new(own: MemberDigest) -> Self {
+        let own_node_id = own.node_id;
+        let entries = BTreeMap::from([(own_node_id, Entry { digest: own, refreshed: Instant::now() })]);
+        MembershipTable { own_node_id, entries: Mutex::new(entries) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Updates this node's own digest (role, applied index, leader) and bumps its heartbeat.
+    pub fn beat(&self, update: impl FnOnce(&mut MemberDigest)) {
+        let mut entries = self.lock();
+        if let Some(entry) = entries.get_mut(&self.own_node_id) {
+            update(&mut entry.digest);
+            entry.digest.heartbeat += 1;
+            entry.refreshed = Instant::now();
+        }
+    }
+
+    /// Merges digests heard from a peer: for each node, the higher (incarnation, heartbeat) wins.
+    /// Nothing anyone says about this node replaces what it says itself.
+    pub fn merge(&self, digests: &[MemberDigest]) {
+        let mut entries = self.lock();
+        let now = Instant::now();
+        for digest in digests {
+            if digest.node_id == self.own_node_id {
+                continue;
+            }
+            match entries.get_mut(&digest.node_id) {
+                Some(entry) if digest.is_newer_than(&entry.digest) => {
+                    entry.digest = digest.clone();
+                    entry.refreshed = now;
+                }
+                Some(_) => {}
+                None => {
+                    entries.insert(digest.node_id, Entry { digest: digest.clone(), refreshed: now });
+                }
+            }
+        }
+    }
+
+    /// Every digest, for sending.
+    pub fn digests(&self) -> Vec<MemberDigest> {
+        self.lock().values().map(|entry| entry.digest.clone()).collect()
+    }
+
+    pub fn own(&self) -> Option<MemberDigest> {
+        self.lock().get(&self.own_node_id).map(|entry| entry.digest.clone())
+    }
+
+    /// The digest of `node_id` and its liveness.
+    pub fn get(&self, node_id: u64) -> Option<(MemberDigest, Liveness)> {
+        let entries = self.lock();
+        entries.get(&node_id).map(|entry| (entry.digest.clone(), self.liveness_of(entry)))
+    }
+
+    fn liveness_of(&self, entry: &Entry) -> Liveness {
+        if entry.digest.node_id == self.own_node_id {
+            return Liveness::Alive;
+        }
+        let silence = entry.refreshed.elapsed();
+        if silence >= DOWN_AFTER {
+            Liveness::Down
+        } else if silence >= SUSPECT_AFTER {
+            Liveness::Suspect
+        } else {
+            Liveness::Alive
+        }
+    }
+
+    /// Every known node with its liveness.
+    pub fn snapshot(&self) -> Vec<(MemberDigest, Liveness)> {
+        let entries = self.lock();
+        entries.values().map(|entry| (entry.digest.clone(), self.liveness_of(entry))).collect()
+    }
+
+    /// Forgets a node (after it left), so stale entries do not linger.
+    pub fn forget(&self, node_id: u64) {
+        if node_id != self.own_node_id {
+            self.lock().remove(&node_id);
+        }
+    }
+
+    /// The leader most nodes name, as heard (used by a joining node).
+    pub fn leader_hint(&self) -> Option<(u64, String)> {
+        let entries = self.lock();
+        let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
+        for entry in entries.values() {
+            if let Some(leader) = entry.digest.leader {
+                *votes.entry(leader).or_default() += 1;
+            }
+        }
+        let (leader, _) = votes.into_iter().max_by_key(|(_, count)| *count)?;
+        let address = entries.get(&leader)?.digest.address.clone();
+        Some((leader, address))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(node_id: u64, incarnation: u64, heartbeat: u64) -> MemberDigest {
+        MemberDigest {
+            node_id,
+            address: format!("10.0.0.{node_id}:5001"),
+            incarnation,
+            heartbeat,
+            role: "voter".into(),
+            applied_index: 0,
+            version: "test".into(),
+            leader: Some(1),
+        }
+    }
+
+    #[test]
+    fn newer_incarnation_and_heartbeat_win_and_own_entry_is_never_overwritten() {
+        let table = MembershipTable::new(digest(1, 10, 0));
+        table.merge(&[digest(2, 5, 3)]);
+        table.merge(&[digest(2, 5, 2)]);
+        assert_eq!(table.get(2).unwrap().0.heartbeat, 3, "an older heartbeat does not win");
+        table.merge(&[digest(2, 6, 0)]);
+        assert_eq!(table.get(2).unwrap().0.incarnation, 6, "a new incarnation wins over any heartbeat");
+        table.merge(&[digest(1, 99, 99)]);
+        assert_eq!(table.own().unwrap().incarnation, 10, "nobody speaks for this node");
+        table.beat(|own| own.applied_index = 7);
+        let own = table.own().unwrap();
+        assert_eq!((own.heartbeat, own.applied_index), (1, 7));
+        assert_eq!(table.get(2).unwrap().1, Liveness::Alive);
+        assert_eq!(table.leader_hint(), Some((1, "10.0.0.1:5001".to_string())));
+        table.forget(2);
+        assert!(table.get(2).is_none());
+    }
+}
