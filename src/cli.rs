@@ -142,6 +142,9 @@ pub struct ServeArguments {
     /// Snapshot the index after this many Raft log entries (and purge the log behind it).
     #[arg(long, env = "BAYARD_SNAPSHOT_ENTRIES", default_value_t = 5_000)]
     pub snapshot_entries: u64,
+    /// Remove members that have been down this long (e.g. 10m), never below a quorum. Off unless set.
+    #[arg(long, env = "BAYARD_REMOVE_DOWN_AFTER", value_parser = parse_duration)]
+    pub remove_down_after: Option<Duration>,
     /// Memory of the index writer, in MiB.
     #[arg(long, env = "BAYARD_WRITER_MEMORY_MB", default_value_t = 128)]
     pub writer_memory_mb: usize,
@@ -438,6 +441,7 @@ async fn run_serve(arguments: ServeArguments) -> anyhow::Result<()> {
     config.max_frame_bytes = arguments.max_frame_bytes;
     config.writer_memory_bytes = arguments.writer_memory_mb.max(16) * 1024 * 1024;
     config.raft.snapshot_after_entries = arguments.snapshot_entries.max(1);
+    config.remove_down_after = arguments.remove_down_after;
     node::run(config, shutdown_signal(), reload_signal()).await.map_err(|error| anyhow!(error))
 }
 

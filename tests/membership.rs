@@ -182,3 +182,28 @@ async fn impostors_and_foreign_nodes_never_become_members() {
     assert_eq!(cluster.client_of(1).peers().await.unwrap().len(), 2);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn down_members_are_removed_automatically_when_asked_and_never_below_quorum() {
+    let mut cluster = TestCluster::new();
+    let mut config = cluster.config(1, vec![]);
+    config.remove_down_after = Some(Duration::from_secs(4));
+    cluster.nodes.insert(1, common::start_node(config).await);
+    cluster.wait_for_voters(1, &[1], SETTLE).await;
+    cluster.start(2, Some(1)).await;
+    cluster.start(3, Some(1)).await;
+    cluster.wait_for_voters(1, &[1, 2, 3], SETTLE).await;
+    assert_eq!(cluster.leader(), Some(1));
+
+    // Node 3 goes down: {1, 2} still answer, so the leader removes it after the timeout.
+    cluster.stop(3).await;
+    let client = cluster.client_of(1);
+    let removed =
+        eventually(SETTLE, || async { client.peers().await.is_ok_and(|peers| !peers.contains_key(&3)) }).await;
+    assert!(removed, "node 3 was not removed");
+    // Node 2 goes down too: removing it would need a quorum of {1, 2}, which is gone. It stays.
+    cluster.stop(2).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(client.peers().await.unwrap().contains_key(&2), "a member was removed without a quorum");
+    cluster.shutdown().await;
+}

@@ -167,6 +167,11 @@ impl MembershipTable {
         entries.values().map(|entry| (entry.digest.clone(), self.liveness_of(entry))).collect()
     }
 
+    /// How long since `node_id`'s heartbeat last advanced, for nodes heard of at all.
+    pub fn silence(&self, node_id: u64) -> Option<Duration> {
+        self.lock().get(&node_id).map(|entry| entry.refreshed.elapsed())
+    }
+
     /// Forgets a node (after it left), so stale entries do not linger.
     pub fn forget(&self, node_id: u64) {
         if node_id != self.own_node_id {

@@ -358,8 +358,22 @@ pub(crate) async fn handle_leave(
     }
     if !force {
         let members = member_states(state);
-        let alive =
-            members.iter().filter(|member| remaining.contains(&member.node_id) && member.state == "alive").count();
+        let alive_among = |voters: &BTreeSet<u64>| {
+            members.iter().filter(|member| voters.contains(&member.node_id) && member.state == "alive").count()
+        };
+        // The change goes through a joint configuration: it needs a majority of the current
+        // voters as well as of the remaining ones.
+        let (alive_now, quorum_now) = (alive_among(&voters), voters.len() / 2 + 1);
+        if alive_now < quorum_now {
+            return Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "only {alive_now} of {} voters answer, fewer than the {quorum_now} a membership change needs; use --force to try anyway",
+                    voters.len()
+                ),
+            ));
+        }
+        let alive = alive_among(&remaining);
         let quorum = remaining.len() / 2 + 1;
         if alive < quorum {
             return Err(WireError::new(
@@ -647,6 +661,35 @@ pub(crate) async fn exchange_membership(state: Arc<NodeState>, mut shutdown: wat
             });
         }
         while exchanges.join_next().await.is_some() {}
+    }
+}
+
+/// Optional (`--remove-down-after`): on the leader, removes a member whose heartbeat has not
+/// advanced for `after`, one at a time, through the same quorum guard as `bayard leave`. Only
+/// members this node has heard from count, and only once this node has run for `after` itself,
+/// so a freshly started leader never mistakes "not heard of yet" for "down".
+pub(crate) async fn remove_down_members(state: Arc<NodeState>, after: Duration, mut shutdown: watch::Receiver<bool>) {
+    let started = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if started.elapsed() < after || !is_leader(&state) {
+            continue;
+        }
+        let members: Vec<u64> = peers(&state).into_keys().filter(|node_id| *node_id != state.node_id()).collect();
+        let Some(down) = members
+            .into_iter()
+            .find(|node_id| state.membership.silence(*node_id).is_some_and(|silence| silence >= after))
+        else {
+            continue;
+        };
+        match handle_leave(&state, down, false).await {
+            Ok(_) => tracing::warn!(node_id = down, ?after, "removed a member that was down"),
+            Err(error) => tracing::warn!(node_id = down, error = %error.message, "not removing a down member"),
+        }
     }
 }
 

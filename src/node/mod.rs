@@ -63,6 +63,8 @@ pub struct NodeConfig {
     pub drain_timeout: Duration,
     pub writer_memory_bytes: usize,
     pub raft: RaftTimings,
+    /// When set, the leader removes members that have been down this long (never below quorum).
+    pub remove_down_after: Option<Duration>,
 }
 
 /// Raft settings an operator may tune.
@@ -120,6 +122,7 @@ impl NodeConfig {
             drain_timeout: Duration::from_secs(10),
             writer_memory_bytes: 128 * 1024 * 1024,
             raft: RaftTimings::default(),
+            remove_down_after: None,
         }
     }
 }
@@ -435,6 +438,9 @@ impl Node {
             tokio::spawn(cluster::auto_commit(state.clone(), shutdown_receiver.clone()));
         }
         tokio::spawn(cluster::watch_for_removal(state.clone(), shutdown_receiver.clone()));
+        if let Some(after) = state.config.remove_down_after {
+            tokio::spawn(cluster::remove_down_members(state.clone(), after, shutdown_receiver.clone()));
+        }
         tokio::spawn(cluster::exchange_membership(state.clone(), shutdown_receiver));
 
         Ok(RunningNode {
