@@ -827,7 +827,7 @@ async fn run_client_command(command: Command) -> anyhow::Result<()> {
             let result = client.search(request, arguments.consistency).await?;
             print_json(&serde_json::to_value(&result)?);
         }
-        Command::Serve(_) | Command::Certs(_) => unreachable!("handled by run"),
+        Command::Serve(_) | Command::Certs(_) => bail!("serve and certs are not client commands"),
     }
     Ok(())
 }
