@@ -119,12 +119,27 @@ pub(crate) async fn propose_as_leader(state: &NodeState, batch: IndexBatch) -> R
     }
 }
 
+/// A leader cut off from its quorum keeps believing it leads until it hears of a newer term; its
+/// writes could never commit. Refuse them at once instead of letting them hang until the deadline.
+fn check_leader_quorum(state: &NodeState) -> Result<(), WireError> {
+    let metrics = state.raft.metrics().borrow().clone();
+    let limit = state.config.raft.election_timeout_max * 2;
+    match metrics.millis_since_quorum_ack {
+        Some(silence) if Duration::from_millis(silence) > limit => Err(unavailable(format!(
+            "node {} leads no quorum: no majority has answered for {silence} ms; writes go to the majority's leader",
+            state.node_id()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Appends a batch to the replicated log from any node: locally when this node leads, else
 /// forwarded to the leader. Leadership changes in between are retried, a bounded number of times.
 pub(crate) async fn propose(state: &NodeState, batch: IndexBatch) -> Result<BatchOutcome, WireError> {
     let mut last_error = unavailable("no leader is known; the cluster may be electing one or have lost its quorum");
     for _attempt in 0..4 {
         if is_leader(state) {
+            check_leader_quorum(state)?;
             match propose_as_leader(state, batch.clone()).await {
                 Err(error) if error.code == ErrorCode::Unavailable => last_error = error,
                 other => return other,
@@ -234,7 +249,9 @@ fn member_states(state: &NodeState) -> Vec<MemberStatus> {
             } else {
                 match state.membership.get(*node_id) {
                     Some((digest, liveness)) => (digest.applied_index, liveness),
-                    // Never heard of since this node started: nothing says it is alive.
+                    // Not heard of since this node started: suspect while the exchange has had
+                    // time to reach it, down after that.
+                    None if state.started.elapsed() < membership::DOWN_AFTER => (0, Liveness::Suspect),
                     None => (0, Liveness::Down),
                 }
             };

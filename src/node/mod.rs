@@ -164,6 +164,8 @@ pub(crate) struct NodeState {
     pub metadata: std::sync::Mutex<NodeMetadata>,
     /// Digests of the membership exchange.
     pub membership: MembershipTable,
+    /// When this node started.
+    pub started: std::time::Instant,
     /// The address reported to clients and peers.
     pub address: String,
     pub index: SharedIndex,
@@ -407,6 +409,7 @@ impl Node {
         });
         let state = Arc::new(NodeState {
             membership,
+            started: std::time::Instant::now(),
             index: state_machine.index().clone(),
             raft,
             pool,
