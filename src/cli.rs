@@ -15,7 +15,7 @@ use crate::client::{Client, ClientError, ClientOptions, WriteReceipt};
 use crate::index::{FacetRequest, SearchRequest, SortSpec, DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
 use crate::node::{self, NodeConfig};
 use crate::protocol::{Consistency, DocumentInput, NodeStatus};
-use crate::telemetry::{self, LogFormat};
+use crate::telemetry::{self, LogFormat, TelemetryConfig};
 use crate::transport::{self, Role, TlsFiles};
 
 #[derive(Debug, Parser)]
@@ -150,6 +150,13 @@ pub struct ServeArguments {
     pub writer_memory_mb: usize,
     #[arg(long, env = "BAYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://localhost:4317); also taken
+    /// from OTEL_EXPORTER_OTLP_ENDPOINT. Nothing is exported when unset.
+    #[arg(long, env = "BAYARD_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Serve /metrics (Prometheus), /livez and /readyz over HTTP on this port of --host.
+    #[arg(long, env = "BAYARD_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -361,8 +368,13 @@ pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
         Command::Serve(serve) => run_serve(serve).await,
         Command::Certs(command) => run_certs(command),
         command => {
-            telemetry::init_logging(LogFormat::Text, "warn");
-            run_client_command(command).await
+            // A client command is the root of its trace when an OTLP endpoint is set (or a child of
+            // TRACEPARENT); the guard flushes its spans before the process exits.
+            let telemetry_guard =
+                telemetry::init(TelemetryConfig::from_env(LogFormat::Text, "cli").with_log_directive("warn"))?;
+            let result = run_client_command(command).await;
+            let _ = telemetry_guard.shutdown().await;
+            result
         }
     }
 }
@@ -387,7 +399,19 @@ fn read_file_or_embedded(
 }
 
 async fn run_serve(arguments: ServeArguments) -> anyhow::Result<()> {
-    telemetry::init_logging(arguments.log_format, "info,openraft=warn");
+    let telemetry_guard = telemetry::init(
+        TelemetryConfig::from_env(arguments.log_format, arguments.id.to_string())
+            .with_log_directive("info,openraft=warn")
+            .with_otlp_endpoint(arguments.otlp_endpoint.clone()),
+    )?;
+    let served = serve_node(arguments).await;
+    if let Err(error) = telemetry_guard.shutdown().await {
+        tracing::warn!(%error, "traces may not all have been exported");
+    }
+    served
+}
+
+async fn serve_node(arguments: ServeArguments) -> anyhow::Result<()> {
     let tls = match (&arguments.ca, &arguments.cert, &arguments.key) {
         (Some(ca), Some(cert), Some(key)) => {
             TlsFiles { ca_certificate: ca.clone(), certificate: cert.clone(), private_key: key.clone() }
@@ -442,6 +466,7 @@ async fn run_serve(arguments: ServeArguments) -> anyhow::Result<()> {
     config.writer_memory_bytes = arguments.writer_memory_mb.max(16) * 1024 * 1024;
     config.raft.snapshot_after_entries = arguments.snapshot_entries.max(1);
     config.remove_down_after = arguments.remove_down_after;
+    config.metrics_address = arguments.metrics_port.map(|port| SocketAddr::new(arguments.host, port));
     node::run(config, shutdown_signal(), reload_signal()).await.map_err(|error| anyhow!(error))
 }
 

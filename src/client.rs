@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::index::{SearchRequest, SearchResponse};
 use crate::protocol::{
@@ -203,6 +204,24 @@ impl Client {
         Request: Serialize,
         Response: DeserializeOwned,
     {
+        // The root span of the request (a child of TRACEPARENT when the caller passed one); its
+        // context travels in every stream header, so the nodes' spans join this trace.
+        let span = tracing::info_span!("bayard.client", kind = kind.name());
+        crate::telemetry::set_parent_from_traceparent(&span, self.options.trace_context.as_deref());
+        let trace_context = crate::telemetry::traceparent_of_span(&span).or_else(|| self.options.trace_context.clone());
+        self.call_with(kind, request, trace_context).instrument(span).await
+    }
+
+    async fn call_with<Request, Response>(
+        &self,
+        kind: StreamKind,
+        request: &Request,
+        trace_context: Option<String>,
+    ) -> Result<(Response, String), ClientError>
+    where
+        Request: Serialize,
+        Response: DeserializeOwned,
+    {
         let servers = &self.options.servers;
         let first = self.preferred_server.load(Ordering::Relaxed) % servers.len();
         let mut attempts = Vec::new();
@@ -227,7 +246,7 @@ impl Client {
                 let outcome = transport::call::<Request, Response>(
                     &connection,
                     kind,
-                    self.options.trace_context.clone(),
+                    trace_context.clone(),
                     request,
                     self.options.request_timeout,
                     self.options.max_frame_bytes,

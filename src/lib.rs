@@ -14,7 +14,10 @@
 //! - [`client`]: the typed async client used by the CLI and the tests.
 //! - [`certs`]: certificate generation with rcgen (CA, node, client, admin roles).
 //! - [`cli`]: the `bayard` command line; the only place that uses `anyhow`.
-//! - [`telemetry`]: logging setup.
+//! - [`raft`]: openraft types, the durable redb log store, the network over the endpoint, the
+//!   state machine that applies batches to the index, snapshots.
+//! - [`cluster`]: membership (the exchange, join, leave), forwarding to the leader, status.
+//! - [`telemetry`]: logs, OTLP trace export, W3C trace context, Prometheus metrics, health.
 //!
 //! See `docs/architecture.md` for the invariants and the reasons behind them.
 

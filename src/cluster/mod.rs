@@ -16,6 +16,7 @@ use openraft::{ChangeMembers, ServerState};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::index::IndexOperation;
 use crate::node::{NodeError, NodeState};
@@ -88,7 +89,8 @@ pub(crate) async fn call_node<Request: Serialize, Response: DeserializeOwned>(
     let connection =
         state.pool.get(address).await.map_err(|error| unavailable(format!("cannot reach {address}: {error}")))?;
     let frame_limit = state.config.max_frame_bytes + RAFT_FRAME_OVERHEAD_BYTES;
-    match transport::call::<Request, Response>(&connection, kind, None, request, timeout, frame_limit).await {
+    let trace_context = crate::telemetry::current_traceparent();
+    match transport::call::<Request, Response>(&connection, kind, trace_context, request, timeout, frame_limit).await {
         Ok(answer) => answer,
         Err(error) => {
             state.pool.forget(address);
@@ -107,7 +109,8 @@ fn outcome_to_result(outcome: BatchOutcome) -> Result<BatchOutcome, WireError> {
 /// Appends a batch through this node's Raft, which must be the leader. Returns once the entry is
 /// committed and applied here.
 pub(crate) async fn propose_as_leader(state: &NodeState, batch: IndexBatch) -> Result<BatchOutcome, WireError> {
-    match state.raft.client_write(batch).await {
+    let span = tracing::info_span!("bayard.raft_write", operations = batch.operations.len());
+    match state.raft.client_write(batch).instrument(span).await {
         Ok(response) => outcome_to_result(response.data),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
             Err(unavailable(format!("node {} is not the leader", state.node_id())))
@@ -149,13 +152,16 @@ pub(crate) async fn propose(state: &NodeState, batch: IndexBatch) -> Result<Batc
                 continue;
             }
             let request = RaftRequest::Propose(batch.clone());
+            let forward_span =
+                tracing::info_span!("bayard.forward_to_leader", leader, operations = batch.operations.len());
             let forwarded = call_node::<_, RaftResponse>(
                 state,
                 &address,
                 StreamKind::Raft,
                 &request,
                 state.config.max_request_timeout,
-            );
+            )
+            .instrument(forward_span);
             // A leader that died does not answer; as soon as Raft names another one, go there.
             // Re-proposing is safe: puts and deletes are idempotent.
             let answer = tokio::select! {

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use tracing::Instrument;
+
 use super::NodeState;
 use crate::cluster;
 use crate::index::{IndexError, IndexOperation, SearchIndex};
@@ -91,7 +93,8 @@ fn applied_index(state: &NodeState) -> u64 {
 
 async fn search_here(state: &NodeState, request: crate::index::SearchRequest) -> Result<ClientResponse, WireError> {
     let applied_index = applied_index(state);
-    let response = blocking(state, move |index| index.search(&request)).await?;
+    let span = tracing::info_span!("bayard.search", applied_index);
+    let response = blocking(state, move |index| index.search(&request)).instrument(span).await?;
     Ok(ClientResponse::Search { response, node_id: state.node_id(), applied_index })
 }
 

@@ -29,6 +29,7 @@ use crate::raft::log_store::{LogStore, LogStoreError};
 use crate::raft::network::Network;
 use crate::raft::state_machine::{recover_interrupted_install, IndexOpener, StateMachinePaths, StateMachineStore};
 use crate::raft::types::{MemberNode, Raft};
+use crate::telemetry;
 use crate::transport::{self, ConnectionPool, TlsFiles, TlsMaterial, TransportError};
 use metadata::{MetadataError, NodeMetadata};
 
@@ -65,6 +66,8 @@ pub struct NodeConfig {
     pub raft: RaftTimings,
     /// When set, the leader removes members that have been down this long (never below quorum).
     pub remove_down_after: Option<Duration>,
+    /// Where to serve `/metrics`, `/livez` and `/readyz` over HTTP (port 0 picks one); off when unset.
+    pub metrics_address: Option<SocketAddr>,
 }
 
 /// Raft settings an operator may tune.
@@ -123,6 +126,7 @@ impl NodeConfig {
             writer_memory_bytes: 128 * 1024 * 1024,
             raft: RaftTimings::default(),
             remove_down_after: None,
+            metrics_address: None,
         }
     }
 }
@@ -174,6 +178,8 @@ pub(crate) struct NodeState {
     pub pool: Arc<ConnectionPool>,
     /// One membership change at a time on the leader.
     pub membership_change: tokio::sync::Mutex<()>,
+    /// The log store (shared with Raft), for the commit index the readiness check compares with.
+    pub log_store: LogStore,
     /// Set once when the node must stop: removed from the cluster, or a fatal join refusal.
     pub stop_reason: watch::Sender<Option<NodeError>>,
 }
@@ -228,6 +234,7 @@ pub struct RunningNode {
     tls_files: TlsFiles,
     max_concurrent_streams: u32,
     state: Arc<NodeState>,
+    metrics_address: Option<SocketAddr>,
     shutdown_sender: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -245,6 +252,11 @@ impl RunningNode {
 
     pub fn node_id(&self) -> u64 {
         self.node_id
+    }
+
+    /// Where `/metrics`, `/livez` and `/readyz` are served, when they are.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics_address
     }
 
     /// The node's Raft handle (metrics, for tests and tools).
@@ -383,6 +395,7 @@ impl Node {
         let address = config.advertise_address.clone().unwrap_or_else(|| local_address.to_string());
         let pool = Arc::new(ConnectionPool::new(endpoint.clone(), config.trust_domain.clone(), Duration::from_secs(3)));
 
+        let log_store_view = log_store.clone();
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config(&config.raft)?),
@@ -414,6 +427,7 @@ impl Node {
             raft,
             pool,
             membership_change: tokio::sync::Mutex::new(()),
+            log_store: log_store_view,
             stop_reason,
             metadata: std::sync::Mutex::new(metadata),
             address,
@@ -422,6 +436,11 @@ impl Node {
         tracing::info!(node_id, %local_address, address = %state.address, fresh, "node listening");
 
         let (shutdown_sender, shutdown_receiver) = watch::channel(false);
+        let metrics_address = match state.config.metrics_address {
+            Some(address) => Some(serve_metrics(state.clone(), address, shutdown_receiver.clone()).await?),
+            None => None,
+        };
+        tokio::spawn(update_metrics(state.clone(), shutdown_receiver.clone()));
         let task = tokio::spawn(server::serve(state.clone(), endpoint.clone(), shutdown_receiver.clone()));
 
         if fresh && state.config.peers.is_empty() {
@@ -453,9 +472,68 @@ impl Node {
             tls_files,
             max_concurrent_streams,
             state,
+            metrics_address,
             shutdown_sender,
             task,
         })
+    }
+}
+
+/// Binds the HTTP listener of `/metrics`, `/livez`, `/readyz` and serves it until shutdown.
+/// Ready means: a leader is known and everything known committed is applied here.
+async fn serve_metrics(
+    state: Arc<NodeState>,
+    address: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<SocketAddr, NodeError> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|error| NodeError::Storage(format!("cannot bind the metrics port {address}: {error}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|error| NodeError::Storage(format!("cannot read the metrics address: {error}")))?;
+    let live_state = state.clone();
+    let health = telemetry::health_from_fn(
+        move || live_state.raft.metrics().borrow().running_state.is_ok(),
+        move || {
+            let metrics = state.raft.metrics().borrow().clone();
+            telemetry::raft_readiness(&metrics, state.log_store.committed_index())
+        },
+    );
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown.changed().await;
+        };
+        if let Err(error) = telemetry::serve_http(listener, health, stop).await {
+            tracing::error!(%error, "metrics server stopped");
+        }
+    });
+    tracing::info!(address = %bound, "serving /metrics, /livez and /readyz");
+    Ok(bound)
+}
+
+/// Refreshes the gauges that mirror Raft, the index and the membership exchange, once a second.
+async fn update_metrics(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let node_id = state.node_id();
+        let raft_metrics = state.raft.metrics().borrow().clone();
+        telemetry::update_from_raft_metrics(node_id, &raft_metrics);
+        telemetry::metrics::set_raft_commit_index(node_id, state.log_store.committed_index());
+        let index = state.index.current();
+        telemetry::metrics::set_index_stats(index.document_count(), index.segment_count() as u64);
+        // From the local membership table: no network call.
+        let members = cluster::cluster_status(&state).await.members;
+        let count = |wanted: &str| members.iter().filter(|member| member.state == wanted).count() as u64;
+        telemetry::metrics::set_membership_members([
+            ("alive", count("alive")),
+            ("suspect", count("suspect")),
+            ("down", count("down")),
+        ]);
     }
 }
 

@@ -15,9 +15,12 @@ use super::{handlers, NodeState};
 use crate::cluster::{self, membership::MembershipDigest};
 use crate::protocol::{AdminRequest, ClientRequest, ErrorCode, RaftRequest, StreamHeader, StreamKind, WireError};
 use crate::raft::network::RAFT_FRAME_OVERHEAD_BYTES;
+use crate::telemetry;
+use crate::telemetry::metrics::ConnectionDirection;
 use crate::transport::frame::{self, FrameError};
 use crate::transport::identity::{peer_of_connection, Peer};
 use crate::transport::Role;
+use tracing::Instrument;
 
 /// QUIC application error codes used when a stream or connection is cut short.
 mod close_code {
@@ -62,11 +65,13 @@ async fn serve_connection(state: Arc<NodeState>, incoming: quinn::Incoming, mut 
     let connection = match tokio::time::timeout(state.config.handshake_timeout, incoming).await {
         Err(_) => {
             tracing::warn!(%remote_address, reason = "handshake_timeout", "refused connection");
+            telemetry::metrics::record_refused_connection("handshake_timeout");
             return;
         }
         Ok(Err(error)) => {
             // Certificate problems (none, foreign CA, expired) end here: rustls refused the handshake.
             tracing::warn!(%remote_address, reason = "handshake", %error, "refused connection");
+            telemetry::metrics::record_refused_connection("handshake");
             return;
         }
         Ok(Ok(connection)) => connection,
@@ -75,12 +80,14 @@ async fn serve_connection(state: Arc<NodeState>, incoming: quinn::Incoming, mut 
         Ok(peer) => Arc::new(peer),
         Err(error) => {
             tracing::warn!(%remote_address, reason = "identity", %error, "refused connection");
+            telemetry::metrics::record_refused_connection("identity");
             let reason = format!("certificate refused: {error}");
             connection.close(close_code::IDENTITY_REFUSED.into(), reason.as_bytes());
             return;
         }
     };
     tracing::debug!(%remote_address, peer = %peer.role, "connection established");
+    let connection_metrics = telemetry::metrics::ConnectionMetrics::open(ConnectionDirection::Inbound);
 
     let mut streams = JoinSet::new();
     loop {
@@ -96,7 +103,7 @@ async fn serve_connection(state: Arc<NodeState>, incoming: quinn::Incoming, mut 
                     }
                 }
             }
-            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            Some(_) = streams.join_next(), if !streams.is_empty() => connection_metrics.observe(&connection.stats()),
             changed = shutdown.changed() => {
                 if changed.is_err() || *shutdown.borrow() {
                     break;
@@ -106,6 +113,7 @@ async fn serve_connection(state: Arc<NodeState>, incoming: quinn::Incoming, mut 
     }
     // In-flight streams finish; the caller bounds how long that may take.
     while streams.join_next().await.is_some() {}
+    connection_metrics.observe(&connection.stats());
 }
 
 /// Sends one answer frame and finishes the stream. An answer too large for a frame becomes an
@@ -194,6 +202,15 @@ async fn serve_stream(
     let deadline = Duration::from_millis(u64::from(header.deadline_millis))
         .min(state.config.max_request_timeout)
         .max(Duration::from_millis(1));
+    telemetry::metrics::record_stream(kind.name());
+    // One span per request, child of the caller's span when the header carries its context: a
+    // request that crosses nodes stays one trace.
+    // Raft heartbeats and membership exchanges run every few hundred milliseconds: their spans are
+    // debug level, so the default trace filter keeps them out of exported traces. Client and admin
+    // requests, and writes forwarded to the leader, are info level.
+    let span = request_span(&state, &peer, kind, matches!(kind, StreamKind::Client | StreamKind::Admin));
+    telemetry::set_parent_from_traceparent(&span, header.trace_context.as_deref());
+    let started = std::time::Instant::now();
 
     match kind {
         StreamKind::Client => {
@@ -203,12 +220,12 @@ async fn serve_stream(
                 Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
             };
             let request_name = request.name();
-            let answer = with_deadline(
-                deadline,
-                handlers::handle_client(&state, request, matches!(peer.role, Role::Node { .. })),
-            )
-            .await;
-            log_outcome(&peer, kind, request_name, &answer);
+            span.record("request", request_name);
+            let forwarded = matches!(peer.role, Role::Node { .. });
+            let answer = with_deadline(deadline, handlers::handle_client(&state, request, forwarded))
+                .instrument(span.clone())
+                .await;
+            log_outcome(&span, &peer, kind, request_name, started, &answer);
             reply(&mut send, &answer, max_frame_bytes).await;
         }
         StreamKind::Admin => {
@@ -221,8 +238,11 @@ async fn serve_stream(
                 return reply::<()>(&mut send, &Err(error), max_frame_bytes).await;
             }
             let request_name = request.name();
-            let answer = with_deadline(deadline, handlers::handle_admin(&state, &peer.role, request)).await;
-            log_outcome(&peer, kind, request_name, &answer);
+            span.record("request", request_name);
+            let answer = with_deadline(deadline, handlers::handle_admin(&state, &peer.role, request))
+                .instrument(span.clone())
+                .await;
+            log_outcome(&span, &peer, kind, request_name, started, &answer);
             reply(&mut send, &answer, max_frame_bytes).await;
         }
         StreamKind::Raft => {
@@ -230,6 +250,13 @@ async fn serve_stream(
             let request = match read_request::<RaftRequest>(&mut receive, first_frame_timeout, raft_frame_bytes).await {
                 Ok(request) => request,
                 Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
+            };
+            let span = if matches!(request, RaftRequest::Propose(_)) {
+                let span = request_span(&state, &peer, kind, true);
+                telemetry::set_parent_from_traceparent(&span, header.trace_context.as_deref());
+                span
+            } else {
+                span
             };
             // A node certificate for id 2 cannot speak for node 3.
             if let (Some(claimed), Role::Node { node_id }) = (request.claimed_sender(), &peer.role) {
@@ -243,8 +270,9 @@ async fn serve_stream(
                 }
             }
             let request_name = request.name();
-            let answer = with_deadline(deadline, handlers::handle_raft(&state, request)).await;
-            log_outcome(&peer, kind, request_name, &answer);
+            span.record("request", request_name);
+            let answer = with_deadline(deadline, handlers::handle_raft(&state, request)).instrument(span.clone()).await;
+            log_outcome(&span, &peer, kind, request_name, started, &answer);
             reply(&mut send, &answer, raft_frame_bytes).await;
         }
         StreamKind::Membership => {
@@ -262,6 +290,28 @@ async fn serve_stream(
             }
             reply(&mut send, &answer, max_frame_bytes).await;
         }
+    }
+}
+
+fn request_span(state: &NodeState, peer: &Peer, kind: StreamKind, info: bool) -> tracing::Span {
+    if info {
+        tracing::info_span!(
+            "bayard.request",
+            node_id = state.config.node_id,
+            kind = kind.name(),
+            request = tracing::field::Empty,
+            peer = %peer.role,
+            outcome = tracing::field::Empty,
+        )
+    } else {
+        tracing::debug_span!(
+            "bayard.request",
+            node_id = state.config.node_id,
+            kind = kind.name(),
+            request = tracing::field::Empty,
+            peer = %peer.role,
+            outcome = tracing::field::Empty,
+        )
     }
 }
 
@@ -293,7 +343,20 @@ async fn with_deadline<T>(
     }
 }
 
-fn log_outcome<T>(peer: &Peer, kind: StreamKind, request: &'static str, answer: &Result<T, WireError>) {
+fn log_outcome<T>(
+    span: &tracing::Span,
+    peer: &Peer,
+    kind: StreamKind,
+    request: &'static str,
+    started: std::time::Instant,
+    answer: &Result<T, WireError>,
+) {
+    let outcome = match answer {
+        Ok(_) => "ok",
+        Err(error) => error.code.name(),
+    };
+    span.record("outcome", outcome);
+    telemetry::record_request(kind.name(), request, outcome, started.elapsed());
     match answer {
         Ok(_) => tracing::debug!(peer = %peer.role, kind = kind.name(), request, "request served"),
         Err(error) => tracing::info!(

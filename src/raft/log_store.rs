@@ -115,6 +115,9 @@ impl Failure {
 pub struct LogStore {
     db: Arc<Database>,
     path: Arc<Path>,
+    /// The last committed index openraft saved, plus one (0: none); shared by clones, read by
+    /// the node's readiness check.
+    committed_index: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl fmt::Debug for LogStore {
@@ -141,7 +144,15 @@ impl LogStore {
         // Create both tables up front so that read transactions never meet a missing table.
         create_tables(&db).map_err(|source| LogStoreError::Init { path: path.to_path_buf(), source })?;
 
-        Ok(LogStore { db: Arc::new(db), path: Arc::from(path) })
+        let committed: Option<LogId> = get_meta(&db, COMMITTED_KEY).unwrap_or(None);
+        let committed_index =
+            Arc::new(std::sync::atomic::AtomicU64::new(committed.map(|log_id| log_id.index + 1).unwrap_or(0)));
+        Ok(LogStore { db: Arc::new(db), path: Arc::from(path), committed_index })
+    }
+
+    /// The index of the last entry known committed, as last saved by Raft.
+    pub fn committed_index(&self) -> Option<u64> {
+        self.committed_index.load(std::sync::atomic::Ordering::Acquire).checked_sub(1)
     }
 
     /// The file this store was opened from.
@@ -256,7 +267,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map(|log_id| encode(&log_id, "committed log id"))
             .transpose()
             .map_err(|failure| failure.into_storage_error(ErrorSubject::Store, ErrorVerb::Write))?;
-        self.run(ErrorSubject::Store, ErrorVerb::Write, move |db| put_meta(db, COMMITTED_KEY, bytes)).await
+        self.run(ErrorSubject::Store, ErrorVerb::Write, move |db| put_meta(db, COMMITTED_KEY, bytes)).await?;
+        let stored = committed.map(|log_id| log_id.index + 1).unwrap_or(0);
+        self.committed_index.store(stored, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {

@@ -72,7 +72,7 @@ impl PeerConnection {
         let answer = transport::call::<_, RaftResponse>(
             &connection,
             StreamKind::Raft,
-            None,
+            crate::telemetry::current_traceparent(),
             request,
             timeout,
             self.raft_frame_bytes,

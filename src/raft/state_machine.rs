@@ -225,8 +225,15 @@ fn apply_entries(
             EntryPayload::Normal(batch) => {
                 let marker = IndexCommitMarker { log_id: Some(log_id), membership: state.membership.clone() };
                 let operations = batch.operations.len() as u64;
+                let _span = tracing::info_span!("bayard.apply", log_index = log_id.index, operations).entered();
+                let started = std::time::Instant::now();
                 let error = match index.apply(&batch.operations, Some(&marker.to_payload())) {
-                    Ok(_) => None,
+                    Ok(outcome) => {
+                        if outcome.committed {
+                            crate::telemetry::metrics::record_index_commit(started.elapsed());
+                        }
+                        None
+                    }
                     Err(IndexError::InvalidDocument(message) | IndexError::InvalidRequest(message)) => {
                         tracing::error!(log_index = log_id.index, %message, "skipped a batch the index refused");
                         Some(message)

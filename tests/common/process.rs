@@ -123,7 +123,18 @@ impl ServeProcess {
 
 /// Runs a `bayard` client command in `directory`.
 pub fn run(directory: &Path, arguments: &[&str], stdin: Option<&str>) -> Output {
+    run_with_environment(directory, arguments, stdin, &[])
+}
+
+/// [`run`] with extra environment variables.
+pub fn run_with_environment(
+    directory: &Path,
+    arguments: &[&str],
+    stdin: Option<&str>,
+    environment: &[(&str, &str)],
+) -> Output {
     let mut child = Command::new(binary())
+        .envs(environment.iter().copied())
         .current_dir(directory)
         .args(arguments)
         .env_remove("BAYARD_SERVERS")
