@@ -29,9 +29,11 @@ certs:
     cargo run --release -- certs client --name app --out-dir certs
     cargo run --release -- certs admin --name ops --out-dir certs
 
-# Bulk-put throughput: single node versus a three-node cluster, same run (prints the ratio).
+# Benchmarks, each printing ratios against a baseline measured in the same run: bulk-put
+# throughput of a three-node cluster against a single node, and trace export on against off.
 bench:
     cargo bench --bench bulk_put
+    cargo bench --bench telemetry_overhead
 
 # A local three-node cluster on ports 5001-5003 with generated certificates; Ctrl-C stops it.
 cluster:
