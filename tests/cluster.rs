@@ -16,16 +16,7 @@ fn everything() -> SearchRequest {
 }
 
 async fn three_node_cluster() -> TestCluster {
-    let mut cluster = TestCluster::new();
-    cluster.start(1, None).await;
-    cluster.wait_for_voters(1, &[1], SETTLE).await;
-    cluster.start(2, Some(1)).await;
-    cluster.wait_for_voters(1, &[1, 2], SETTLE).await;
-    cluster.start(3, Some(2)).await;
-    for node_id in [1, 2, 3] {
-        cluster.wait_for_voters(node_id, &[1, 2, 3], SETTLE).await;
-    }
-    cluster
+    TestCluster::with_three_voters().await
 }
 
 fn follower_of(cluster: &TestCluster) -> u64 {
@@ -67,10 +58,17 @@ async fn three_nodes_join_and_replicate_writes_made_through_a_follower() {
         assert_eq!(client.get("f7").await.unwrap().unwrap().fields["title"], "through a follower 7");
     }
 
-    let status = cluster.client_of(follower).status().await.unwrap();
-    assert_eq!(status.leader, cluster.leader());
-    assert_eq!(status.members.len(), 3);
-    assert!(status.members.iter().all(|member| member.role == "voter" && member.state == "alive"), "{status:?}");
+    // Liveness comes from the membership exchange, which converges within a few seconds.
+    let viewer = cluster.client_of(follower);
+    let converged = eventually(SETTLE, || async {
+        viewer.status().await.is_ok_and(|status| {
+            status.members.len() == 3
+                && status.members.iter().all(|member| member.role == "voter" && member.state == "alive")
+        })
+    })
+    .await;
+    assert!(converged, "{:?}", viewer.status().await);
+    assert_eq!(viewer.status().await.unwrap().leader, cluster.leader());
     cluster.shutdown().await;
 }
 

@@ -60,12 +60,7 @@ async fn two_nodes_joining_at_once_both_end_as_voters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wiped_node_is_refused_until_it_leaves_then_joins_again() {
-    let mut cluster = TestCluster::new();
-    cluster.start(1, None).await;
-    cluster.wait_for_voters(1, &[1], SETTLE).await;
-    cluster.start(2, Some(1)).await;
-    cluster.start(3, Some(1)).await;
-    cluster.wait_for_voters(1, &[1, 2, 3], SETTLE).await;
+    let mut cluster = TestCluster::with_three_voters().await;
 
     // Node 3 loses its data: same id, new incarnation.
     cluster.stop(3).await;
@@ -87,12 +82,7 @@ async fn a_wiped_node_is_refused_until_it_leaves_then_joins_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn liveness_goes_suspect_then_down_and_back() {
-    let mut cluster = TestCluster::new();
-    cluster.start(1, None).await;
-    cluster.wait_for_voters(1, &[1], SETTLE).await;
-    cluster.start(2, Some(1)).await;
-    cluster.start(3, Some(1)).await;
-    cluster.wait_for_voters(1, &[1, 2, 3], SETTLE).await;
+    let mut cluster = TestCluster::with_three_voters().await;
     let client = cluster.client_of(1);
     let state_of = |status: &bayard::protocol::NodeStatus, node_id: u64| {
         status.members.iter().find(|member| member.node_id == node_id).map(|member| member.state.clone())

@@ -285,6 +285,35 @@ pub(crate) async fn cluster_status(state: &Arc<NodeState>) -> NodeStatus {
     status
 }
 
+type MembershipChangeResult = Result<
+    openraft::raft::ClientWriteResponse<crate::raft::types::TypeConfig>,
+    RaftError<u64, ClientWriteError<u64, MemberNode>>,
+>;
+
+/// Runs a membership change, waiting (bounded) while the previous one is still being committed:
+/// a change made right after another (a join after a leave) otherwise fails with "in progress".
+async fn retry_while_changing<F, Fut>(mut change: F) -> MembershipChangeResult
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = MembershipChangeResult>,
+{
+    let mut attempts = 0;
+    loop {
+        let result = change().await;
+        let in_progress = matches!(
+            &result,
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                openraft::error::ChangeMembershipError::InProgress(_)
+            )))
+        );
+        attempts += 1;
+        if !in_progress || attempts >= 50 {
+            return result;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Leader side of a join: checks that the node at `address` is who it says, then learner, caught
 /// up, voter; one change at a time. A repeated join of the same incarnation is a no-op; another
 /// incarnation of a current member (it lost its data) is refused until the member leaves.
@@ -322,16 +351,13 @@ pub(crate) async fn handle_join(
         verify_node_at(state, node_id, &address).await?;
         tracing::info!(node_id, %address, "adding a learner");
         // Blocks until the learner has caught up with the leader's log (or installed a snapshot).
-        state
-            .raft
-            .add_learner(node_id, MemberNode::new(address.clone(), incarnation), true)
+        let learner = MemberNode::new(address.clone(), incarnation);
+        retry_while_changing(|| state.raft.add_learner(node_id, learner.clone(), true))
             .await
             .map_err(|error| unavailable(format!("cannot add node {node_id} as a learner: {error}")))?;
     }
     tracing::info!(node_id, "promoting to voter");
-    state
-        .raft
-        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), false)
+    retry_while_changing(|| state.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), false))
         .await
         .map_err(|error| unavailable(format!("cannot promote node {node_id} to voter: {error}")))?;
     Ok(joined())
@@ -380,10 +406,36 @@ pub(crate) async fn handle_leave(
         ));
     }
     if !force {
+        // The exchange notices a dead node only after a few seconds; a membership change that
+        // counts on a node that just died would hang. So a voter counts as answering only if the
+        // exchange says alive and it answers a direct probe now.
         let members = member_states(state);
-        let alive_among = |voters: &BTreeSet<u64>| {
-            members.iter().filter(|member| voters.contains(&member.node_id) && member.state == "alive").count()
-        };
+        let mut probes = tokio::task::JoinSet::new();
+        for member in members.iter().filter(|member| member.state == "alive") {
+            let (state, node_id, address) = (state.clone(), member.node_id, member.address.clone());
+            probes.spawn(async move {
+                if node_id == state.node_id() {
+                    return Some(node_id);
+                }
+                call_node::<_, AdminResponse>(
+                    &state,
+                    &address,
+                    StreamKind::Admin,
+                    &AdminRequest::LocalStatus,
+                    MEMBER_STATUS_TIMEOUT,
+                )
+                .await
+                .ok()
+                .map(|_| node_id)
+            });
+        }
+        let mut answering = BTreeSet::new();
+        while let Some(probe) = probes.join_next().await {
+            if let Ok(Some(node_id)) = probe {
+                answering.insert(node_id);
+            }
+        }
+        let alive_among = |voters: &BTreeSet<u64>| voters.intersection(&answering).count();
         // The change goes through a joint configuration: it needs a majority of the current
         // voters as well as of the remaining ones.
         let (alive_now, quorum_now) = (alive_among(&voters), voters.len() / 2 + 1);
@@ -413,9 +465,7 @@ pub(crate) async fn handle_leave(
     } else {
         ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
     };
-    state
-        .raft
-        .change_membership(change, false)
+    retry_while_changing(|| state.raft.change_membership(change.clone(), false))
         .await
         .map_err(|error| unavailable(format!("cannot remove node {node_id}: {error}")))?;
     tracing::info!(node_id, "removed a member");

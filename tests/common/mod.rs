@@ -156,6 +156,20 @@ impl TestCluster {
         }
     }
 
+    /// Node 1 bootstraps, nodes 2 and 3 join through it; returns once every node sees the three
+    /// voters in a uniform configuration.
+    pub async fn with_three_voters() -> Self {
+        let mut cluster = TestCluster::new();
+        cluster.start(1, None).await;
+        cluster.wait_for_voters(1, &[1], Duration::from_secs(30)).await;
+        cluster.start(2, Some(1)).await;
+        cluster.start(3, Some(1)).await;
+        for node_id in [1, 2, 3] {
+            cluster.wait_for_voters(node_id, &[1, 2, 3], Duration::from_secs(30)).await;
+        }
+        cluster
+    }
+
     pub fn config(&mut self, node_id: u64, peers: Vec<(u64, String)>) -> NodeConfig {
         let data = self.data.entry(node_id).or_insert_with(|| tempfile::tempdir().expect("temp dir"));
         let mut config = node_config(&self.certificates, node_id, data.path());
@@ -187,9 +201,13 @@ impl TestCluster {
             .metrics(
                 |metrics| {
                     let membership = metrics.membership_config.membership();
+                    // Applied, hence committed: the membership change is over, not just proposed.
+                    let applied =
+                        metrics.last_applied.is_some() && metrics.last_applied >= *metrics.membership_config.log_id();
                     membership.voter_ids().collect::<std::collections::BTreeSet<u64>>() == expected
                         && membership.get_joint_config().len() == 1
                         && metrics.current_leader.is_some()
+                        && applied
                 },
                 format!("node {node_id} sees voters {voters:?}"),
             )
