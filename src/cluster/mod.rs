@@ -5,6 +5,7 @@
 //! incarnation it joined with ([`MemberNode`]); the membership exchange ([`membership`]) carries
 //! liveness, leaders and applied indexes between nodes.
 
+pub mod admission;
 pub mod membership;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,6 +1,7 @@
 //! Replication: openraft's types, the durable log store, the network over the node's QUIC
 //! endpoint, and the state machine that applies batches to the index.
 
+pub mod admission;
 pub mod log_store;
 pub mod network;
 pub mod snapshot;

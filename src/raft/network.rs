@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::types::{MemberNode, NodeId, TypeConfig};
-use crate::protocol::{RaftRequest, RaftResponse, StreamKind};
+use crate::protocol::{ErrorCode, RaftRequest, RaftResponse, StreamKind};
 use crate::transport::frame::FrameError;
 use crate::transport::{self, CallError, ConnectionPool};
 use openraft::error::{
@@ -80,6 +80,13 @@ impl PeerConnection {
         .await;
         match answer {
             Ok(Ok(response)) => Ok(response),
+            // A refusal (not a member yet, disk full, busy) will not change at once: back off, as
+            // for an unreachable node, rather than retrying in a tight loop.
+            Ok(Err(wire_error))
+                if matches!(wire_error.code, ErrorCode::PermissionDenied | ErrorCode::ResourceExhausted) =>
+            {
+                Err(Failure::Unreachable(format!("node {} refused: {}", self.target, wire_error.message)))
+            }
             Ok(Err(wire_error)) => Err(Failure::Remote(wire_error.message)),
             Err(CallError::Frame(FrameError::TooLarge { .. })) => Err(Failure::TooLarge),
             Err(error @ CallError::Connection(_)) => {

@@ -248,6 +248,35 @@ fn apply_entries(
     Ok((state, outcomes))
 }
 
+/// Extracts a received archive into `directory` and checks it is the index the metadata says:
+/// the archive's own metadata matches, and the extracted index opens with its last commit at the
+/// snapshot's log id.
+fn stage_snapshot(
+    opener: &IndexOpener,
+    archive: &mut fs::File,
+    directory: &Path,
+    meta: &SnapshotMeta,
+) -> io::Result<()> {
+    let archived_meta = snapshot::extract_archive(archive, directory)?;
+    if archived_meta.last_log_id != meta.last_log_id || archived_meta.snapshot_id != meta.snapshot_id {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot archive does not match its metadata"));
+    }
+    let staged = opener.open(directory).map_err(|error| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("snapshot does not open as an index: {error}"))
+    })?;
+    let marker = IndexCommitMarker::read(&staged).map_err(io::Error::other)?;
+    if marker.log_id != meta.last_log_id {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "snapshot index is committed at {:?}, not at the snapshot's log id {:?}",
+                marker.log_id, meta.last_log_id
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = StateMachineStore;
 
@@ -306,16 +335,32 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let (installed_meta, archive_path) =
             tokio::task::spawn_blocking(move || -> Result<(SnapshotMeta, PathBuf), io::Error> {
                 let paths = &shared.paths;
+                // The id names the archive file: it must be a plain name (the Raft door checks
+                // it too; this is the last line before the file system).
+                if !super::admission::valid_snapshot_id(&meta.snapshot_id) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("snapshot id {:?} is not a plain file name", meta.snapshot_id),
+                    ));
+                }
+                let archive_path = snapshot::archive_path(&paths.snapshots, &meta.snapshot_id);
+                let Some(received_path) = received_path else {
+                    return Err(io::Error::other("installed a snapshot that was not received into a known file"));
+                };
                 if paths.incoming.exists() {
                     fs::remove_dir_all(&paths.incoming)?;
                 }
-                let archived_meta = snapshot::extract_archive(&mut archive, &paths.incoming)?;
-                if archived_meta.last_log_id != meta.last_log_id {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "snapshot archive does not match its metadata",
-                    ));
+                // Stage and verify completely before anything is swapped: extracted, fsynced,
+                // opened as an index whose last commit is at the snapshot's log id. Any failure
+                // leaves the current index as it was.
+                let staged = stage_snapshot(&shared.opener, &mut archive, &paths.incoming, &meta);
+                drop(archive);
+                if let Err(error) = staged {
+                    let _ = fs::remove_dir_all(&paths.incoming);
+                    return Err(error);
                 }
+                // Keep the received archive as this node's current snapshot.
+                fs::rename(&received_path, &archive_path)?;
                 fs::write(paths.incoming.join(COMPLETE_MARKER), b"")?;
                 // Swap the directories: after the second rename the new index is the one on disk,
                 // and a crash in between is finished by `recover_interrupted_install`.
@@ -333,15 +378,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 drop(replaced);
                 if let Err(error) = fs::remove_dir_all(&paths.replaced) {
                     tracing::warn!(%error, "could not remove the replaced index; it is removed at the next start");
-                }
-                // Keep the received archive as this node's current snapshot.
-                let archive_path = snapshot::archive_path(&paths.snapshots, &meta.snapshot_id);
-                drop(archive);
-                match received_path {
-                    Some(received_path) => fs::rename(&received_path, &archive_path)?,
-                    None => {
-                        return Err(io::Error::other("installed a snapshot that was not received into a known file"))
-                    }
                 }
                 Ok((meta, archive_path))
             })
