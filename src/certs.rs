@@ -195,6 +195,13 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), Certificate
     #[cfg(not(unix))]
     let _ = mode;
     let mut file = options.open(path).map_err(write_error)?;
+    // The mode above applies only to a file that did not exist: an older file keeps its own, so
+    // set it explicitly (a key written over a 0644 file must end up 0600).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(mode)).map_err(write_error)?;
+    }
     file.write_all(contents).map_err(write_error)?;
     file.sync_all().map_err(write_error)?;
     Ok(())
@@ -261,4 +268,23 @@ pub fn ensure_development_certificates(
         created.push(key_path);
     }
     Ok(DevelopmentCertificates { ca_certificate, node_certificate, node_key, created })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn keys_are_written_private_even_over_an_older_open_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let directory = tempfile::tempdir().unwrap();
+        let (_, pair) = CertificateAuthority::generate("ca", Validity::days_from_now(1)).unwrap();
+        let (_, key_path) = pair_paths(directory.path(), "ca");
+        fs::write(&key_path, b"old key").unwrap();
+        fs::set_permissions(&key_path, fs::Permissions::from_mode(0o644)).unwrap();
+        write_pair(directory.path(), "ca", &pair, true).unwrap();
+        assert_eq!(fs::metadata(&key_path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read_to_string(&key_path).unwrap(), pair.private_key_pem);
+    }
 }

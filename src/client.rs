@@ -483,6 +483,7 @@ async fn raw_stream_call<Request: Serialize>(
     max_frame_bytes: usize,
 ) -> Result<Result<(), WireError>, CallError> {
     let header = crate::protocol::StreamHeader {
+        protocol_version: crate::transport::stream::PROTOCOL_VERSION,
         kind: kind_byte,
         trace_context: None,
         deadline_millis: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),

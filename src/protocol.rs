@@ -62,6 +62,18 @@ impl ClientRequest {
             ClientRequest::Schema => "schema",
         }
     }
+
+    /// Whether the request goes through the replicated log.
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            ClientRequest::Put { .. }
+                | ClientRequest::Delete { .. }
+                | ClientRequest::Commit
+                | ClientRequest::Rollback
+                | ClientRequest::Merge
+        )
+    }
 }
 
 /// Answers on a `Client` stream.
@@ -219,4 +231,42 @@ pub enum RaftResponse {
         >,
     ),
     Proposed(BatchOutcome),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Today's request bytes, pinned: postcard is positional, so a new field anywhere in these
+    /// types changes them. Such a change must bump `PROTOCOL_VERSION` (see docs/architecture.md).
+    #[test]
+    fn golden_request_bytes() {
+        let search = ClientRequest::Search {
+            request: SearchRequest {
+                query: "title:x".into(),
+                from: 2,
+                limit: 10,
+                exclude_count: false,
+                exclude_docs: true,
+                facets: vec![crate::index::FacetRequest { field: "category".into(), prefixes: vec!["/a".into()] }],
+                sort: Some(crate::index::SortSpec { field: "year".into(), descending: true }),
+            },
+            consistency: Consistency::Linearizable,
+        };
+        let put =
+            ClientRequest::Put { documents: vec![DocumentInput { id: Some("1".into()), document_json: "{}".into() }] };
+        let answer: Result<ClientResponse, WireError> = Err(WireError::new(ErrorCode::ResourceExhausted, "busy"));
+        assert_eq!(postcard::to_allocvec(&search).unwrap(), GOLDEN_SEARCH);
+        assert_eq!(postcard::to_allocvec(&put).unwrap(), GOLDEN_PUT);
+        assert_eq!(postcard::to_allocvec(&answer).unwrap(), GOLDEN_ERROR);
+        assert_eq!(postcard::from_bytes::<ClientRequest>(&GOLDEN_SEARCH).unwrap(), search);
+    }
+
+    const GOLDEN_SEARCH: [u8; 35] = [
+        6, 7, 116, 105, 116, 108, 101, 58, 120, 2, 10, 0, 1, 1, 8, 99, 97, 116, 101, 103, 111, 114, 121, 1, 2, 47, 97,
+        1, 4, 121, 101, 97, 114, 1, 2,
+    ];
+    const GOLDEN_PUT: [u8; 8] = [0, 1, 1, 1, 49, 2, 123, 125];
+    /// `Err`, code 9 (`resource_exhausted`), "busy".
+    const GOLDEN_ERROR: [u8; 7] = [1, 9, 4, 98, 117, 115, 121];
 }

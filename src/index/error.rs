@@ -29,6 +29,10 @@ pub enum IndexError {
     #[error("invalid search request: {0}")]
     InvalidRequest(String),
 
+    /// A search ran past its time budget and was stopped.
+    #[error("the search ran past its time budget (--search-timeout) and was stopped")]
+    DeadlineExceeded,
+
     /// An index already exists in the directory, but with another schema.
     #[error("the index at {path} was created with a different schema; {details}")]
     SchemaMismatch { path: PathBuf, details: String },

@@ -9,6 +9,7 @@ mod analyzers;
 mod document;
 mod error;
 mod export;
+mod limits;
 mod schema;
 mod search;
 mod search_index;
@@ -23,11 +24,12 @@ pub use analyzers::{
 pub use document::MAX_ID_BYTES;
 pub use error::IndexError;
 pub use export::{CommittedState, SharedIndex, META_FILE_NAME};
+pub use limits::{check_query_bounds, query_shape, QueryLimits, QueryShape, SearchBudget, HARD_MAX_QUERY_DEPTH};
 pub use schema::{check_id_field, load_schema};
 pub use search::{
     FacetCounts, FacetRequest, SearchHit, SearchRequest, SearchResponse, SortSpec, MAX_SEARCH_LIMIT, MAX_SEARCH_OFFSET,
 };
-pub use search_index::{ApplyOutcome, IndexOperation, SearchIndex, StoredDocument};
+pub use search_index::{validate_document, ApplyOutcome, IndexOperation, SearchIndex, StoredDocument};
 
 /// The field holding each document's unique id. Added to the schema when the schema file does
 /// not declare it.

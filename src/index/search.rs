@@ -1,12 +1,13 @@
 //! Search requests: query, pagination, facet counts and sorting by a fast field.
 
 use serde::{Deserialize, Serialize};
-use tantivy::collector::{Count, FacetCollector, FruitHandle, MultiCollector, TopDocs};
+use tantivy::collector::{Collector, Count, FacetCollector, FruitHandle, MultiCollector, SegmentCollector, TopDocs};
 use tantivy::query::{AllQuery, Query, QueryParser};
 use tantivy::schema::{Facet, FieldType, OwnedValue};
 use tantivy::{DateTime, DocAddress, Order, Score, Searcher, TantivyDocument};
 
 use super::document::{owned_value_to_json, render_stored_document};
+use super::limits::{check_query_bounds, QueryLimits, SearchBudget};
 use super::{IndexError, SearchIndex};
 
 /// Largest page size a request may ask for.
@@ -124,6 +125,25 @@ impl SearchIndex {
     /// Runs a search on the committed data. Count, documents and facets all come from the
     /// same searcher, so they are consistent with each other.
     pub fn search(&self, request: &SearchRequest) -> Result<SearchResponse, IndexError> {
+        self.search_within(request, &QueryLimits::default(), SearchBudget::unlimited())
+    }
+
+    /// Checks the request against `limits` before anything is parsed, then searches until the
+    /// budget runs out (then [`IndexError::DeadlineExceeded`]).
+    pub fn search_within(
+        &self,
+        request: &SearchRequest,
+        limits: &QueryLimits,
+        budget: SearchBudget,
+    ) -> Result<SearchResponse, IndexError> {
+        check_query_bounds(&request.query, limits)?;
+        let facet_prefixes: usize = request.facets.iter().map(|facet| facet.prefixes.len().max(1)).sum();
+        if facet_prefixes > limits.max_facet_prefixes {
+            return Err(IndexError::InvalidRequest(format!(
+                "the request asks for {facet_prefixes} facet prefixes, over the limit of {} (--max-facet-prefixes)",
+                limits.max_facet_prefixes
+            )));
+        }
         if request.limit > MAX_SEARCH_LIMIT {
             return Err(IndexError::InvalidRequest(format!(
                 "limit {} exceeds the maximum of {MAX_SEARCH_LIMIT}",
@@ -176,7 +196,12 @@ impl SearchIndex {
             .collect();
 
         let searcher = self.reader.searcher();
-        let mut fruits = searcher.search(query.as_ref(), &collectors)?;
+        let collector = WithinBudget { inner: collectors, budget };
+        let mut fruits = match searcher.search(query.as_ref(), &collector) {
+            Ok(fruits) => fruits,
+            Err(_) if budget.expired() => return Err(IndexError::DeadlineExceeded),
+            Err(error) => return Err(error.into()),
+        };
 
         let count = count_handle.map(|handle| handle.extract(&mut fruits) as u64);
         let ranked_documents = match top_docs_handle {
@@ -351,5 +376,75 @@ fn extract_ranked_documents(handle: TopDocsHandle, fruits: &mut tantivy::collect
         TopDocsHandle::ByU64(handle) => sorted_by_value(handle.extract(fruits), OwnedValue::U64),
         TopDocsHandle::ByF64(handle) => sorted_by_value(handle.extract(fruits), OwnedValue::F64),
         TopDocsHandle::ByDate(handle) => sorted_by_value(handle.extract(fruits), OwnedValue::Date),
+    }
+}
+
+/// Runs the inner collector segment by segment, document by document, and stops with an error
+/// once the budget is spent: tantivy has no cancellation of its own, and a search that nobody
+/// waits for any more must not keep a core busy.
+struct WithinBudget<'a> {
+    inner: MultiCollector<'a>,
+    budget: SearchBudget,
+}
+
+/// Documents between two looks at the clock.
+const DOCUMENTS_PER_BUDGET_CHECK: u32 = 4096;
+
+fn budget_spent() -> tantivy::TantivyError {
+    tantivy::TantivyError::InternalError("search time budget spent".to_string())
+}
+
+impl Collector for WithinBudget<'_> {
+    type Fruit = <MultiCollector<'static> as Collector>::Fruit;
+    type Child = <MultiCollector<'static> as Collector>::Child;
+
+    fn for_segment(&self, segment_ord: u32, reader: &tantivy::SegmentReader) -> tantivy::Result<Self::Child> {
+        self.inner.for_segment(segment_ord, reader)
+    }
+
+    fn requires_scoring(&self) -> bool {
+        self.inner.requires_scoring()
+    }
+
+    fn merge_fruits(
+        &self,
+        segment_fruits: Vec<<Self::Child as SegmentCollector>::Fruit>,
+    ) -> tantivy::Result<Self::Fruit> {
+        self.inner.merge_fruits(segment_fruits)
+    }
+
+    fn collect_segment(
+        &self,
+        weight: &dyn tantivy::query::Weight,
+        segment_ord: u32,
+        reader: &tantivy::SegmentReader,
+    ) -> tantivy::Result<<Self::Child as SegmentCollector>::Fruit> {
+        if self.budget.deadline.is_none() {
+            return self.inner.collect_segment(weight, segment_ord, reader);
+        }
+        if self.budget.expired() {
+            return Err(budget_spent());
+        }
+        let mut segment_collector = self.inner.for_segment(segment_ord, reader)?;
+        let mut scorer = weight.scorer(reader, 1.0)?;
+        let alive = reader.alive_bitset();
+        let scoring = self.inner.requires_scoring();
+        let mut since_check = 0_u32;
+        let mut document = tantivy::DocSet::doc(&scorer);
+        while document != tantivy::TERMINATED {
+            if alive.is_none_or(|alive| alive.is_alive(document)) {
+                let score = if scoring { tantivy::query::Scorer::score(&mut scorer) } else { 0.0 };
+                segment_collector.collect(document, score);
+            }
+            since_check += 1;
+            if since_check == DOCUMENTS_PER_BUDGET_CHECK {
+                since_check = 0;
+                if self.budget.expired() {
+                    return Err(budget_spent());
+                }
+            }
+            document = tantivy::DocSet::advance(&mut scorer);
+        }
+        Ok(segment_collector.harvest())
     }
 }

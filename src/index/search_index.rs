@@ -383,3 +383,28 @@ impl SearchIndex {
         Ok(())
     }
 }
+
+/// Checks a document against `schema` exactly as [`SearchIndex::prepare_put`] (with `id`) or
+/// [`SearchIndex::prepare_put_with_embedded_id`] (without) would, without an index: the client
+/// checks a whole bulk file against the schema the node reports before it sends anything.
+/// Returns the document's id.
+pub fn validate_document(schema: &Schema, id: Option<&str>, document_json: &str) -> Result<String, IndexError> {
+    let mut document_object = parse_json_object(document_json)?;
+    let embedded = embedded_document_id(&document_object)?;
+    let id = match (id, embedded) {
+        (Some(id), Some(embedded)) if embedded != id => {
+            return Err(IndexError::InvalidDocument(format!(
+                "the document's `{ID_FIELD}` ({embedded:?}) differs from the id it is stored under ({id:?})"
+            )))
+        }
+        (Some(id), _) => {
+            check_document_id(id)?;
+            id.to_string()
+        }
+        (None, Some(embedded)) => embedded,
+        (None, None) => return Err(IndexError::InvalidDocument(format!("document has no `{ID_FIELD}` field"))),
+    };
+    document_object.insert(ID_FIELD.to_string(), JsonValue::String(id.clone()));
+    build_tantivy_document(schema, &document_object)?;
+    Ok(id)
+}

@@ -943,3 +943,28 @@ fn search_index_is_send_and_sync() {
     assert_send_sync::<SearchIndex>();
     assert_send_sync::<IndexError>();
 }
+
+/// The deepest nesting any setting allows parses on a thread with half the stack of a runtime
+/// thread: the bound keeps the parser's recursion well inside it.
+#[test]
+fn the_deepest_allowed_query_parses_on_a_small_stack() {
+    let (directory, index) = open_example_index();
+    let index = std::sync::Arc::new(index);
+    let limits =
+        QueryLimits { max_query_depth: HARD_MAX_QUERY_DEPTH, max_query_bytes: 1 << 20, ..QueryLimits::default() };
+    for (open, close) in [("(", ")"), ("-(", ")"), ("+(a OR ", ")"), ("(NOT ", ")")] {
+        let text = format!("{}title:a{}", open.repeat(HARD_MAX_QUERY_DEPTH), close.repeat(HARD_MAX_QUERY_DEPTH));
+        let index = index.clone();
+        let parsed = std::thread::Builder::new()
+            .stack_size(1024 * 1024)
+            .spawn(move || {
+                let request = SearchRequest { query: text, limit: 1, ..Default::default() };
+                index.search_within(&request, &limits, SearchBudget::unlimited()).map(|response| response.docs.len())
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+        assert!(parsed.is_ok() || matches!(parsed, Err(IndexError::InvalidQuery(_))), "{open}: {parsed:?}");
+    }
+    drop(directory);
+}

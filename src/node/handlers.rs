@@ -2,16 +2,18 @@
 //! writes go through the replicated log (`cluster::propose`).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
 use super::NodeState;
 use crate::cluster;
-use crate::index::{IndexError, IndexOperation, SearchIndex};
+use crate::index::{IndexError, IndexOperation, SearchBudget, SearchIndex};
 use crate::protocol::{
     AdminRequest, AdminResponse, ClientRequest, ClientResponse, Consistency, DocumentInput, ErrorCode, RaftRequest,
     RaftResponse, WireError,
 };
+use crate::raft::admission;
 use crate::raft::types::IndexBatch;
 use crate::transport::Role;
 
@@ -22,6 +24,7 @@ pub(crate) fn index_error_to_wire(error: IndexError) -> WireError {
     let code = match &error {
         IndexError::InvalidDocument(_) | IndexError::InvalidRequest(_) => ErrorCode::InvalidArgument,
         IndexError::InvalidQuery(_) => ErrorCode::InvalidQuery,
+        IndexError::DeadlineExceeded => ErrorCode::DeadlineExceeded,
         _ => ErrorCode::Internal,
     };
     WireError::new(code, error.to_string())
@@ -91,11 +94,64 @@ fn applied_index(state: &NodeState) -> u64 {
     state.raft.metrics().borrow().last_applied.map(|log_id| log_id.index).unwrap_or(0)
 }
 
-async fn search_here(state: &NodeState, request: crate::index::SearchRequest) -> Result<ClientResponse, WireError> {
+/// Refuses a search over the query bounds before it waits for a slot or reaches tantivy; counted.
+fn check_search_bounds(state: &NodeState, request: &crate::index::SearchRequest) -> Result<(), WireError> {
+    let limits = &state.config.limits.query;
+    crate::index::check_query_bounds(&request.query, limits).map_err(|error| {
+        crate::telemetry::metrics::record_limit_refusal("query_size");
+        index_error_to_wire(error)
+    })?;
+    let facet_prefixes: usize = request.facets.iter().map(|facet| facet.prefixes.len().max(1)).sum();
+    if facet_prefixes > limits.max_facet_prefixes {
+        crate::telemetry::metrics::record_limit_refusal("facet_prefixes");
+        return Err(WireError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "invalid search request: the request asks for {facet_prefixes} facet prefixes, over the limit of {} \
+                 (--max-facet-prefixes)",
+                limits.max_facet_prefixes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Time left until `deadline`, at least a millisecond.
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))
+}
+
+async fn search_here(
+    state: &NodeState,
+    request: crate::index::SearchRequest,
+    deadline: Instant,
+) -> Result<ClientResponse, WireError> {
+    check_search_bounds(state, &request)?;
+    let limits = state.config.limits.clone();
+    let slot = state.searches.enter(limits.max_queue_wait.min(remaining(deadline))).await?;
     let applied_index = applied_index(state);
     let span = tracing::info_span!("bayard.search", applied_index);
-    let response = blocking(state, move |index| index.search(&request)).instrument(span).await?;
+    // The slot travels with the work: a search whose caller gave up still holds it until tantivy
+    // stops, at the latest when its budget is spent.
+    let budget = SearchBudget::until(deadline.min(Instant::now() + limits.search_timeout));
+    let response = blocking(state, move |index| {
+        let _slot = slot;
+        index.search_within(&request, &limits.query, budget)
+    })
+    .instrument(span)
+    .await
+    .inspect_err(|error| {
+        if error.code == ErrorCode::DeadlineExceeded {
+            crate::telemetry::metrics::record_limit_refusal("search_timeout");
+        }
+    })?;
     Ok(ClientResponse::Search { response, node_id: state.node_id(), applied_index })
+}
+
+/// A slot for a write and room on the disk for it.
+async fn admit_write(state: &NodeState, deadline: Instant) -> Result<tokio::sync::OwnedSemaphorePermit, WireError> {
+    state.check_disk_space()?;
+    state.writes.enter(state.config.limits.max_queue_wait.min(remaining(deadline))).await
 }
 
 /// `forwarded` is set when another node sent the request (it already went through one hop and
@@ -104,7 +160,9 @@ pub(crate) async fn handle_client(
     state: &NodeState,
     request: ClientRequest,
     forwarded: bool,
+    deadline: Instant,
 ) -> Result<ClientResponse, WireError> {
+    let _write_slot = if request.is_write() { Some(admit_write(state, deadline).await?) } else { None };
     match request {
         ClientRequest::Put { documents } => {
             check_batch_size(documents.len())?;
@@ -135,7 +193,7 @@ pub(crate) async fn handle_client(
             Ok(ClientResponse::Document { document })
         }
         ClientRequest::Search { request, consistency } => match consistency {
-            Consistency::Local => search_here(state, request).await,
+            Consistency::Local => search_here(state, request, deadline).await,
             Consistency::Leader | Consistency::Linearizable if cluster::is_leader(state) => {
                 if consistency == Consistency::Linearizable {
                     // Read index: confirm leadership with a quorum and wait until everything
@@ -147,7 +205,7 @@ pub(crate) async fn handle_client(
                         )
                     })?;
                 }
-                search_here(state, request).await
+                search_here(state, request, deadline).await
             }
             Consistency::Leader | Consistency::Linearizable if forwarded => {
                 Err(WireError::new(ErrorCode::Unavailable, format!("node {} is no longer the leader", state.node_id())))
@@ -194,17 +252,54 @@ pub(crate) async fn handle_admin(
                     "permission denied: not a removal notice for this node",
                 ));
             }
+            // Only a member (the leader that removed this node) may say so; a node certificate of
+            // a non-member, or of a removed node, may not stop this one.
+            let Role::Node { node_id: sender } = role else {
+                return Err(WireError::new(ErrorCode::PermissionDenied, "permission denied: not a node certificate"));
+            };
+            cluster::admission::admit_raft_sender(state, *sender, "removal notices")?;
             cluster::mark_removed(state, format!("removed by `bayard leave`, as {role} reported")).await;
             Ok(AdminResponse::Acknowledged)
         }
     }
 }
 
-pub(crate) async fn handle_raft(state: &NodeState, request: RaftRequest) -> Result<RaftResponse, WireError> {
+/// Raft messages reach openraft only from members, and only when their content is plausible
+/// (`raft::admission`); a follower whose disk is full refuses new entries (the leader retries).
+pub(crate) async fn handle_raft(
+    state: &Arc<NodeState>,
+    sender: u64,
+    request: RaftRequest,
+) -> Result<RaftResponse, WireError> {
+    cluster::admission::admit_raft_sender(state, sender, "raft messages")?;
+    let current_term = state.raft.metrics().borrow().current_term;
+    let plausible = match &request {
+        RaftRequest::AppendEntries(rpc) => admission::check_append_entries(rpc, current_term),
+        RaftRequest::Vote(rpc) => admission::check_vote(rpc, current_term),
+        RaftRequest::InstallSnapshot(rpc) => admission::check_install_snapshot(rpc, current_term),
+        RaftRequest::Propose(_) => Ok(()),
+    };
+    if let Err(reason) = plausible {
+        crate::telemetry::metrics::record_refused_raft_message("implausible");
+        tracing::warn!(sender, request = request.name(), %reason, "refused an implausible raft message");
+        return Err(WireError::new(ErrorCode::InvalidArgument, format!("refused {}: {reason}", request.name())));
+    }
     Ok(match request {
-        RaftRequest::AppendEntries(rpc) => RaftResponse::AppendEntries(state.raft.append_entries(rpc).await),
+        RaftRequest::AppendEntries(rpc) => {
+            if !rpc.entries.is_empty() {
+                state.check_disk_space()?;
+            }
+            RaftResponse::AppendEntries(state.raft.append_entries(rpc).await)
+        }
         RaftRequest::Vote(rpc) => RaftResponse::Vote(state.raft.vote(rpc).await),
-        RaftRequest::InstallSnapshot(rpc) => RaftResponse::InstallSnapshot(state.raft.install_snapshot(rpc).await),
-        RaftRequest::Propose(batch) => RaftResponse::Proposed(cluster::propose_as_leader(state, batch).await?),
+        RaftRequest::InstallSnapshot(rpc) => {
+            state.check_disk_space()?;
+            RaftResponse::InstallSnapshot(state.raft.install_snapshot(rpc).await)
+        }
+        RaftRequest::Propose(batch) => {
+            let deadline = Instant::now() + state.config.max_request_timeout;
+            let _write_slot = admit_write(state, deadline).await?;
+            RaftResponse::Proposed(cluster::propose_as_leader(state, batch).await?)
+        }
     })
 }

@@ -8,7 +8,9 @@
 //! for the binary, driven by signals.
 
 pub mod authorization;
+pub mod disk;
 mod handlers;
+pub mod limits;
 pub mod metadata;
 mod server;
 
@@ -31,6 +33,7 @@ use crate::raft::state_machine::{recover_interrupted_install, IndexOpener, State
 use crate::raft::types::{MemberNode, Raft};
 use crate::telemetry;
 use crate::transport::{self, ConnectionPool, TlsFiles, TlsMaterial, TransportError};
+pub use limits::NodeLimits;
 use metadata::{MetadataError, NodeMetadata};
 
 /// Everything a node needs to start. [`NodeConfig::new`] fills in the defaults.
@@ -68,6 +71,8 @@ pub struct NodeConfig {
     pub remove_down_after: Option<Duration>,
     /// Where to serve `/metrics`, `/livez` and `/readyz` over HTTP (port 0 picks one); off when unset.
     pub metrics_address: Option<SocketAddr>,
+    /// What any caller may make this node hold at once (see `docs/security.md`).
+    pub limits: NodeLimits,
 }
 
 /// Raft settings an operator may tune.
@@ -127,6 +132,7 @@ impl NodeConfig {
             raft: RaftTimings::default(),
             remove_down_after: None,
             metrics_address: None,
+            limits: NodeLimits::default(),
         }
     }
 }
@@ -159,6 +165,8 @@ pub enum NodeError {
     Stopped(String),
     #[error("certificate refused: {0}")]
     Certificate(String),
+    #[error("invalid limits: {0}")]
+    Limits(String),
 }
 
 /// State shared by every connection and stream of a node.
@@ -182,6 +190,20 @@ pub(crate) struct NodeState {
     pub log_store: LogStore,
     /// Set once when the node must stop: removed from the cluster, or a fatal join refusal.
     pub stop_reason: watch::Sender<Option<NodeError>>,
+    /// Open connections, in total and per certificate identity.
+    pub connections: Arc<limits::ConnectionCounter>,
+    /// Searches running and waiting.
+    pub searches: limits::Gate,
+    /// Writes (validation and the trip through the log) running and waiting.
+    pub writes: limits::Gate,
+    /// Request bodies being read or handled.
+    pub request_bytes: limits::ByteBudget,
+    /// One line per period for refused connections; the rest are only counted.
+    pub refusal_log: limits::LogThrottle,
+    /// Senders that members vouched for (see `cluster::admission`).
+    pub vouches: cluster::admission::Vouches,
+    /// Free space of the data directory's file system.
+    pub disk: disk::DiskGuard,
 }
 
 impl NodeState {
@@ -199,6 +221,24 @@ impl NodeState {
 
     pub fn cluster_id(&self) -> Option<String> {
         self.metadata().cluster_id
+    }
+
+    /// Refuses a write while the disk is too full (see `disk`).
+    pub fn check_disk_space(&self) -> Result<(), crate::protocol::WireError> {
+        if !self.disk.is_full() {
+            return Ok(());
+        }
+        Err(limits::exhausted(
+            "disk_space",
+            format!(
+                "disk full on node {}: {} MiB free in {}, under --min-free-disk-mb {}; writes are refused until \
+                 space is freed, reads are served",
+                self.node_id(),
+                self.disk.available() / (1024 * 1024),
+                self.config.data_directory.display(),
+                self.config.limits.min_free_disk_bytes / (1024 * 1024)
+            ),
+        ))
     }
 
     /// Changes `node.json` (durably, off the runtime) and the copy in memory.
@@ -353,6 +393,7 @@ pub struct Node;
 impl Node {
     /// Opens the data directory, index and log, binds the endpoint, starts Raft and serving.
     pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
+        config.limits.validate(config.max_frame_bytes).map_err(NodeError::Limits)?;
         let (metadata, directory_state) = metadata::load_or_create(&config.data_directory, config.node_id)?;
         if let Some(reason) = &metadata.removed {
             return Err(NodeError::Removed { node_id: config.node_id, reason: reason.clone() });
@@ -410,6 +451,9 @@ impl Node {
         let tls_files = config.tls.clone();
         let max_concurrent_streams = config.max_concurrent_streams;
         let (stop_reason, _) = watch::channel(None);
+        let limits = config.limits.clone();
+        let disk = disk::DiskGuard::default();
+        disk.refresh(&config.data_directory, limits.min_free_disk_bytes);
         let membership = MembershipTable::new(MemberDigest {
             node_id,
             address: address.clone(),
@@ -432,6 +476,23 @@ impl Node {
             metadata: std::sync::Mutex::new(metadata),
             address,
             config,
+            connections: limits::ConnectionCounter::new(limits.max_connections, limits.max_connections_per_identity),
+            searches: limits::Gate::new(
+                "concurrent_searches",
+                "--max-concurrent-searches, --max-queued-searches",
+                limits.max_concurrent_searches,
+                limits.max_queued_searches,
+            ),
+            writes: limits::Gate::new(
+                "concurrent_writes",
+                "--max-concurrent-writes, --max-queued-writes",
+                limits.max_concurrent_writes,
+                limits.max_queued_writes,
+            ),
+            request_bytes: limits::ByteBudget::new(limits.max_inflight_request_bytes),
+            refusal_log: limits::LogThrottle::new(Duration::from_secs(10)),
+            vouches: Default::default(),
+            disk,
         });
         tracing::info!(node_id, %local_address, address = %state.address, fresh, "node listening");
 
@@ -441,6 +502,8 @@ impl Node {
             None => None,
         };
         tokio::spawn(update_metrics(state.clone(), shutdown_receiver.clone()));
+        tokio::spawn(watch_disk_space(state.clone(), shutdown_receiver.clone()));
+        tokio::spawn(stop_when_raft_stops(state.clone(), shutdown_receiver.clone()));
         let task = tokio::spawn(server::serve(state.clone(), endpoint.clone(), shutdown_receiver.clone()));
 
         if fresh && state.config.peers.is_empty() {
@@ -496,6 +559,12 @@ async fn serve_metrics(
     let health = telemetry::health_from_fn(
         move || live_state.raft.metrics().borrow().running_state.is_ok(),
         move || {
+            if state.disk.is_full() {
+                return Err(format!(
+                    "disk full: {} MiB free, under --min-free-disk-mb; writes are refused",
+                    state.disk.available() / (1024 * 1024)
+                ));
+            }
             let metrics = state.raft.metrics().borrow().clone();
             telemetry::raft_readiness(&metrics, state.log_store.committed_index())
         },
@@ -510,6 +579,55 @@ async fn serve_metrics(
     });
     tracing::info!(address = %bound, "serving /metrics, /livez and /readyz");
     Ok(bound)
+}
+
+/// Reads the free space of the data directory once a second (on a blocking thread: statvfs can
+/// stall on a busy disk).
+async fn watch_disk_space(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let reading = state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            reading.disk.refresh(&reading.config.data_directory, reading.config.limits.min_free_disk_bytes)
+        })
+        .await;
+    }
+}
+
+/// openraft stops for good on a storage error (a full disk the margin did not prevent, a failed
+/// fsync): a node that stays up without Raft only confuses. Stop the process with the reason,
+/// so that its supervisor restarts it (the log and the index are intact: nothing unsynced was
+/// ever acknowledged).
+async fn stop_when_raft_stops(state: Arc<NodeState>, mut shutdown: watch::Receiver<bool>) {
+    let mut metrics = state.raft.metrics();
+    loop {
+        let fatal = metrics.borrow_and_update().running_state.clone().err();
+        if let Some(fatal) = fatal.filter(|fatal| !matches!(fatal, openraft::error::Fatal::Stopped)) {
+            let text = fatal.to_string();
+            let disk_full = text.contains("No space left") || text.contains("ENOSPC") || state.disk.is_full();
+            let reason = if disk_full {
+                format!(
+                    "disk full on node {}: raft could not write its log ({text}); free space in {} and restart the node",
+                    state.node_id(),
+                    state.config.data_directory.display()
+                )
+            } else {
+                format!("raft stopped on node {}: {text}; restart the node", state.node_id())
+            };
+            tracing::error!(%reason, "stopping");
+            state.stop_because(NodeError::Stopped(reason));
+            return;
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// Refreshes the gauges that mirror Raft, the index and the membership exchange, once a second.

@@ -13,12 +13,13 @@ use tokio::task::JoinSet;
 use super::authorization::{authorize_admin_request, authorize_stream};
 use super::{handlers, NodeState};
 use crate::cluster::{self, membership::MembershipDigest};
-use crate::protocol::{AdminRequest, ClientRequest, ErrorCode, RaftRequest, StreamHeader, StreamKind, WireError};
+use crate::protocol::{AdminRequest, ClientRequest, ErrorCode, RaftRequest, StreamKind, WireError};
 use crate::raft::network::RAFT_FRAME_OVERHEAD_BYTES;
 use crate::telemetry;
 use crate::telemetry::metrics::ConnectionDirection;
 use crate::transport::frame::{self, FrameError};
 use crate::transport::identity::{peer_of_connection, Peer};
+use crate::transport::stream::{decode_header, HeaderError};
 use crate::transport::Role;
 use tracing::Instrument;
 
@@ -27,6 +28,15 @@ mod close_code {
     pub const REFUSED_STREAM: u32 = 1;
     pub const IDENTITY_REFUSED: u32 = 2;
     pub const SHUTTING_DOWN: u32 = 3;
+    pub const TOO_MANY_CONNECTIONS: u32 = 4;
+}
+
+/// Logs a refused connection at most once per period (with how many were held back); every
+/// refusal is counted in `bayard_refused_connections_total` all the same.
+fn log_refused_connection(state: &NodeState, remote_address: std::net::SocketAddr, reason: &str, error: &str) {
+    if let Some(held_back) = state.refusal_log.permit() {
+        tracing::warn!(%remote_address, reason, %error, held_back, "refused connection");
+    }
 }
 
 pub(crate) async fn serve(state: Arc<NodeState>, endpoint: quinn::Endpoint, mut shutdown: watch::Receiver<bool>) {
@@ -35,7 +45,23 @@ pub(crate) async fn serve(state: Arc<NodeState>, endpoint: quinn::Endpoint, mut 
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                connections.spawn(serve_connection(state.clone(), incoming, shutdown.clone()));
+                // Counted before the handshake: handshakes cost memory and CPU too.
+                match state.connections.open() {
+                    Some(slot) => {
+                        connections.spawn(serve_connection(state.clone(), incoming, slot, shutdown.clone()));
+                    }
+                    None => {
+                        telemetry::metrics::record_limit_refusal("connections");
+                        telemetry::metrics::record_refused_connection("too_many_connections");
+                        log_refused_connection(
+                            &state,
+                            incoming.remote_address(),
+                            "too_many_connections",
+                            &format!("{} connections open (--max-connections)", state.config.limits.max_connections),
+                        );
+                        incoming.refuse();
+                    }
+                }
             }
             // Reap finished connection tasks so the set does not grow without bound.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -60,18 +86,23 @@ pub(crate) async fn serve(state: Arc<NodeState>, endpoint: quinn::Endpoint, mut 
     tracing::info!(node_id = state.config.node_id, "node stopped");
 }
 
-async fn serve_connection(state: Arc<NodeState>, incoming: quinn::Incoming, mut shutdown: watch::Receiver<bool>) {
+async fn serve_connection(
+    state: Arc<NodeState>,
+    incoming: quinn::Incoming,
+    mut slot: super::limits::ConnectionSlot,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let remote_address = incoming.remote_address();
     let connection = match tokio::time::timeout(state.config.handshake_timeout, incoming).await {
         Err(_) => {
-            tracing::warn!(%remote_address, reason = "handshake_timeout", "refused connection");
             telemetry::metrics::record_refused_connection("handshake_timeout");
+            log_refused_connection(&state, remote_address, "handshake_timeout", "no handshake within the time limit");
             return;
         }
         Ok(Err(error)) => {
             // Certificate problems (none, foreign CA, expired) end here: rustls refused the handshake.
-            tracing::warn!(%remote_address, reason = "handshake", %error, "refused connection");
             telemetry::metrics::record_refused_connection("handshake");
+            log_refused_connection(&state, remote_address, "handshake", &error.to_string());
             return;
         }
         Ok(Ok(connection)) => connection,
@@ -79,13 +110,19 @@ async fn serve_connection(state: Arc<NodeState>, incoming: quinn::Incoming, mut 
     let peer = match peer_of_connection(&connection, &state.config.trust_domain) {
         Ok(peer) => Arc::new(peer),
         Err(error) => {
-            tracing::warn!(%remote_address, reason = "identity", %error, "refused connection");
             telemetry::metrics::record_refused_connection("identity");
+            log_refused_connection(&state, remote_address, "identity", &error.to_string());
             let reason = format!("certificate refused: {error}");
             connection.close(close_code::IDENTITY_REFUSED.into(), reason.as_bytes());
             return;
         }
     };
+    if let Err(refusal) = state.connections.identify(&mut slot, &peer.role.to_string()) {
+        telemetry::metrics::record_refused_connection("too_many_connections_per_identity");
+        log_refused_connection(&state, remote_address, "too_many_connections_per_identity", &refusal.message);
+        connection.close(close_code::TOO_MANY_CONNECTIONS.into(), refusal.message.as_bytes());
+        return;
+    }
     tracing::debug!(%remote_address, peer = %peer.role, "connection established");
     let connection_metrics = telemetry::metrics::ConnectionMetrics::open(ConnectionDirection::Inbound);
 
@@ -166,9 +203,11 @@ async fn serve_stream(
 ) {
     let max_frame_bytes = state.config.max_frame_bytes;
     let first_frame_timeout = state.config.first_frame_timeout;
-    let header = match tokio::time::timeout(
+    // The header is read before the role is known: it gets its own small limit.
+    let max_header_bytes = state.config.limits.max_header_bytes;
+    let header_bytes = match tokio::time::timeout(
         first_frame_timeout,
-        frame::read_frame::<_, StreamHeader>(&mut receive, max_frame_bytes),
+        frame::read_frame_bytes(&mut receive, max_header_bytes),
     )
     .await
     {
@@ -178,11 +217,32 @@ async fn serve_stream(
             return refuse(&mut send, &mut receive, error, max_frame_bytes).await;
         }
         Ok(Err(FrameError::Closed)) => return,
+        Ok(Err(error @ FrameError::TooLarge { .. })) => {
+            telemetry::metrics::record_limit_refusal("header_bytes");
+            let error = WireError::new(
+                ErrorCode::FrameTooLarge,
+                format!("stream header refused: {error} (--max-header-bytes)"),
+            );
+            return refuse(&mut send, &mut receive, error, max_frame_bytes).await;
+        }
         Ok(Err(error)) => {
-            tracing::warn!(peer = %peer.role, %error, "malformed stream header");
+            tracing::info!(peer = %peer.role, %error, "malformed stream header");
             return refuse(&mut send, &mut receive, frame_error_to_wire("stream header", error), max_frame_bytes).await;
         }
-        Ok(Ok(header)) => header,
+        Ok(Ok(bytes)) => bytes,
+    };
+    let header = match decode_header(&header_bytes) {
+        Ok(header) => header,
+        Err(error @ HeaderError::UnsupportedVersion { .. }) => {
+            tracing::info!(peer = %peer.role, %error, "stream of another protocol version");
+            let error = WireError::new(ErrorCode::UnsupportedVersion, format!("{error}; upgrade the older side"));
+            return refuse(&mut send, &mut receive, error, max_frame_bytes).await;
+        }
+        Err(error) => {
+            tracing::info!(peer = %peer.role, %error, "malformed stream header");
+            let error = WireError::new(ErrorCode::MalformedFrame, format!("stream header is malformed: {error}"));
+            return refuse(&mut send, &mut receive, error, max_frame_bytes).await;
+        }
     };
     let Some(kind) = StreamKind::from_byte(header.kind) else {
         tracing::warn!(peer = %peer.role, kind = header.kind, "unknown stream kind");
@@ -202,6 +262,7 @@ async fn serve_stream(
     let deadline = Duration::from_millis(u64::from(header.deadline_millis))
         .min(state.config.max_request_timeout)
         .max(Duration::from_millis(1));
+    let deadline_at = std::time::Instant::now() + deadline;
     telemetry::metrics::record_stream(kind.name());
     // One span per request, child of the caller's span when the header carries its context: a
     // request that crosses nodes stays one trace.
@@ -214,25 +275,26 @@ async fn serve_stream(
 
     match kind {
         StreamKind::Client => {
-            let request = match read_request::<ClientRequest>(&mut receive, first_frame_timeout, max_frame_bytes).await
-            {
-                Ok(request) => request,
-                Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
-            };
+            let (request, _body_budget) =
+                match read_request::<ClientRequest>(&state, &mut receive, first_frame_timeout, max_frame_bytes).await {
+                    Ok(request) => request,
+                    Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
+                };
             let request_name = request.name();
             span.record("request", request_name);
             let forwarded = matches!(peer.role, Role::Node { .. });
-            let answer = with_deadline(deadline, handlers::handle_client(&state, request, forwarded))
+            let answer = with_deadline(deadline, handlers::handle_client(&state, request, forwarded, deadline_at))
                 .instrument(span.clone())
                 .await;
             log_outcome(&span, &peer, kind, request_name, started, &answer);
             reply(&mut send, &answer, max_frame_bytes).await;
         }
         StreamKind::Admin => {
-            let request = match read_request::<AdminRequest>(&mut receive, first_frame_timeout, max_frame_bytes).await {
-                Ok(request) => request,
-                Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
-            };
+            let (request, _body_budget) =
+                match read_request::<AdminRequest>(&state, &mut receive, first_frame_timeout, max_frame_bytes).await {
+                    Ok(request) => request,
+                    Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
+                };
             if let Err(error) = authorize_admin_request(&peer.role, &request) {
                 tracing::warn!(peer = %peer.role, request = request.name(), reason = "permission", "refused request");
                 return reply::<()>(&mut send, &Err(error), max_frame_bytes).await;
@@ -247,10 +309,11 @@ async fn serve_stream(
         }
         StreamKind::Raft => {
             let raft_frame_bytes = max_frame_bytes + RAFT_FRAME_OVERHEAD_BYTES;
-            let request = match read_request::<RaftRequest>(&mut receive, first_frame_timeout, raft_frame_bytes).await {
-                Ok(request) => request,
-                Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
-            };
+            let (request, _body_budget) =
+                match read_request::<RaftRequest>(&state, &mut receive, first_frame_timeout, raft_frame_bytes).await {
+                    Ok(request) => request,
+                    Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
+                };
             let span = if matches!(request, RaftRequest::Propose(_)) {
                 let span = request_span(&state, &peer, kind, true);
                 telemetry::set_parent_from_traceparent(&span, header.trace_context.as_deref());
@@ -271,16 +334,26 @@ async fn serve_stream(
             }
             let request_name = request.name();
             span.record("request", request_name);
-            let answer = with_deadline(deadline, handlers::handle_raft(&state, request)).instrument(span.clone()).await;
+            let Role::Node { node_id: sender } = peer.role else {
+                return;
+            };
+            let answer =
+                with_deadline(deadline, handlers::handle_raft(&state, sender, request)).instrument(span.clone()).await;
             log_outcome(&span, &peer, kind, request_name, started, &answer);
             reply(&mut send, &answer, raft_frame_bytes).await;
         }
         StreamKind::Membership => {
-            let request =
-                match read_request::<MembershipDigest>(&mut receive, first_frame_timeout, max_frame_bytes).await {
-                    Ok(request) => request,
-                    Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
-                };
+            let (request, _body_budget) = match read_request::<MembershipDigest>(
+                &state,
+                &mut receive,
+                first_frame_timeout,
+                max_frame_bytes,
+            )
+            .await
+            {
+                Ok(request) => request,
+                Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
+            };
             let Role::Node { node_id } = peer.role else {
                 return;
             };
@@ -315,19 +388,39 @@ fn request_span(state: &NodeState, peer: &Peer, kind: StreamKind, info: bool) ->
     }
 }
 
+/// Reads the request frame: its length, then room for it in the node's byte budget, then the
+/// body. The budget's permit is held until the answer is sent, so the bytes a node holds for
+/// requests are bounded whatever the callers announce.
 async fn read_request<T: serde::de::DeserializeOwned>(
+    state: &NodeState,
     receive: &mut quinn::RecvStream,
     timeout: Duration,
     max_frame_bytes: usize,
-) -> Result<T, WireError> {
-    match tokio::time::timeout(timeout, frame::read_frame::<_, T>(receive, max_frame_bytes)).await {
-        Err(_) => Err(WireError::new(ErrorCode::DeadlineExceeded, format!("no request frame within {timeout:?}"))),
-        Ok(Err(FrameError::Closed)) => {
-            Err(WireError::new(ErrorCode::MalformedFrame, "stream ended after the header, before a request frame"))
+) -> Result<(T, tokio::sync::OwnedSemaphorePermit), WireError> {
+    let frame_bytes = match tokio::time::timeout(timeout, frame::read_frame_length(receive, max_frame_bytes)).await {
+        Err(_) => {
+            return Err(WireError::new(ErrorCode::DeadlineExceeded, format!("no request frame within {timeout:?}")))
         }
-        Ok(Err(error)) => Err(frame_error_to_wire("request frame", error)),
-        Ok(Ok(request)) => Ok(request),
-    }
+        Ok(Err(FrameError::Closed)) => {
+            return Err(WireError::new(
+                ErrorCode::MalformedFrame,
+                "stream ended after the header, before a request frame",
+            ))
+        }
+        Ok(Err(error)) => return Err(frame_error_to_wire("request frame", error)),
+        Ok(Ok(frame_bytes)) => frame_bytes,
+    };
+    let permit = state.request_bytes.reserve(frame_bytes, state.config.limits.max_queue_wait).await?;
+    let body = match tokio::time::timeout(timeout, frame::read_frame_body(receive, frame_bytes)).await {
+        Err(_) => {
+            return Err(WireError::new(ErrorCode::DeadlineExceeded, format!("no request frame within {timeout:?}")))
+        }
+        Ok(Err(error)) => return Err(frame_error_to_wire("request frame", error)),
+        Ok(Ok(body)) => body,
+    };
+    let request =
+        postcard::from_bytes(&body).map_err(|error| frame_error_to_wire("request frame", FrameError::Decode(error)))?;
+    Ok((request, permit))
 }
 
 async fn with_deadline<T>(

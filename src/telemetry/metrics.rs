@@ -73,6 +73,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     version: String,
 }
@@ -105,6 +110,9 @@ struct Metrics {
     quic_lost_packets: Counter,
     membership_members: Family<StateLabels, Gauge>,
     refused_connections: Family<ReasonLabels, Counter>,
+    limit_refusals: Family<LimitLabels, Counter>,
+    refused_raft_messages: Family<ReasonLabels, Counter>,
+    disk_full: Gauge,
     /// Followers each node last reported a lag for, so that series of followers that left (or of
     /// a node that lost leadership) disappear instead of freezing at their last value.
     lag_followers: Mutex<HashMap<u64, BTreeSet<u64>>>,
@@ -180,6 +188,24 @@ impl Metrics {
         registry.register("membership_members", "Cluster members by state", membership_members.clone());
         let refused_connections = Family::default();
         registry.register("refused_connections", "Connections refused, by reason", refused_connections.clone());
+        let limit_refusals = Family::default();
+        registry.register(
+            "limit_refusals",
+            "Requests and connections refused because a limit was reached, by limit",
+            limit_refusals.clone(),
+        );
+        let refused_raft_messages = Family::default();
+        registry.register(
+            "refused_raft_messages",
+            "Raft messages refused (sender not a member, implausible content), by reason",
+            refused_raft_messages.clone(),
+        );
+        let disk_full = Gauge::default();
+        registry.register(
+            "disk_full",
+            "1 while free space in the data directory is under --min-free-disk-mb and writes are refused",
+            disk_full.clone(),
+        );
 
         let build_info: Family<VersionLabels, Gauge> = Family::default();
         registry.register("build_info", "Always 1; the version is a label", build_info.clone());
@@ -207,6 +233,9 @@ impl Metrics {
             quic_lost_packets,
             membership_members,
             refused_connections,
+            limit_refusals,
+            refused_raft_messages,
+            disk_full,
             lag_followers: Mutex::new(HashMap::new()),
         }
     }
@@ -342,6 +371,22 @@ pub fn record_stream(kind: &str) {
 /// `identity`, `permission`, ...
 pub fn record_refused_connection(reason: &str) {
     metrics().refused_connections.get_or_create(&ReasonLabels { reason: reason.to_string() }).inc();
+}
+
+/// One request or connection refused because `limit` (a fixed name, e.g. `connections`,
+/// `concurrent_searches`, `query_bytes`) was reached.
+pub fn record_limit_refusal(limit: &str) {
+    metrics().limit_refusals.get_or_create(&LimitLabels { limit: limit.to_string() }).inc();
+}
+
+/// One Raft message refused; `reason` is `not_a_member` or `implausible`.
+pub fn record_refused_raft_message(reason: &str) {
+    metrics().refused_raft_messages.get_or_create(&ReasonLabels { reason: reason.to_string() }).inc();
+}
+
+/// Whether writes are refused for lack of disk space.
+pub fn set_disk_full(full: bool) {
+    metrics().disk_full.set(i64::from(full));
 }
 
 /// Sets the member count of every state and removes states not listed (a state with no member

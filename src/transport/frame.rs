@@ -55,8 +55,9 @@ where
     Ok(())
 }
 
-/// Reads the raw bytes of one frame. `Closed` means the stream ended cleanly before a new frame.
-pub async fn read_frame_bytes<R>(reader: &mut R, max_frame_bytes: usize) -> Result<Vec<u8>, FrameError>
+/// Reads the length prefix of the next frame and checks it against `max_frame_bytes`. `Closed`
+/// means the stream ended cleanly before a new frame.
+pub async fn read_frame_length<R>(reader: &mut R, max_frame_bytes: usize) -> Result<usize, FrameError>
 where
     R: AsyncRead + Unpin,
 {
@@ -73,12 +74,31 @@ where
     if frame_bytes > max_frame_bytes {
         return Err(FrameError::TooLarge { frame_bytes, limit_bytes: max_frame_bytes });
     }
-    let mut body = vec![0_u8; frame_bytes];
-    reader.read_exact(&mut body).await.map_err(|error| match error.kind() {
-        std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
-        _ => FrameError::Io(error),
-    })?;
+    Ok(frame_bytes)
+}
+
+/// Reads a frame body of `frame_bytes` (a length [`read_frame_length`] accepted). The buffer grows
+/// with the bytes that actually arrive: announcing 16 MiB and sending nothing costs nothing.
+pub async fn read_frame_body<R>(reader: &mut R, frame_bytes: usize) -> Result<Vec<u8>, FrameError>
+where
+    R: AsyncRead + Unpin,
+{
+    const FIRST_ALLOCATION_BYTES: usize = 64 * 1024;
+    let mut body = Vec::with_capacity(frame_bytes.min(FIRST_ALLOCATION_BYTES));
+    let read = reader.take(frame_bytes as u64).read_to_end(&mut body).await?;
+    if read != frame_bytes {
+        return Err(FrameError::Truncated);
+    }
     Ok(body)
+}
+
+/// Reads the raw bytes of one frame. `Closed` means the stream ended cleanly before a new frame.
+pub async fn read_frame_bytes<R>(reader: &mut R, max_frame_bytes: usize) -> Result<Vec<u8>, FrameError>
+where
+    R: AsyncRead + Unpin,
+{
+    let frame_bytes = read_frame_length(reader, max_frame_bytes).await?;
+    read_frame_body(reader, frame_bytes).await
 }
 
 /// Reads and decodes one frame.

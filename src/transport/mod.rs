@@ -15,8 +15,9 @@ pub use pool::ConnectionPool;
 pub use stream::{call, CallError, ErrorCode, StreamHeader, StreamKind, WireError};
 pub use tls::{TlsError, TlsFiles, TlsMaterial};
 
-/// Streams one connection may have open at once, on either side.
-pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Streams one connection may have open at once, on either side (`--max-streams-per-connection`).
+/// A caller over it waits for QUIC to grant another stream; it is not an error.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {

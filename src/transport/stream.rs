@@ -44,9 +44,22 @@ impl StreamKind {
     }
 }
 
+/// The version of the wire protocol this build speaks: the layout of the stream header and of
+/// every request and answer of every kind. It travels first in every header, so a peer of another
+/// version is told so by name instead of failing to decode. Bump it with any change that is not
+/// compatible (see `docs/architecture.md`, "Versions").
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest stream header a node reads. A header is a kind, a traceparent and a deadline: a few
+/// dozen bytes. It is read before the caller's role is checked, so it gets its own small limit
+/// rather than the request frame's.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 4 * 1024;
+
 /// First frame of every stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamHeader {
+    /// [`PROTOCOL_VERSION`] of the opener. First, so it decodes whatever follows.
+    pub protocol_version: u16,
     /// [`StreamKind::to_byte`].
     pub kind: u8,
     /// W3C `traceparent` of the caller's span, when tracing is on.
@@ -54,6 +67,33 @@ pub struct StreamHeader {
     /// How long the caller will wait, in milliseconds from when the stream was opened. Relative,
     /// because clocks of different hosts disagree.
     pub deadline_millis: u32,
+}
+
+impl StreamHeader {
+    /// A header of this build's protocol version.
+    pub fn new(kind: StreamKind, trace_context: Option<String>, deadline_millis: u32) -> Self {
+        StreamHeader { protocol_version: PROTOCOL_VERSION, kind: kind.to_byte(), trace_context, deadline_millis }
+    }
+}
+
+/// Why a header frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("stream header does not decode: {0}")]
+    Malformed(String),
+    #[error("the peer speaks protocol version {theirs}; this build speaks version {ours}")]
+    UnsupportedVersion { theirs: u16, ours: u16 },
+}
+
+/// Decodes a header frame's body: the protocol version first (so a peer of another version is
+/// named as such), then the rest.
+pub fn decode_header(body: &[u8]) -> Result<StreamHeader, HeaderError> {
+    let (version, _) =
+        postcard::take_from_bytes::<u16>(body).map_err(|error| HeaderError::Malformed(error.to_string()))?;
+    if version != PROTOCOL_VERSION {
+        return Err(HeaderError::UnsupportedVersion { theirs: version, ours: PROTOCOL_VERSION });
+    }
+    postcard::from_bytes(body).map_err(|error| HeaderError::Malformed(error.to_string()))
 }
 
 /// Machine-readable error classes; the message says the specifics.
@@ -77,6 +117,11 @@ pub enum ErrorCode {
     Unavailable,
     /// Something failed inside the node.
     Internal,
+    /// A limit of the node was reached (connections, concurrent requests, query size, disk
+    /// space): the message names the limit and its flag. Retrying later may succeed.
+    ResourceExhausted,
+    /// The peer speaks another protocol version; the message names both.
+    UnsupportedVersion,
 }
 
 impl ErrorCode {
@@ -91,6 +136,8 @@ impl ErrorCode {
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::ResourceExhausted => "resource_exhausted",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
         }
     }
 }
@@ -148,11 +195,7 @@ where
     Response: serde::de::DeserializeOwned,
 {
     // Encode first: a request over the limit is refused here, before any stream is opened.
-    let header = StreamHeader {
-        kind: kind.to_byte(),
-        trace_context,
-        deadline_millis: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
-    };
+    let header = StreamHeader::new(kind, trace_context, u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
     let header_frame = super::frame::encode_frame(&header, max_frame_bytes)?;
     let request_frame = super::frame::encode_frame(request, max_frame_bytes)?;
     let exchange = async {
@@ -185,5 +228,54 @@ where
             None => Err(error),
         },
         Err(_) => Err(CallError::TimedOut(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Today's header bytes, pinned: a change must bump `PROTOCOL_VERSION`.
+    #[test]
+    fn golden_header_bytes() {
+        let header = StreamHeader::new(StreamKind::Client, Some("00-ab-cd-01".into()), 30_000);
+        let bytes = postcard::to_allocvec(&header).unwrap();
+        assert_eq!(bytes, GOLDEN_HEADER);
+        assert_eq!(decode_header(&bytes).unwrap(), header);
+    }
+
+    /// Version 1, kind 3 (client), traceparent "00-ab-cd-01", 30,000 ms.
+    const GOLDEN_HEADER: [u8; 18] = [1, 3, 1, 11, 48, 48, 45, 97, 98, 45, 99, 100, 45, 48, 49, 176, 234, 1];
+
+    #[test]
+    fn headers_of_another_version_are_named() {
+        let mut header = StreamHeader::new(StreamKind::Raft, None, 1);
+        header.protocol_version = 7;
+        let error = decode_header(&postcard::to_allocvec(&header).unwrap()).unwrap_err();
+        assert_eq!(error, HeaderError::UnsupportedVersion { theirs: 7, ours: PROTOCOL_VERSION });
+        assert_eq!(error.to_string(), "the peer speaks protocol version 7; this build speaks version 1");
+        assert!(matches!(decode_header(&[]), Err(HeaderError::Malformed(_))));
+        assert!(matches!(decode_header(&[1]), Err(HeaderError::Malformed(_))));
+    }
+
+    /// New error codes go at the end: the index of each existing one is its wire value.
+    #[test]
+    fn error_codes_keep_their_wire_values() {
+        let codes = [
+            ErrorCode::InvalidArgument,
+            ErrorCode::InvalidQuery,
+            ErrorCode::MalformedFrame,
+            ErrorCode::FrameTooLarge,
+            ErrorCode::UnknownStreamKind,
+            ErrorCode::PermissionDenied,
+            ErrorCode::DeadlineExceeded,
+            ErrorCode::Unavailable,
+            ErrorCode::Internal,
+            ErrorCode::ResourceExhausted,
+            ErrorCode::UnsupportedVersion,
+        ];
+        for (wire_value, code) in codes.iter().enumerate() {
+            assert_eq!(postcard::to_allocvec(code).unwrap(), vec![wire_value as u8], "{}", code.name());
+        }
     }
 }

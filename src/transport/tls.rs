@@ -28,6 +28,29 @@ pub enum TlsError {
     InvalidCa { path: PathBuf, reason: String },
     #[error("tls configuration failed: {0}")]
     Config(String),
+    #[error(
+        "private key file {path} is readable by other users (mode {mode:04o}); run `chmod 600 {path}` \
+         (bayard refuses keys others can read, as ssh does)"
+    )]
+    KeyTooOpen { path: PathBuf, mode: u32 },
+}
+
+/// Refuses a private key file that the group or other users may read or write.
+pub fn check_private_key_permissions(path: &Path) -> Result<(), TlsError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let metadata = std::fs::metadata(path).map_err(|error| TlsError::Read {
+            what: "private key",
+            path: path.to_path_buf(),
+            reason: error.to_string(),
+        })?;
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(TlsError::KeyTooOpen { path: path.to_path_buf(), mode });
+        }
+    }
+    Ok(())
 }
 
 /// Where a node's or client's certificate material lives.
@@ -88,6 +111,7 @@ impl TlsMaterial {
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
         let roots = read_roots(&files.ca_certificate)?;
         let certificate_chain = read_certificates(&files.certificate, "certificate")?;
+        check_private_key_permissions(&files.private_key)?;
         let private_key = PrivateKeyDer::from_pem_file(&files.private_key).map_err(|error| TlsError::Read {
             what: "private key",
             path: files.private_key.clone(),
