@@ -12,8 +12,9 @@ use serde_json::json;
 
 use crate::certs::{self, CertificateAuthority, Validity};
 use crate::client::{Client, ClientError, ClientOptions, WriteReceipt};
+use crate::index::QueryLimits;
 use crate::index::{FacetRequest, SearchRequest, SortSpec, DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
-use crate::node::{self, NodeConfig};
+use crate::node::{self, NodeConfig, NodeLimits};
 use crate::protocol::{Consistency, DocumentInput, NodeStatus};
 use crate::telemetry::{self, LogFormat, TelemetryConfig};
 use crate::transport::{self, Role, TlsFiles};
@@ -28,7 +29,7 @@ pub struct Arguments {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node.
-    Serve(ServeArguments),
+    Serve(Box<ServeArguments>),
     /// Make certificates for a cluster.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -157,6 +158,85 @@ pub struct ServeArguments {
     /// Serve /metrics (Prometheus), /livez and /readyz over HTTP on this port of --host.
     #[arg(long, env = "BAYARD_METRICS_PORT")]
     pub metrics_port: Option<u16>,
+    #[command(flatten)]
+    pub limits: LimitArguments,
+}
+
+/// Limits on what callers may make the node hold (docs/security.md lists each with its refusal).
+#[derive(Debug, Clone, Args)]
+pub struct LimitArguments {
+    /// Open connections, all callers together (handshakes included).
+    #[arg(long, env = "BAYARD_MAX_CONNECTIONS", default_value_t = NodeLimits::default().max_connections)]
+    pub max_connections: usize,
+    /// Open connections of one certificate identity.
+    #[arg(long, env = "BAYARD_MAX_CONNECTIONS_PER_IDENTITY", default_value_t = NodeLimits::default().max_connections_per_identity)]
+    pub max_connections_per_identity: usize,
+    /// Streams (requests) one connection may have open at once; more wait for a stream credit.
+    #[arg(long, env = "BAYARD_MAX_STREAMS_PER_CONNECTION", default_value_t = transport::DEFAULT_MAX_CONCURRENT_STREAMS)]
+    pub max_streams_per_connection: u32,
+    /// Largest stream header in bytes (read before the caller's role is checked).
+    #[arg(long, env = "BAYARD_MAX_HEADER_BYTES", default_value_t = NodeLimits::default().max_header_bytes)]
+    pub max_header_bytes: usize,
+    /// Request bodies being read or handled at once, all callers together, in MiB.
+    #[arg(long, env = "BAYARD_MAX_INFLIGHT_REQUEST_MB", default_value_t = NodeLimits::default().max_inflight_request_bytes / (1024 * 1024))]
+    pub max_inflight_request_mb: usize,
+    /// Searches running at once (default: twice the cores).
+    #[arg(long, env = "BAYARD_MAX_CONCURRENT_SEARCHES", default_value_t = NodeLimits::default().max_concurrent_searches)]
+    pub max_concurrent_searches: usize,
+    /// Searches waiting for a slot; more are refused at once.
+    #[arg(long, env = "BAYARD_MAX_QUEUED_SEARCHES", default_value_t = NodeLimits::default().max_queued_searches)]
+    pub max_queued_searches: usize,
+    /// Write requests in progress at once.
+    #[arg(long, env = "BAYARD_MAX_CONCURRENT_WRITES", default_value_t = NodeLimits::default().max_concurrent_writes)]
+    pub max_concurrent_writes: usize,
+    /// Write requests waiting for a slot; more are refused at once.
+    #[arg(long, env = "BAYARD_MAX_QUEUED_WRITES", default_value_t = NodeLimits::default().max_queued_writes)]
+    pub max_queued_writes: usize,
+    /// Longest a request waits for a slot or for room in the byte budget (e.g. 5s).
+    #[arg(long, env = "BAYARD_MAX_QUEUE_WAIT", default_value = "5s", value_parser = parse_duration)]
+    pub max_queue_wait: Duration,
+    /// Time budget of one search; past it the search stops with deadline_exceeded (e.g. 10s).
+    #[arg(long, env = "BAYARD_SEARCH_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub search_timeout: Duration,
+    /// Longest query text, in bytes.
+    #[arg(long, env = "BAYARD_MAX_QUERY_BYTES", default_value_t = QueryLimits::default().max_query_bytes)]
+    pub max_query_bytes: usize,
+    /// Deepest nesting of parentheses in a query (at most 256).
+    #[arg(long, env = "BAYARD_MAX_QUERY_DEPTH", default_value_t = QueryLimits::default().max_query_depth)]
+    pub max_query_depth: usize,
+    /// Most terms and operators in a query.
+    #[arg(long, env = "BAYARD_MAX_QUERY_TERMS", default_value_t = QueryLimits::default().max_query_terms)]
+    pub max_query_terms: usize,
+    /// Most facet prefixes in one search, over all facet fields.
+    #[arg(long, env = "BAYARD_MAX_FACET_PREFIXES", default_value_t = QueryLimits::default().max_facet_prefixes)]
+    pub max_facet_prefixes: usize,
+    /// Writes are refused while the data directory's file system has less free space, in MiB.
+    #[arg(long, env = "BAYARD_MIN_FREE_DISK_MB", default_value_t = NodeLimits::default().min_free_disk_bytes / (1024 * 1024))]
+    pub min_free_disk_mb: u64,
+}
+
+impl LimitArguments {
+    pub fn to_limits(&self) -> NodeLimits {
+        NodeLimits {
+            max_connections: self.max_connections,
+            max_connections_per_identity: self.max_connections_per_identity,
+            max_header_bytes: self.max_header_bytes,
+            max_inflight_request_bytes: self.max_inflight_request_mb.saturating_mul(1024 * 1024),
+            max_concurrent_searches: self.max_concurrent_searches,
+            max_queued_searches: self.max_queued_searches,
+            max_concurrent_writes: self.max_concurrent_writes,
+            max_queued_writes: self.max_queued_writes,
+            max_queue_wait: self.max_queue_wait,
+            search_timeout: self.search_timeout,
+            query: QueryLimits {
+                max_query_bytes: self.max_query_bytes,
+                max_query_depth: self.max_query_depth,
+                max_query_terms: self.max_query_terms,
+                max_facet_prefixes: self.max_facet_prefixes,
+            },
+            min_free_disk_bytes: self.min_free_disk_mb.saturating_mul(1024 * 1024),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -365,7 +445,7 @@ pub fn parse_sort(text: &str) -> anyhow::Result<SortSpec> {
 
 pub async fn run(arguments: Arguments) -> anyhow::Result<()> {
     match arguments.command {
-        Command::Serve(serve) => run_serve(serve).await,
+        Command::Serve(serve) => run_serve(*serve).await,
         Command::Certs(command) => run_certs(command),
         command => {
             // A client command is the root of its trace when an OTLP endpoint is set (or a child of
@@ -467,6 +547,8 @@ async fn serve_node(arguments: ServeArguments) -> anyhow::Result<()> {
     config.raft.snapshot_after_entries = arguments.snapshot_entries.max(1);
     config.remove_down_after = arguments.remove_down_after;
     config.metrics_address = arguments.metrics_port.map(|port| SocketAddr::new(arguments.host, port));
+    config.limits = arguments.limits.to_limits();
+    config.max_concurrent_streams = arguments.limits.max_streams_per_connection;
     node::run(config, shutdown_signal(), reload_signal()).await.map_err(|error| anyhow!(error))
 }
 
@@ -741,19 +823,82 @@ fn name_the_line(error: ClientError, line_numbers: &[usize]) -> anyhow::Error {
     anyhow!(error)
 }
 
+/// Most invalid lines listed when a bulk file is refused.
+const MAX_LISTED_INVALID_LINES: usize = 10;
+
+/// Checks every document against the schema the node reports, before anything is sent: a file
+/// with one bad line is refused whole, so a bulk load is never applied in part because of its
+/// content.
+fn validate_bulk_documents(
+    schema_json: &str,
+    documents: &[DocumentInput],
+    line_numbers: &[usize],
+) -> anyhow::Result<()> {
+    let schema = crate::index::load_schema(schema_json).context("the node reported a schema that does not load")?;
+    let mut invalid = Vec::new();
+    let mut invalid_count = 0_usize;
+    for (document, line_number) in documents.iter().zip(line_numbers) {
+        if let Err(error) = crate::index::validate_document(&schema, document.id.as_deref(), &document.document_json) {
+            invalid_count += 1;
+            if invalid.len() < MAX_LISTED_INVALID_LINES {
+                let reason = error.to_string();
+                let reason = reason.strip_prefix("invalid document: ").unwrap_or(&reason).to_string();
+                invalid.push(format!("line {line_number}: {reason}"));
+            }
+        }
+    }
+    if invalid_count == 0 {
+        return Ok(());
+    }
+    let more = if invalid_count > invalid.len() {
+        format!("\n({} more invalid lines not shown)", invalid_count - invalid.len())
+    } else {
+        String::new()
+    };
+    bail!(
+        "{}{more}\nnothing was written: {invalid_count} of {} lines do not match the node's schema; fix them and \
+         load the file again",
+        invalid.join("\n"),
+        documents.len()
+    )
+}
+
 async fn bulk_put(connection: &ConnectionArguments, file: Option<&Path>) -> anyhow::Result<()> {
     let text = read_input(file)?;
     let (documents, line_numbers) = parse_bulk_documents(&text)?;
     drop(text);
     let client = connect(connection)?;
+    let schema_json = serde_json::to_string(&client.schema().await?)?;
+    validate_bulk_documents(&schema_json, &documents, &line_numbers)?;
     let bar = progress_bar(documents.len());
-    let receipt = client
-        .bulk_put(documents, |written| bar.set_position(written as u64))
-        .await
-        .map_err(|error| name_the_line(error, &line_numbers))?;
+    let written = std::sync::atomic::AtomicUsize::new(0);
+    let outcome = client
+        .bulk_put(documents, |count| {
+            written.store(count, std::sync::atomic::Ordering::SeqCst);
+            bar.set_position(count as u64)
+        })
+        .await;
     bar.finish_and_clear();
-    print_json(&receipt_json(receipt));
-    Ok(())
+    match outcome {
+        Ok(receipt) => {
+            print_json(&receipt_json(receipt));
+            Ok(())
+        }
+        Err(error) => {
+            // The node refused a request or none answered: say exactly what was applied.
+            let applied = written.load(std::sync::atomic::Ordering::SeqCst);
+            let error = name_the_line(error, &line_numbers);
+            if applied == 0 {
+                Err(error.context("nothing was written"))
+            } else {
+                let last_line = line_numbers.get(applied - 1).copied().unwrap_or(0);
+                Err(error.context(format!(
+                    "the documents of lines 1-{last_line} ({applied} documents) were written before this failure; \
+                     the rest were not"
+                )))
+            }
+        }
+    }
 }
 
 async fn bulk_delete(connection: &ConnectionArguments, file: Option<&Path>) -> anyhow::Result<()> {

@@ -196,7 +196,7 @@ async fn malformed_frames_and_unknown_kinds_end_only_their_stream() {
     assert!(error.message.starts_with("stream header is malformed"), "{}", error.message);
 
     // A good header, then a request frame that does not decode.
-    let header = StreamHeader { kind: StreamKind::Client.to_byte(), trace_context: None, deadline_millis: 5_000 };
+    let header = StreamHeader::new(StreamKind::Client, None, 5_000);
     let mut bytes = frame(&postcard::to_allocvec(&header).unwrap());
     bytes.extend(frame(&[200, 1, 2, 3]));
     let error = send_raw(&connection, &bytes).await.unwrap_err();
@@ -208,7 +208,7 @@ async fn malformed_frames_and_unknown_kinds_end_only_their_stream() {
     assert_eq!(error.code, ErrorCode::FrameTooLarge);
 
     // A kind this node does not know.
-    let unknown = StreamHeader { kind: 9, trace_context: None, deadline_millis: 5_000 };
+    let unknown = StreamHeader { kind: 9, ..StreamHeader::new(StreamKind::Client, None, 5_000) };
     let error = send_raw(&connection, &frame(&postcard::to_allocvec(&unknown).unwrap())).await.unwrap_err();
     assert_eq!(error.code, ErrorCode::UnknownStreamKind);
     assert!(error.message.contains("unknown stream kind 9"), "{}", error.message);

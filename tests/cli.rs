@@ -204,3 +204,35 @@ fn serve_on_embedded_defaults_makes_development_certificates() {
     let hits = json(root, &["search", "--servers", &server.address, "title:schema"], None);
     assert_eq!(hits["count"], 1);
 }
+
+#[test]
+fn a_bulk_file_with_one_bad_line_writes_nothing() {
+    let directory = tempfile::tempdir().unwrap();
+    let root = directory.path();
+    let server = serve(root, &["--commit-interval", "0"]);
+    // A bad line in the first, a middle and the last request of 1,000 documents each.
+    for bad_line in [1, 1501, 2500] {
+        let text: String = (1..=2500)
+            .map(|number| {
+                if number == bad_line {
+                    format!("{{\"_id\":\"d{number}\",\"title\":\"bad\",\"year\":\"not a number\"}}\n")
+                } else {
+                    format!("{{\"_id\":\"d{number}\",\"title\":\"document {number}\",\"year\":2000}}\n")
+                }
+            })
+            .collect();
+        std::fs::write(root.join("docs.ndjson"), text).unwrap();
+        let error = failure(root, &["put", "--bulk", "--file", "docs.ndjson", "--servers", &server.address], None);
+        assert!(error.contains(&format!("line {bad_line}: ")) && error.contains("year"), "{error}");
+        assert!(error.contains("nothing was written: 1 of 2500 lines"), "{error}");
+        json(root, &["commit", "--servers", &server.address], None);
+        let status = json(root, &["status", "--servers", &server.address], None);
+        assert_eq!(status["document_count"], 0, "a refused file wrote documents (bad line {bad_line})");
+    }
+    // The same file without the bad line loads whole.
+    let text: String =
+        (1..=2500).map(|number| format!("{{\"_id\":\"d{number}\",\"title\":\"document {number}\"}}\n")).collect();
+    std::fs::write(root.join("docs.ndjson"), text).unwrap();
+    let receipt = json(root, &["put", "--bulk", "--file", "docs.ndjson", "--servers", &server.address], None);
+    assert_eq!(receipt["operations"], 2500);
+}

@@ -2,6 +2,7 @@
 //!
 //! Layout of the file (usually `<data>/raft/log.redb`):
 //!
+//! Every value starts with one byte, [`LOG_FORMAT_VERSION`], then postcard bytes:
 //! - table `raft_log_entries`: `u64` log index -> postcard bytes of `(LogId, EntryPayload)`, which
 //!   is exactly how postcard encodes an `Entry` (a struct is its fields in order, without names).
 //!   Because the log id comes first, the log id of an entry can be decoded without decoding its
@@ -78,6 +79,13 @@ enum Failure {
 
     #[error("corrupt {what}: {error}")]
     Decode { what: String, error: postcard::Error },
+
+    /// A value of a format this build does not know (a newer bayard wrote it, or it is damaged).
+    #[error(
+        "{what} is stored in log format {found}; this build reads format {LOG_FORMAT_VERSION}: run the bayard \
+         version that wrote it"
+    )]
+    UnknownFormat { what: String, found: u8 },
 
     /// The key and the log id inside the value disagree: the table was damaged or written by
     /// something else. Returning such an entry would silently corrupt replication.
@@ -389,23 +397,45 @@ fn put_meta(db: &Database, key: &'static str, bytes: Option<Vec<u8>>) -> Result<
     })
 }
 
+/// Format of every value this file stores, written as its first byte. A build that meets a
+/// byte it does not know refuses the value by name rather than misreading it. Bump it with any
+/// change to the encoding of entries (`IndexBatch`, `IndexOperation`, openraft's types) or of
+/// the meta values, and keep a decoder for the old one.
+pub const LOG_FORMAT_VERSION: u8 = 1;
+
+/// Encodes after the format byte, in one buffer.
+fn versioned<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_extend(value, vec![LOG_FORMAT_VERSION])
+}
+
+/// The bytes after the format byte, or `Unversioned`/`UnknownFormat`.
+fn unversioned<'a>(bytes: &'a [u8], what: &dyn Fn() -> String) -> Result<&'a [u8], Failure> {
+    match bytes.split_first() {
+        Some((&LOG_FORMAT_VERSION, rest)) => Ok(rest),
+        Some((&found, _)) => Err(Failure::UnknownFormat { what: what(), found }),
+        None => Err(Failure::UnknownFormat { what: what(), found: 0 }),
+    }
+}
+
 fn encode<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, Failure> {
-    postcard::to_stdvec(value).map_err(|error| Failure::Encode { what: what.to_string(), error })
+    versioned(value).map_err(|error| Failure::Encode { what: what.to_string(), error })
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, Failure> {
-    postcard::from_bytes(bytes).map_err(|error| Failure::Decode { what: what.to_string(), error })
+    let body = unversioned(bytes, &|| what.to_string())?;
+    postcard::from_bytes(body).map_err(|error| Failure::Decode { what: what.to_string(), error })
 }
 
 fn encode_entry(entry: &Entry) -> Result<Vec<u8>, Failure> {
     // A tuple rather than the `Entry` itself: the byte layout is the same, but spelling it out
     // here makes "the log id comes first" a property of this file, not of openraft's field order.
-    postcard::to_stdvec(&(&entry.log_id, &entry.payload))
+    versioned(&(&entry.log_id, &entry.payload))
         .map_err(|error| Failure::Encode { what: format!("log entry {}", entry.log_id), error })
 }
 
 fn decode_entry(key: u64, bytes: &[u8]) -> Result<Entry, Failure> {
-    let (log_id, payload): (LogId, EntryPayload<TypeConfig>) = postcard::from_bytes(bytes)
+    let body = unversioned(bytes, &|| format!("log entry at index {key}"))?;
+    let (log_id, payload): (LogId, EntryPayload<TypeConfig>) = postcard::from_bytes(body)
         .map_err(|error| Failure::Decode { what: format!("log entry at index {key}"), error })?;
     check_index(key, log_id)?;
     Ok(Entry { log_id, payload })
@@ -413,7 +443,8 @@ fn decode_entry(key: u64, bytes: &[u8]) -> Result<Entry, Failure> {
 
 /// Decodes only the log id at the front of an entry, skipping its (possibly large) payload.
 fn decode_log_id(key: u64, bytes: &[u8]) -> Result<LogId, Failure> {
-    let (log_id, _payload) = postcard::take_from_bytes::<LogId>(bytes)
+    let body = unversioned(bytes, &|| format!("log entry at index {key}"))?;
+    let (log_id, _payload) = postcard::take_from_bytes::<LogId>(body)
         .map_err(|error| Failure::Decode { what: format!("log entry at index {key}"), error })?;
     check_index(key, log_id)
 }
@@ -503,12 +534,35 @@ mod tests {
         // `decode_log_id` relies on it, and the layout equals postcard's encoding of `Entry`.
         for entry in [normal(3, 7), membership(2, 5), blank(1, 1)] {
             let bytes = encode_entry(&entry).unwrap();
-            assert_eq!(bytes, postcard::to_stdvec(&entry).unwrap());
+            assert_eq!(bytes[0], LOG_FORMAT_VERSION);
+            assert_eq!(&bytes[1..], postcard::to_stdvec(&entry).unwrap());
             assert_eq!(decode_log_id(entry.log_id.index, &bytes).unwrap(), entry.log_id);
             let decoded = decode_entry(entry.log_id.index, &bytes).unwrap();
             assert_eq!(decoded.log_id, entry.log_id);
             assert!(decoded.payload == entry.payload);
         }
+    }
+
+    /// Format 1; term 1, leader 1, index 1; `Blank`.
+    const GOLDEN_BLANK: [u8; 5] = [1, 1, 1, 1, 0];
+    /// Format 1; term 3, leader 1, index 7; `Normal`; three operations: `Put` ("doc-7",
+    /// `{"_id":"doc-7"}`), `Delete` ("gone"), `Commit`.
+    const GOLDEN_NORMAL: [u8; 36] = [
+        1, 3, 1, 7, 1, 3, 0, 5, 100, 111, 99, 45, 55, 15, 123, 34, 95, 105, 100, 34, 58, 34, 100, 111, 99, 45, 55, 34,
+        125, 1, 4, 103, 111, 110, 101, 2,
+    ];
+
+    /// Today's bytes, pinned: a change of the entry encoding must bump `LOG_FORMAT_VERSION` (and
+    /// keep a decoder for format 1), or old logs stop decoding.
+    #[test]
+    fn golden_entry_bytes() {
+        let cases: [(Entry, &[u8]); 2] = [(blank(1, 1), &GOLDEN_BLANK), (normal(3, 7), &GOLDEN_NORMAL)];
+        for (entry, golden) in cases {
+            assert_eq!(encode_entry(&entry).unwrap(), golden, "entry {}", entry.log_id);
+            assert_eq!(decode_entry(entry.log_id.index, golden).unwrap().log_id, entry.log_id);
+        }
+        let error = decode_entry(1, &[2, 1, 1, 1, 0]).unwrap_err().to_string();
+        assert!(error.contains("log format 2") && error.contains("format 1"), "{error}");
     }
 
     #[test]
@@ -620,7 +674,7 @@ mod tests {
 
         // Garbage bytes under index 2, written behind the store's back.
         write_txn(&store.db, |txn| {
-            txn.open_table(ENTRIES)?.insert(2, [0xff_u8, 0xff, 0xff, 0xff, 0xff, 0xff].as_slice())?;
+            txn.open_table(ENTRIES)?.insert(2, [LOG_FORMAT_VERSION, 0xff, 0xff, 0xff, 0xff, 0xff].as_slice())?;
             Ok(())
         })
         .unwrap();
@@ -641,7 +695,7 @@ mod tests {
 
         // Same for the metadata.
         write_txn(&store.db, |txn| {
-            txn.open_table(META)?.insert(VOTE_KEY, [0xff_u8].as_slice())?;
+            txn.open_table(META)?.insert(VOTE_KEY, [LOG_FORMAT_VERSION, 0xff].as_slice())?;
             Ok(())
         })
         .unwrap();

@@ -248,3 +248,21 @@ impl TestCluster {
         }
     }
 }
+
+/// A raw QUIC connection with any certificate, to send what the client library never would.
+pub async fn raw_connection_with(files: &TlsFiles, address: &str) -> quinn::Connection {
+    let material = bayard::transport::TlsMaterial::load(files).expect("tls material");
+    let config = bayard::transport::tls::client_config(&material, 256).expect("client config");
+    let endpoint = bayard::transport::bind_client_endpoint(config, false).expect("endpoint");
+    let pool = bayard::transport::ConnectionPool::new(endpoint, TRUST_DOMAIN, Duration::from_secs(5));
+    pool.get(address).await.expect("connects")
+}
+
+/// One request/answer of `kind` on `connection`; the outer error is the transport's.
+pub async fn call_raw<Request: serde::Serialize, Response: serde::de::DeserializeOwned>(
+    connection: &quinn::Connection,
+    kind: bayard::protocol::StreamKind,
+    request: &Request,
+) -> Result<Result<Response, bayard::protocol::WireError>, bayard::transport::CallError> {
+    bayard::transport::call(connection, kind, None, request, Duration::from_secs(10), 32 * 1024 * 1024).await
+}
