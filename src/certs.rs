@@ -32,7 +32,9 @@ pub enum CertificateError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a usable CA file: {reason}")]
     InvalidCa { path: PathBuf, reason: String },
-    #[error("refusing to overwrite {path}; remove it first")]
+    #[error(
+        "refusing to overwrite {path}; pass --force to replace it (certificates it signed or made stop being trusted)"
+    )]
     AlreadyExists { path: PathBuf },
 }
 
@@ -207,6 +209,36 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), Certificate
     Ok(())
 }
 
+/// The DNS names and IP addresses (as text) a PEM certificate is valid for.
+pub fn certificate_names(path: &Path) -> Result<Vec<String>, CertificateError> {
+    let read_error = |reason: String| CertificateError::Read {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, reason),
+    };
+    let pem = fs::read_to_string(path).map_err(|source| CertificateError::Read { path: path.to_path_buf(), source })?;
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|error| read_error(error.to_string()))?;
+    let (_, certificate) =
+        x509_parser::parse_x509_certificate(&block.contents).map_err(|error| read_error(error.to_string()))?;
+    let mut names = Vec::new();
+    if let Ok(Some(extension)) = certificate.subject_alternative_name() {
+        for name in &extension.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::DNSName(dns) => names.push(dns.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(bytes) => {
+                    let address = match bytes.len() {
+                        4 => <[u8; 4]>::try_from(*bytes).ok().map(|octets| IpAddr::from(octets).to_string()),
+                        16 => <[u8; 16]>::try_from(*bytes).ok().map(|octets| IpAddr::from(octets).to_string()),
+                        _ => None,
+                    };
+                    names.extend(address);
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(names)
+}
+
 /// Files a development node uses, made on first start when no certificate flags are given.
 #[derive(Debug, Clone)]
 pub struct DevelopmentCertificates {
@@ -238,7 +270,12 @@ pub fn ensure_development_certificates(
         authority
     };
     let (node_certificate, node_key) = pair_paths(directory, &format!("node-{node_id}"));
-    if !(node_certificate.exists() && node_key.exists()) {
+    // A development certificate made before without names asked for now (`--dev-san`) is made
+    // again: the CA key is right here, and a certificate remote clients refuse helps nobody.
+    let lacks_names = node_certificate.exists()
+        && certificate_names(&node_certificate)
+            .is_ok_and(|names| extra_subject_alternative_names.iter().any(|wanted| !names.contains(wanted)));
+    if !(node_certificate.exists() && node_key.exists()) || lacks_names {
         let mut names = default_node_subject_alternative_names();
         for name in extra_subject_alternative_names {
             if !names.contains(name) {

@@ -65,9 +65,12 @@ pub enum Command {
 pub struct LeaveArguments {
     #[command(flatten)]
     pub connection: ConnectionArguments,
-    /// The node to remove.
-    #[arg(long)]
-    pub id: u64,
+    /// The node to remove (also accepted without the flag: `bayard leave 3`).
+    #[arg(long = "id", value_name = "ID")]
+    pub id_flag: Option<u64>,
+    /// The node to remove, as the original Bayard's `leave 3` gave it.
+    #[arg(value_name = "ID", conflicts_with = "id_flag", required_unless_present = "id_flag")]
+    pub id: Option<u64>,
     /// Remove it even if the remaining voters that answer are not a quorum.
     #[arg(long)]
     pub force: bool,
@@ -102,6 +105,7 @@ pub struct ServeArguments {
     /// Address to bind the UDP port on.
     #[arg(long, env = "BAYARD_HOST", default_value = "127.0.0.1")]
     pub host: IpAddr,
+    /// The node's one port: QUIC on UDP carries Raft, membership, client and admin streams.
     #[arg(long, env = "BAYARD_PORT", default_value_t = 5001)]
     pub port: u16,
     /// Seed members to join through, as `id=host:port` pairs, comma-separated (e.g.
@@ -127,13 +131,23 @@ pub struct ServeArguments {
     /// This node's certificate (its URI SAN must be spiffe://<trust-domain>/node/<id>).
     #[arg(long, env = "BAYARD_CERT")]
     pub cert: Option<PathBuf>,
+    /// This node's private key (PEM; mode 0600: a key others can read is refused).
     #[arg(long, env = "BAYARD_KEY")]
     pub key: Option<PathBuf>,
     /// Where development certificates are made when no certificate flags are given.
     #[arg(long, env = "BAYARD_CERTS_DIRECTORY", default_value = "certs")]
     pub certs_directory: PathBuf,
+    /// Extra host names and addresses for the development node certificate, comma-separated
+    /// (e.g. the host's DNS name when serving on --host 0.0.0.0); an existing development
+    /// certificate without them is made again.
+    #[arg(long, env = "BAYARD_DEV_SAN", value_delimiter = ',')]
+    pub dev_san: Vec<String>,
+    /// SPIFFE trust domain of the cluster's certificates (spiffe://<trust-domain>/node/<id>).
     #[arg(long, env = "BAYARD_TRUST_DOMAIN", default_value = transport::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// How long a new node keeps asking its seeds to join before it gives up (e.g. 5m).
+    #[arg(long, env = "BAYARD_JOIN_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub join_timeout: Duration,
     /// Automatic commit period (e.g. 1s, 500ms); 0 commits only on request.
     #[arg(long, env = "BAYARD_COMMIT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub commit_interval: Duration,
@@ -149,6 +163,7 @@ pub struct ServeArguments {
     /// Memory of the index writer, in MiB.
     #[arg(long, env = "BAYARD_WRITER_MEMORY_MB", default_value_t = 128)]
     pub writer_memory_mb: usize,
+    /// Log lines as text (colour only on a terminal, never with NO_COLOR) or as JSON objects.
     #[arg(long, env = "BAYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Export traces over OTLP/gRPC to this collector (e.g. http://localhost:4317); also taken
@@ -241,23 +256,33 @@ impl LimitArguments {
 
 #[derive(Debug, Clone, Args)]
 pub struct ConnectionArguments {
-    /// Nodes to try, comma-separated host:port.
-    #[arg(long, env = "BAYARD_SERVERS", default_value = "127.0.0.1:5001", value_delimiter = ',')]
+    /// Nodes to try, comma-separated host:port (a host alone means port 5001); `--server` works too.
+    #[arg(long, alias = "server", env = "BAYARD_SERVERS", default_value = "127.0.0.1:5001", value_delimiter = ',')]
     pub servers: Vec<String>,
-    #[arg(long, env = "BAYARD_CA", default_value = "certs/ca.pem")]
+    /// The cluster CA certificate (PEM).
+    #[arg(long, env = "BAYARD_CA", default_value = DEFAULT_CLIENT_CA)]
     pub ca: PathBuf,
-    #[arg(long, env = "BAYARD_CERT", default_value = "certs/admin-dev.pem")]
+    /// This client's certificate (PEM; a client or admin role).
+    #[arg(long, env = "BAYARD_CERT", default_value = DEFAULT_CLIENT_CERT)]
     pub cert: PathBuf,
-    #[arg(long, env = "BAYARD_KEY", default_value = "certs/admin-dev.key")]
+    /// This client's private key (PEM; mode 0600).
+    #[arg(long, env = "BAYARD_KEY", default_value = DEFAULT_CLIENT_KEY)]
     pub key: PathBuf,
     /// Deadline of each request (e.g. 30s).
     #[arg(long, env = "BAYARD_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Largest frame sent or accepted, in bytes (the node's --max-frame-bytes).
     #[arg(long, env = "BAYARD_MAX_FRAME_BYTES", default_value_t = transport::DEFAULT_MAX_FRAME_BYTES)]
     pub max_frame_bytes: usize,
+    /// SPIFFE trust domain of the cluster's certificates.
     #[arg(long, env = "BAYARD_TRUST_DOMAIN", default_value = transport::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
 }
+
+/// Where the client looks for certificates when no flag says: what `bayard serve` makes.
+const DEFAULT_CLIENT_CA: &str = "certs/ca.pem";
+const DEFAULT_CLIENT_CERT: &str = "certs/admin-dev.pem";
+const DEFAULT_CLIENT_KEY: &str = "certs/admin-dev.key";
 
 #[derive(Debug, Args)]
 pub struct PutArguments {
@@ -289,6 +314,7 @@ pub struct BulkArguments {
 pub struct GetArguments {
     #[command(flatten)]
     pub connection: ConnectionArguments,
+    /// Id of the document.
     #[arg(long)]
     pub id: String,
 }
@@ -297,10 +323,13 @@ pub struct GetArguments {
 pub struct DeleteArguments {
     #[command(flatten)]
     pub connection: ConnectionArguments,
+    /// Id of the document to delete.
     #[arg(long, required_unless_present = "bulk")]
     pub id: Option<String>,
+    /// Delete the ids listed in NDJSON (`"id"`, `{"_id":"id"}` or a bare id per line).
     #[arg(long)]
     pub bulk: bool,
+    /// The NDJSON file for --bulk; `-` or absent is stdin.
     #[arg(long)]
     pub file: Option<PathBuf>,
 }
@@ -333,7 +362,8 @@ pub struct SearchArguments {
     /// local: this node; leader: the leader's index; linearizable: the leader after a read-index check.
     #[arg(long, env = "BAYARD_CONSISTENCY", default_value = "local", value_parser = parse_consistency)]
     pub consistency: Consistency,
-    /// tantivy query syntax, e.g. 'title:hello AND body:world'; `*` matches everything.
+    /// tantivy query syntax, e.g. 'title:hello AND body:world'; `*` (or an empty query) matches
+    /// every document.
     pub query: String,
 }
 
@@ -351,8 +381,10 @@ pub enum CertsCommand {
 
 #[derive(Debug, Args)]
 pub struct CaArguments {
+    /// Directory the files are written to.
     #[arg(long, default_value = "certs")]
     pub out_dir: PathBuf,
+    /// Validity in days.
     #[arg(long, default_value_t = certs::DEFAULT_CA_VALIDITY_DAYS)]
     pub days: i64,
     /// Replace existing files.
@@ -362,6 +394,7 @@ pub struct CaArguments {
 
 #[derive(Debug, Args)]
 pub struct SigningArguments {
+    /// Directory the files are written to (and where the CA is looked for).
     #[arg(long, default_value = "certs")]
     pub out_dir: PathBuf,
     /// CA certificate (default: <out-dir>/ca.pem).
@@ -370,16 +403,20 @@ pub struct SigningArguments {
     /// CA key (default: <out-dir>/ca.key).
     #[arg(long)]
     pub ca_key: Option<PathBuf>,
+    /// SPIFFE trust domain written into the certificate's URI SAN.
     #[arg(long, default_value = transport::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// Validity in days.
     #[arg(long, default_value_t = certs::DEFAULT_LEAF_VALIDITY_DAYS)]
     pub days: i64,
+    /// Replace existing files.
     #[arg(long)]
     pub force: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct NodeCertArguments {
+    /// The node id the certificate is for (spiffe://<trust-domain>/node/<id>).
     #[arg(long)]
     pub id: u64,
     /// Extra host names and IP addresses the node is reached by, comma-separated
@@ -392,6 +429,7 @@ pub struct NodeCertArguments {
 
 #[derive(Debug, Args)]
 pub struct NamedCertArguments {
+    /// Name of the application or operator (letters, digits, `-`, `_`, `.`).
     #[arg(long)]
     pub name: String,
     #[command(flatten)]
@@ -481,7 +519,10 @@ fn read_file_or_embedded(
 async fn run_serve(arguments: ServeArguments) -> anyhow::Result<()> {
     let telemetry_guard = telemetry::init(
         TelemetryConfig::from_env(arguments.log_format, arguments.id.to_string())
-            .with_log_directive("info,openraft=warn")
+            // openraft logs every failed RPC (a peer restarting, a node joining) at WARN and ERROR:
+            // alarms for normal events. bayard logs what an operator should see itself;
+            // RUST_LOG=info,openraft=warn brings openraft's own lines back.
+            .with_log_directive("info,openraft=off")
             .with_otlp_endpoint(arguments.otlp_endpoint.clone()),
     )?;
     let served = serve_node(arguments).await;
@@ -503,6 +544,14 @@ async fn serve_node(arguments: ServeArguments) -> anyhow::Result<()> {
             }
             if let Some(advertise_host) = &arguments.advertise_host {
                 names.push(advertise_host.clone());
+            }
+            names.extend(arguments.dev_san.iter().map(|name| name.trim().to_string()).filter(|name| !name.is_empty()));
+            if arguments.host.is_unspecified() && arguments.advertise_host.is_none() && arguments.dev_san.is_empty() {
+                tracing::warn!(
+                    "serving on {} with development certificates valid only for localhost: remote clients will refuse \
+                     them; add the host's names with --dev-san (or --advertise-host)",
+                    arguments.host
+                );
             }
             let development = certs::ensure_development_certificates(
                 &arguments.certs_directory,
@@ -548,6 +597,7 @@ async fn serve_node(arguments: ServeArguments) -> anyhow::Result<()> {
     config.remove_down_after = arguments.remove_down_after;
     config.metrics_address = arguments.metrics_port.map(|port| SocketAddr::new(arguments.host, port));
     config.limits = arguments.limits.to_limits();
+    config.join_timeout = arguments.join_timeout;
     config.max_concurrent_streams = arguments.limits.max_streams_per_connection;
     node::run(config, shutdown_signal(), reload_signal()).await.map_err(|error| anyhow!(error))
 }
@@ -674,8 +724,12 @@ fn print_json(value: &serde_json::Value) {
 }
 
 fn connect(arguments: &ConnectionArguments) -> anyhow::Result<Client> {
-    let servers: Vec<String> =
-        arguments.servers.iter().map(|server| server.trim().to_string()).filter(|server| !server.is_empty()).collect();
+    let servers: Vec<String> = arguments
+        .servers
+        .iter()
+        .map(|server| with_default_port(server.trim()))
+        .filter(|server| !server.is_empty())
+        .collect();
     let mut options = ClientOptions::new(
         servers,
         TlsFiles {
@@ -685,10 +739,90 @@ fn connect(arguments: &ConnectionArguments) -> anyhow::Result<Client> {
         },
     );
     options.request_timeout = arguments.timeout;
+    // A dial never outlasts the request's own deadline.
+    options.connect_timeout = options.connect_timeout.min(arguments.timeout);
     options.max_frame_bytes = arguments.max_frame_bytes;
     options.trust_domain = arguments.trust_domain.clone();
     options.trace_context = std::env::var("TRACEPARENT").ok().filter(|value| !value.is_empty());
-    Ok(Client::connect(options)?)
+    match Client::connect(options) {
+        Ok(client) => Ok(client),
+        Err(ClientError::Tls(error @ transport::TlsError::Read { .. })) => Err(anyhow!(
+            "{error}; pass --ca, --cert and --key (or set BAYARD_CA, BAYARD_CERT and BAYARD_KEY): without them the \
+             client looks for the development certificates that `bayard serve` makes in ./certs"
+        )),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// The default port of a node.
+const DEFAULT_PORT: u16 = 5001;
+
+/// `host` alone means `host:5001`; `host:port`, `[v6]:port` and bare IPv6 addresses are kept
+/// (a bare IPv6 address gets brackets and the port).
+pub fn with_default_port(server: &str) -> String {
+    if let Ok(address) = server.parse::<std::net::Ipv6Addr>() {
+        return format!("[{address}]:{DEFAULT_PORT}");
+    }
+    if server.is_empty() || transport::pool::split_host_port(server).is_some() {
+        return server.to_string();
+    }
+    if let Some(inner) = server.strip_prefix('[').and_then(|rest| rest.strip_suffix(']')) {
+        return format!("[{inner}]:{DEFAULT_PORT}");
+    }
+    format!("{server}:{DEFAULT_PORT}")
+}
+
+/// Flags and forms of the original Bayard (0.2–0.9) that bayard does not take, with what to use
+/// instead. Consulted only when the command line does not parse, so valid uses are never touched.
+pub fn legacy_hint(arguments: &[String]) -> Option<String> {
+    let named =
+        |flag: &str| arguments.iter().any(|argument| argument == flag || argument.starts_with(&format!("{flag}=")));
+    if named("--raft-port") || named("--index-port") || named("--grpc-port") {
+        return Some(
+            "bayard serves Raft, clients and admins on one port per node: use --port (QUIC on UDP) instead of \
+             --raft-port and --index-port; see docs/migrating.md"
+                .to_string(),
+        );
+    }
+    if named("--peer-raft-address") || named("--peer-address") {
+        return Some(
+            "bayard joins a cluster through its members: use --peers \"1=host:port\" (a member's id and address) \
+             instead of --peer-raft-address; see docs/migrating.md"
+                .to_string(),
+        );
+    }
+    let command = arguments.iter().skip(1).find(|argument| !argument.starts_with('-'))?;
+    // Bayard 0.8 ran a node as `bayard [flags] 1`, 0.7 as `bayard start 1`.
+    if command.parse::<u64>().is_ok() || command == "start" {
+        let node_id = arguments
+            .iter()
+            .skip(1)
+            .filter(|argument| !argument.starts_with('-'))
+            .find_map(|argument| argument.parse::<u64>().ok());
+        let node_id = node_id.map_or_else(|| "<id>".to_string(), |node_id| node_id.to_string());
+        return Some(format!(
+            "a node runs with `bayard serve --id {node_id}` (flags after `serve`); see docs/migrating.md"
+        ));
+    }
+    if command == "serve" {
+        let position = arguments.iter().position(|argument| argument == "serve")?;
+        let mut rest = arguments[position + 1..].iter().peekable();
+        while let Some(argument) = rest.next() {
+            if argument.starts_with("--") {
+                // Skip the value of a `--flag value` pair.
+                if !argument.contains('=') && rest.peek().is_some_and(|next| !next.starts_with('-')) {
+                    rest.next();
+                }
+                continue;
+            }
+            if argument.parse::<u64>().is_ok() {
+                return Some(format!(
+                    "the node id is a flag in bayard: use `bayard serve --id {argument}`; see docs/migrating.md"
+                ));
+            }
+        }
+    }
+    None
 }
 
 fn receipt_json(receipt: WriteReceipt) -> serde_json::Value {
@@ -803,8 +937,10 @@ fn parse_bulk_ids(text: &str) -> anyhow::Result<Vec<String>> {
 fn progress_bar(total: usize) -> indicatif::ProgressBar {
     // Draws on stderr only when it is a terminal.
     let bar = indicatif::ProgressBar::new(total as u64);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} documents ({per_sec}, eta {eta})")
-    {
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} documents ({rate}, eta {eta})") {
+        let style = style.with_key("rate", |state: &indicatif::ProgressState, writer: &mut dyn std::fmt::Write| {
+            let _ = write!(writer, "{:.0}/s", state.per_sec());
+        });
         bar.set_style(style);
     }
     bar
@@ -815,7 +951,13 @@ fn name_the_line(error: ClientError, line_numbers: &[usize]) -> anyhow::Error {
     if let ClientError::Remote { message, .. } = &error {
         if let Some(rest) = message.strip_prefix("document ") {
             let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            if let Some(line_number) = digits.parse::<usize>().ok().and_then(|position| line_numbers.get(position)) {
+            // Positions count from 1, as lines do.
+            let line_number = digits
+                .parse::<usize>()
+                .ok()
+                .and_then(|position| position.checked_sub(1))
+                .and_then(|index| line_numbers.get(index));
+            if let Some(line_number) = line_number {
                 return anyhow!("line {line_number}{}", &rest[digits.len()..]);
             }
         }
@@ -926,11 +1068,19 @@ async fn run_client_command(command: Command) -> anyhow::Result<()> {
                 (None, file) => read_input(file.as_deref())?,
             };
             let document = document.trim();
+            if arguments.id.is_none() {
+                let has_id = serde_json::from_str::<serde_json::Value>(document)
+                    .ok()
+                    .is_some_and(|value| value.get(crate::index::ID_FIELD).is_some());
+                if !has_id {
+                    bail!("the document has no id: give --id <id>, or an \"_id\" field in the document");
+                }
+            }
             let client = connect(&arguments.connection)?;
             let input = DocumentInput { id: arguments.id.clone(), document_json: document.to_string() };
             let receipt = client.put_documents(vec![input]).await.map_err(|error| match error {
-                // One document: "document 0 (id `x`): unknown field …" says no more than "unknown field …".
-                ClientError::Remote { message, .. } if message.starts_with("document 0") => {
+                // One document: "document 1 (id `x`): unknown field …" says no more than "unknown field …".
+                ClientError::Remote { message, .. } if message.starts_with("document 1") => {
                     match message.split_once(": ") {
                         Some((_, reason)) => anyhow!("invalid document: {reason}"),
                         None => anyhow!(message),
@@ -956,7 +1106,14 @@ async fn run_client_command(command: Command) -> anyhow::Result<()> {
                 bail!("give --id, or --bulk with --file");
             };
             let client = connect(&arguments.connection)?;
-            print_json(&receipt_json(client.delete(id).await?));
+            // The committed index is what `get` sees; a put not committed yet is not counted.
+            let existed = client.get(id).await?.is_some();
+            let mut receipt = receipt_json(client.delete(id).await?);
+            receipt["deleted"] = json!(u64::from(existed));
+            if !existed {
+                receipt["note"] = json!(format!("no committed document had the id `{id}`"));
+            }
+            print_json(&receipt);
         }
         Command::BulkDelete(arguments) => bulk_delete(&arguments.connection, arguments.file.as_deref()).await?,
         Command::Commit(connection) => print_json(&receipt_json(connect(&connection)?.commit().await?)),
@@ -974,8 +1131,11 @@ async fn run_client_command(command: Command) -> anyhow::Result<()> {
         }
         Command::Leave(arguments) => {
             let client = connect(&arguments.connection)?;
-            client.leave(arguments.id, arguments.force).await?;
-            print_json(&json!({"status": "OK", "removed": arguments.id}));
+            let Some(node_id) = arguments.id_flag.or(arguments.id) else {
+                bail!("give the node to remove: `bayard leave 3` or `bayard leave --id 3`");
+            };
+            client.leave(node_id, arguments.force).await?;
+            print_json(&json!({"status": "OK", "removed": node_id}));
         }
         Command::Search(arguments) => {
             let sort = arguments.sort.as_deref().map(parse_sort).transpose()?;
@@ -1005,6 +1165,66 @@ async fn run_client_command(command: Command) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_flag_and_argument_has_help() {
+        use clap::CommandFactory;
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for argument in command.get_arguments() {
+                let id = argument.get_id().as_str();
+                if id != "help" && id != "version" && argument.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for subcommand in command.get_subcommands() {
+                walk(subcommand, &format!("{path} {}", subcommand.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Arguments::command(), "bayard", &mut missing);
+        assert!(missing.is_empty(), "flags without help: {missing:?}");
+    }
+
+    #[test]
+    fn legacy_forms_from_a_table() {
+        let arguments = |line: &str| line.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        let cases: &[(&str, Option<&str>)] = &[
+            ("bayard serve --raft-port=7001", Some("use --port")),
+            ("bayard serve --index-port 5001", Some("use --port")),
+            ("bayard serve --peer-raft-address=0.0.0.0:7001", Some("use --peers")),
+            ("bayard serve 1", Some("serve --id 1")),
+            ("bayard serve --data-directory ./data 3", Some("serve --id 3")),
+            ("bayard serve --data-directory 3", None),
+            ("bayard serve --id 1", None),
+            ("bayard search 1", None),
+            ("bayard status --servers x", None),
+            ("bayard --host=0.0.0.0 1", Some("bayard serve --id 1")),
+            ("bayard start 2", Some("bayard serve --id 2")),
+        ];
+        for (line, hint) in cases {
+            let found = legacy_hint(&arguments(line));
+            match hint {
+                Some(hint) => assert!(found.as_deref().is_some_and(|found| found.contains(hint)), "{line}: {found:?}"),
+                None => assert!(found.is_none(), "{line}: {found:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn hosts_alone_get_the_default_port() {
+        let cases = [
+            ("localhost", "localhost:5001"),
+            ("10.0.0.1", "10.0.0.1:5001"),
+            ("search-1:7000", "search-1:7000"),
+            ("[::1]:5002", "[::1]:5002"),
+            ("::1", "[::1]:5001"),
+            ("[::1]", "[::1]:5001"),
+            ("", ""),
+        ];
+        for (given, expected) in cases {
+            assert_eq!(with_default_port(given), expected, "{given}");
+        }
+    }
 
     #[test]
     fn durations_parse() {

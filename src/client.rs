@@ -225,14 +225,31 @@ impl Client {
         let servers = &self.options.servers;
         let first = self.preferred_server.load(Ordering::Relaxed) % servers.len();
         let mut attempts = Vec::new();
-        for round in 0..self.options.retry_rounds.max(1) {
+        // `request_timeout` bounds the whole call, every server and round included.
+        let deadline = tokio::time::Instant::now() + self.options.request_timeout;
+        let remaining = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        'rounds: for round in 0..self.options.retry_rounds.max(1) {
             if round > 0 {
-                tokio::time::sleep(Duration::from_millis(200 * round as u64)).await;
+                let pause = Duration::from_millis(200 * round as u64);
+                if remaining() <= pause {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
             }
             for offset in 0..servers.len() {
+                if remaining().is_zero() {
+                    break 'rounds;
+                }
                 let position = (first + offset) % servers.len();
                 let server = &servers[position];
-                let connection = match self.pool.get(server).await {
+                let dialled = match tokio::time::timeout(remaining(), self.pool.get(server)).await {
+                    Ok(dialled) => dialled,
+                    Err(_) => {
+                        attempts.push(format!("{server}: no answer within {:?}", self.options.request_timeout));
+                        break 'rounds;
+                    }
+                };
+                let connection = match dialled {
                     Ok(connection) => connection,
                     Err(error) => {
                         // A refused certificate is not going to change by asking again.
@@ -248,7 +265,7 @@ impl Client {
                     kind,
                     trace_context.clone(),
                     request,
-                    self.options.request_timeout,
+                    remaining().max(Duration::from_millis(1)),
                     self.options.max_frame_bytes,
                 )
                 .await;
@@ -279,6 +296,9 @@ impl Client {
                 }
             }
         }
+        // One line per distinct failure: two rounds over a dead server say the same thing twice.
+        let mut seen = std::collections::HashSet::new();
+        attempts.retain(|attempt| seen.insert(attempt.clone()));
         Err(ClientError::Unavailable { attempts })
     }
 
@@ -324,7 +344,7 @@ impl Client {
             if document_bytes > self.options.max_frame_bytes {
                 return Err(ClientError::InvalidArgument(format!(
                     "document {} is {document_bytes} bytes, over the frame limit of {} bytes",
-                    written + chunk.len(),
+                    written + chunk.len() + 1,
                     self.options.max_frame_bytes
                 )));
             }

@@ -1,9 +1,21 @@
 //! The `bayard` binary: parses the command line and hands over to `bayard::cli`.
 
-use clap::Parser;
+use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
-    let arguments = bayard::cli::Arguments::parse();
+    let raw: Vec<String> = std::env::args().collect();
+    let arguments = match bayard::cli::Arguments::try_parse_from(&raw) {
+        Ok(arguments) => arguments,
+        Err(error) => {
+            // Forms of the original Bayard get a refusal that says what to use instead; clap's
+            // own "a similar argument exists" tips point at unrelated flags for them.
+            if let Some(hint) = bayard::cli::legacy_hint(&raw) {
+                eprintln!("error: {hint}");
+                return std::process::ExitCode::from(2);
+            }
+            error.exit();
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {

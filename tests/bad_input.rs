@@ -64,7 +64,7 @@ async fn bad_documents_are_refused_whole_with_the_reason() {
         bayard::protocol::DocumentInput { id: None, document_json: r#"{"title":"no id"}"#.into() },
     ];
     let (_, message) = remote_error(client.put_documents(documents).await.unwrap_err());
-    assert!(message.starts_with("document 1:") && message.contains("_id"), "{message}");
+    assert!(message.starts_with("document 2:") && message.contains("_id"), "{message}");
     client.commit().await.unwrap();
     assert!(client.get("good").await.unwrap().is_none());
     assert_still_serving(&test).await;

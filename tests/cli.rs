@@ -236,3 +236,130 @@ fn a_bulk_file_with_one_bad_line_writes_nothing() {
     let receipt = json(root, &["put", "--bulk", "--file", "docs.ndjson", "--servers", &server.address], None);
     assert_eq!(receipt["operations"], 2500);
 }
+
+/// Each ordinary mistake gets an error that names the fix, printed once.
+#[test]
+fn errors_name_the_fix() {
+    let directory = tempfile::tempdir().unwrap();
+    let root = directory.path();
+    let server = serve(root, &["--commit-interval", "0"]);
+    let port = server.address.rsplit(':').next().unwrap().to_string();
+    let once = |error: &str, needle: &str| {
+        assert!(error.contains(needle), "{error}");
+        assert_eq!(error.lines().filter(|line| line.starts_with("error:")).count(), 1, "printed once: {error}");
+    };
+
+    once(&failure(root, &["certs", "ca", "--out-dir", "certs"], None), "pass --force");
+    // Outside the directory that holds the development certificates.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let error = failure(elsewhere.path(), &["status", "--servers", &server.address], None);
+    once(&error, "pass --ca, --cert and --key (or set BAYARD_CA, BAYARD_CERT and BAYARD_KEY)");
+    once(
+        &failure(root, &["put", "--servers", &server.address, r#"{"title":"no id"}"#], None),
+        "give --id <id>, or an \"_id\" field",
+    );
+    // A second node on the same data directory, and on the same port.
+    let error = failure(root, &["serve", "--port", "0", "--commit-interval", "0"], None);
+    once(&error, "data directory data/1 is in use by another bayard process");
+    let error = failure(root, &["serve", "--port", &port, "--data-directory", "other"], None);
+    once(&error, &format!("port {port} is in use"));
+    assert!(!root.join("other").exists(), "a failed start left a new data directory behind");
+    // A server that does not answer: the client gives up within --timeout, with one line.
+    let dead = process::free_udp_port().to_string();
+    let started = std::time::Instant::now();
+    let error = failure(root, &["status", "--servers", &format!("127.0.0.1:{dead}"), "--timeout", "1s"], None);
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+    once(&error, "no server answered");
+    assert_eq!(error.matches(&dead).count(), 1, "{error}");
+    // A host alone means the default port; `delete` says when nothing was there.
+    let output = process::run(root, &["status", "--servers", "localhost", "--timeout", "2s"], None);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("localhost:5001") || output.status.success(), "{stderr}");
+    let deleted = json(root, &["delete", "--servers", &server.address, "--id", "nosuch"], None);
+    assert_eq!(deleted["deleted"], 0);
+    assert!(deleted["note"].as_str().unwrap().contains("nosuch"));
+    json(root, &["put", "--servers", &server.address, "--id", "here", r#"{"title":"here"}"#], None);
+    json(root, &["commit", "--servers", &server.address], None);
+    assert_eq!(json(root, &["delete", "--servers", &server.address, "--id", "here"], None)["deleted"], 1);
+}
+
+/// The original Bayard's forms: refused with what to use instead, or accepted.
+#[test]
+fn forms_of_the_original_bayard_are_answered() {
+    let directory = tempfile::tempdir().unwrap();
+    let root = directory.path();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["serve", "--host=0.0.0.0", "--raft-port=7001", "--index-port=5001", "--metrics-port=9001", "1"],
+            "use --port",
+        ),
+        (&["serve", "--peer-raft-address=0.0.0.0:7001"], "use --peers \"1=host:port\""),
+        (&["serve", "--data-directory=./data/1", "1"], "use `bayard serve --id 1`"),
+    ];
+    for (arguments, hint) in cases {
+        let output = process::run(root, arguments, None);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{arguments:?}: {stderr}");
+        assert!(stderr.contains(hint) && stderr.contains("docs/migrating.md"), "{arguments:?}: {stderr}");
+        assert!(!stderr.contains("similar argument"), "{arguments:?}: {stderr}");
+    }
+    // `--server` and a positional id for `leave` are accepted.
+    let server = serve(root, &["--commit-interval", "0"]);
+    let status = json(root, &["status", &format!("--server={}", server.address)], None);
+    assert_eq!(status["node_id"], 1);
+    let error = failure(root, &["leave", "--server", &server.address, "3"], None);
+    assert!(error.contains("node 3 is not a member"), "{error}");
+    let error = failure(root, &["leave", "--server", &server.address, "--id", "3"], None);
+    assert!(error.contains("node 3 is not a member"), "{error}");
+}
+
+#[test]
+fn a_join_whose_seeds_never_answer_gives_up_naming_them() {
+    let directory = tempfile::tempdir().unwrap();
+    let root = directory.path();
+    let dead = process::free_udp_port();
+    let peers = format!("1=127.0.0.1:{dead}");
+    let started = std::time::Instant::now();
+    let output = process::run(
+        root,
+        &["serve", "--id", "2", "--port", "0", "--peers", &peers, "--join-timeout", "2s", "--log-format", "json"],
+        None,
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("gave up after 2s") && last.contains(&peers) && last.contains("--join-timeout"), "{last}");
+    assert!(stderr.contains("no seed answered"), "warns while it retries: {stderr}");
+}
+
+#[test]
+fn development_certificates_take_extra_names_and_logs_to_files_have_no_colour() {
+    let directory = tempfile::tempdir().unwrap();
+    let root = directory.path();
+    let mut child = std::process::Command::new(process::binary())
+        .current_dir(root)
+        .args(["serve", "--port", "0", "--dev-san", "search-1.example,10.1.2.3", "--log-format", "text"])
+        .env_remove("NO_COLOR")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = Vec::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+        let listening = line.contains("node listening");
+        lines.push(line);
+        if listening || lines.len() > 200 {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = lines.join("\n");
+    assert!(text.contains("node listening"), "{text}");
+    assert!(!text.contains('\u{1b}'), "colour codes in a log that is not a terminal: {text}");
+    let names = bayard::certs::certificate_names(&root.join("certs/node-1.pem")).unwrap();
+    for wanted in ["search-1.example", "10.1.2.3", "localhost", "127.0.0.1"] {
+        assert!(names.iter().any(|name| name == wanted), "{wanted} missing from {names:?}");
+    }
+}

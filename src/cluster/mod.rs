@@ -577,7 +577,21 @@ pub(crate) async fn join_through_seeds(state: Arc<NodeState>, mut shutdown: watc
     };
     let mut backoff = Duration::from_millis(200);
     let started = tokio::time::Instant::now();
+    let seeds: Vec<String> =
+        state.config.peers.iter().map(|(node_id, address)| format!("{node_id}={address}")).collect();
+    let mut last_error = String::from("no seed answered");
     loop {
+        if started.elapsed() >= state.config.join_timeout {
+            let reason = format!(
+                "gave up after {}s: {last_error}; seeds tried: {}; check --peers, that those nodes run, and that they \
+                 share this node's CA (--join-timeout sets how long to try)",
+                state.config.join_timeout.as_secs(),
+                seeds.join(", ")
+            );
+            tracing::error!(%reason, "could not join the cluster");
+            state.stop_because(NodeError::Join(reason));
+            return;
+        }
         let mut answered = 0;
         for (_, seed_address) in &state.config.peers {
             if exchange_with(&state, seed_address).await.is_ok() {
@@ -590,7 +604,15 @@ pub(crate) async fn join_through_seeds(state: Arc<NodeState>, mut shutdown: watc
         }
         targets.extend(state.config.peers.iter().map(|(_, address)| address.clone()));
         targets.dedup();
-        tracing::info!(seeds_answering = answered, targets = ?targets, "asking to join");
+        if answered == 0 {
+            tracing::warn!(
+                seeds = %seeds.join(", "),
+                retry_in_ms = backoff.as_millis() as u64,
+                "no seed answered the membership exchange; retrying"
+            );
+        } else {
+            tracing::info!(seeds_answering = answered, targets = %targets.join(", "), "asking to join");
+        }
         for target in &targets {
             match call_node::<_, AdminResponse>(
                 &state,
@@ -605,7 +627,11 @@ pub(crate) async fn join_through_seeds(state: Arc<NodeState>, mut shutdown: watc
                     if let Err(error) = state.update_metadata(|metadata| metadata.cluster_id = Some(cluster_id)).await {
                         tracing::error!(%error, "could not record the cluster id");
                     }
-                    tracing::info!(leader, elapsed = ?started.elapsed(), "joined the cluster as a voter");
+                    tracing::info!(
+                        leader,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "joined the cluster as a voter"
+                    );
                     return;
                 }
                 Ok(_) => tracing::warn!(%target, "answered the join with another message"),
@@ -614,7 +640,10 @@ pub(crate) async fn join_through_seeds(state: Arc<NodeState>, mut shutdown: watc
                     state.stop_because(NodeError::Join(error.message));
                     return;
                 }
-                Err(error) => tracing::info!(%target, error = %error.message, "could not join through this node yet"),
+                Err(error) => {
+                    tracing::info!(%target, error = %error.message, "could not join through this node yet");
+                    last_error = format!("{target}: {}", error.message);
+                }
             }
         }
         tokio::select! {
@@ -761,7 +790,7 @@ pub(crate) async fn remove_down_members(state: Arc<NodeState>, after: Duration, 
             continue;
         };
         match handle_leave(&state, down, false).await {
-            Ok(_) => tracing::warn!(node_id = down, ?after, "removed a member that was down"),
+            Ok(_) => tracing::warn!(node_id = down, after_seconds = after.as_secs(), "removed a member that was down"),
             Err(error) => tracing::warn!(node_id = down, error = %error.message, "not removing a down member"),
         }
     }

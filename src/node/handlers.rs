@@ -58,8 +58,9 @@ fn check_batch_size(count: usize) -> Result<(), WireError> {
 }
 
 /// Validates every document before anything is replicated: a batch with one bad document is
-/// refused whole, and the error names the document by its position in the request (the client
-/// turns that into a line number), so nothing is half-written and nothing bad enters the log.
+/// refused whole, and the error names the document by its position in the request, counted from
+/// 1 as lines are (the client turns it into a line number), so nothing is half-written and
+/// nothing bad enters the log.
 fn prepare_puts(index: &SearchIndex, documents: Vec<DocumentInput>) -> Result<Vec<IndexOperation>, WireError> {
     documents
         .into_iter()
@@ -75,8 +76,8 @@ fn prepare_puts(index: &SearchIndex, documents: Vec<DocumentInput>) -> Result<Ve
                     other => return index_error_to_wire(other),
                 };
                 let message = match &document.id {
-                    Some(id) => format!("document {position} (id `{id}`): {reason}"),
-                    None => format!("document {position}: {reason}"),
+                    Some(id) => format!("document {} (id `{id}`): {reason}", position + 1),
+                    None => format!("document {}: {reason}", position + 1),
                 };
                 WireError::new(ErrorCode::InvalidArgument, message)
             })

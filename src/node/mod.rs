@@ -73,6 +73,8 @@ pub struct NodeConfig {
     pub metrics_address: Option<SocketAddr>,
     /// What any caller may make this node hold at once (see `docs/security.md`).
     pub limits: NodeLimits,
+    /// How long a new node keeps asking its seeds to join before it stops with the reason.
+    pub join_timeout: Duration,
 }
 
 /// Raft settings an operator may tune.
@@ -133,6 +135,7 @@ impl NodeConfig {
             remove_down_after: None,
             metrics_address: None,
             limits: NodeLimits::default(),
+            join_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -157,7 +160,7 @@ pub enum NodeError {
     Storage(String),
     #[error("cannot join the cluster: {0}")]
     Join(String),
-    #[error("node {node_id} was removed from the cluster ({reason}); to add this host again, start it with an empty data directory and a new --id")]
+    #[error("node {node_id} was removed from the cluster ({reason}); to add this host again, start it with an empty data directory (the same --id may join again)")]
     Removed { node_id: u64, reason: String },
     #[error("index worker failed: {0}")]
     Worker(String),
@@ -167,6 +170,8 @@ pub enum NodeError {
     Certificate(String),
     #[error("invalid limits: {0}")]
     Limits(String),
+    #[error("data directory {} is in use by another bayard process; stop it, or give this one its own --data-directory", .0.display())]
+    DataDirectoryInUse(PathBuf),
 }
 
 /// State shared by every connection and stream of a node.
@@ -392,7 +397,21 @@ pub struct Node;
 
 impl Node {
     /// Opens the data directory, index and log, binds the endpoint, starts Raft and serving.
+    /// A start that fails leaves no new data directory behind: the next attempt (with the mistake
+    /// fixed) starts as fresh as this one would have.
     pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeError> {
+        let directory_existed = config.data_directory.exists();
+        let data_directory = config.data_directory.clone();
+        let started = Self::start_in_directory(config).await;
+        if started.is_err() && !directory_existed {
+            if let Err(error) = std::fs::remove_dir_all(&data_directory) {
+                tracing::warn!(%error, data_directory = %data_directory.display(), "could not remove the new data directory");
+            }
+        }
+        started
+    }
+
+    async fn start_in_directory(config: NodeConfig) -> Result<RunningNode, NodeError> {
         config.limits.validate(config.max_frame_bytes).map_err(NodeError::Limits)?;
         let (metadata, directory_state) = metadata::load_or_create(&config.data_directory, config.node_id)?;
         if let Some(reason) = &metadata.removed {
@@ -401,7 +420,7 @@ impl Node {
         tracing::info!(
             node_id = config.node_id,
             data_directory = %config.data_directory.display(),
-            ?directory_state,
+            new_directory = matches!(directory_state, metadata::DirectoryState::Created),
             "opened data directory"
         );
 
@@ -418,7 +437,12 @@ impl Node {
             tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
                 recover_interrupted_install(&paths)
                     .map_err(|error| storage_error("cannot recover the index", error))?;
-                let index = SharedIndex::new(opener.open(&paths.index)?);
+                let index = SharedIndex::new(opener.open(&paths.index).map_err(|error| match error {
+                    IndexError::OpenIndex { source: tantivy::TantivyError::LockFailure(..), .. } => {
+                        NodeError::DataDirectoryInUse(paths.index.parent().unwrap_or(&paths.index).to_path_buf())
+                    }
+                    other => NodeError::Index(other),
+                })?);
                 let state_machine = StateMachineStore::new(index, opener, paths)?;
                 let log_store = LogStore::open(&log_path)?;
                 Ok((state_machine, log_store))
@@ -513,7 +537,7 @@ impl Node {
             }
             let members = BTreeMap::from([(node_id, MemberNode::new(state.address.clone(), state.incarnation()))]);
             state.raft.initialize(members).await.map_err(|error| NodeError::Raft(error.to_string()))?;
-            tracing::info!(node_id, cluster_id = ?state.cluster_id(), "bootstrapped a new one-node cluster");
+            tracing::info!(node_id, cluster_id = %state.cluster_id().unwrap_or_default(), "bootstrapped a new one-node cluster");
         } else if fresh {
             tokio::spawn(cluster::join_through_seeds(state.clone(), shutdown_receiver.clone()));
         } else {

@@ -34,6 +34,13 @@ mod close_code {
 /// Logs a refused connection at most once per period (with how many were held back); every
 /// refusal is counted in `bayard_refused_connections_total` all the same.
 fn log_refused_connection(state: &NodeState, remote_address: std::net::SocketAddr, reason: &str, error: &str) {
+    // A peer that went away during the handshake (a node restarting, a client giving up) is a
+    // normal event, not an alarm.
+    let normal = error.contains("aborted by peer") || error.contains("closed by peer") || error.contains("timed out");
+    if normal {
+        tracing::debug!(%remote_address, reason, %error, "connection ended during its handshake");
+        return;
+    }
     if let Some(held_back) = state.refusal_log.permit() {
         tracing::warn!(%remote_address, reason, %error, held_back, "refused connection");
     }
@@ -78,7 +85,10 @@ pub(crate) async fn serve(state: Arc<NodeState>, endpoint: quinn::Endpoint, mut 
         tokio::time::timeout(state.config.drain_timeout, async { while connections.join_next().await.is_some() {} })
             .await;
     if drained.is_err() {
-        tracing::warn!(timeout = ?state.config.drain_timeout, "streams still running at shutdown; closing them");
+        tracing::warn!(
+            timeout_ms = state.config.drain_timeout.as_millis() as u64,
+            "streams still running at shutdown; closing them"
+        );
         connections.abort_all();
     }
     endpoint.close(close_code::SHUTTING_DOWN.into(), b"node shutting down");

@@ -24,6 +24,11 @@ use super::snapshot;
 use super::types::{BatchOutcome, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 use crate::index::{AnalyzerConfig, IndexError, SearchIndex, SharedIndex};
 
+/// A log id for a log line: `T3-N1-120` (term, leader, index), or `none`.
+pub fn describe_log_id(log_id: Option<LogId>) -> String {
+    log_id.map_or_else(|| "none".to_string(), |log_id| log_id.to_string())
+}
+
 /// What every tantivy commit records, as its payload.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexCommitMarker {
@@ -157,7 +162,7 @@ impl StateMachineStore {
             context: format!("cannot read snapshots in {}", paths.snapshots.display()),
             source,
         })?;
-        tracing::info!(last_applied = ?marker.log_id, "state machine resumes from the index's last commit");
+        tracing::info!(last_applied = %describe_log_id(marker.log_id), "state machine resumes from the index's last commit");
         Ok(StateMachineStore {
             shared: Arc::new(Shared {
                 index,
@@ -389,7 +394,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             membership: installed_meta.last_membership.clone(),
         };
         drop(state);
-        tracing::info!(last_log_id = ?installed_meta.last_log_id, "installed a snapshot");
+        tracing::info!(last_log_id = %describe_log_id(installed_meta.last_log_id), "installed a snapshot");
         self.set_current_snapshot(installed_meta, archive_path);
         Ok(())
     }
@@ -440,7 +445,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             let bytes = snapshot::write_archive(&temporary, &build_meta, index.index_directory(), &committed)?;
             fs::rename(&temporary, &final_path)?;
             fs::File::open(&directory)?.sync_all()?;
-            tracing::info!(last_log_id = ?build_meta.last_log_id, bytes, files = committed.files.len(), "built a snapshot");
+            tracing::info!(last_log_id = %describe_log_id(build_meta.last_log_id), bytes, files = committed.files.len(), "built a snapshot");
             Ok(final_path)
         })
         .await

@@ -244,8 +244,11 @@ type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
 /// Returns false when a global subscriber was already set.
 fn install(format: LogFormat, default_directive: &str, otel: Option<BoxedLayer>) -> bool {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_directive));
+    // Colour only for a person at a terminal: log files and pipes get plain text, and NO_COLOR
+    // (any value) turns it off everywhere.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let fmt_layer: BoxedLayer = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_ansi(colour).with_writer(std::io::stderr).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
     };
     // Per-layer filters: RUST_LOG decides what is logged, the trace filter what is exported.

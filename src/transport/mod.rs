@@ -25,6 +25,8 @@ pub enum TransportError {
     Tls(#[from] TlsError),
     #[error("cannot bind udp {address}: {source}")]
     Bind { address: SocketAddr, source: std::io::Error },
+    #[error("port {} is in use on {} (udp): another process, perhaps another bayard, holds it; stop it or pick another --port", .address.port(), .address.ip())]
+    PortInUse { address: SocketAddr },
 }
 
 /// Binds the node's endpoint: a QUIC server that requires client certificates, which also dials
@@ -36,8 +38,10 @@ pub fn bind_node_endpoint(
 ) -> Result<quinn::Endpoint, TransportError> {
     let server_config = tls::server_config(material, max_concurrent_streams)?;
     let client_config = tls::client_config(material, max_concurrent_streams)?;
-    let mut endpoint =
-        quinn::Endpoint::server(server_config, address).map_err(|source| TransportError::Bind { address, source })?;
+    let mut endpoint = quinn::Endpoint::server(server_config, address).map_err(|source| match source.kind() {
+        std::io::ErrorKind::AddrInUse => TransportError::PortInUse { address },
+        _ => TransportError::Bind { address, source },
+    })?;
     endpoint.set_default_client_config(client_config);
     Ok(endpoint)
 }
