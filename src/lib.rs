@@ -12,6 +12,7 @@
 //! - [`index`]: schema and analyzer files, tantivy writer and reader, search with facets, sort and
 //!   pagination. Synchronous and free of networking and Raft; callers run it on blocking threads.
 //! - [`client`]: the typed async client used by the CLI and the tests.
+//! - [`bounded`]: sequences whose length is bounded while they are decoded.
 //! - [`certs`]: certificate generation with rcgen (CA, node, client, admin roles).
 //! - [`cli`]: the `bayard` command line; the only place that uses `anyhow`.
 //! - [`raft`]: openraft types, the durable redb log store, the network over the endpoint, the
@@ -21,6 +22,7 @@
 //!
 //! See `docs/architecture.md` for the invariants and the reasons behind them.
 
+pub mod bounded;
 pub mod certs;
 pub mod cli;
 pub mod client;

@@ -36,16 +36,31 @@ pub enum Consistency {
     Linearizable,
 }
 
+/// Most operations one write request may carry (also the bound its decoding enforces); larger
+/// loads are split by the client.
+pub const MAX_OPERATIONS_PER_REQUEST: usize = 100_000;
+
 /// Requests on a `Client` stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ClientRequest {
-    Put { documents: Vec<DocumentInput> },
-    Delete { ids: Vec<String> },
-    Get { id: String },
+    Put {
+        #[serde(deserialize_with = "crate::bounded::vec_of_at_most::<_, _, MAX_OPERATIONS_PER_REQUEST>")]
+        documents: Vec<DocumentInput>,
+    },
+    Delete {
+        #[serde(deserialize_with = "crate::bounded::vec_of_at_most::<_, _, MAX_OPERATIONS_PER_REQUEST>")]
+        ids: Vec<String>,
+    },
+    Get {
+        id: String,
+    },
     Commit,
     Rollback,
     Merge,
-    Search { request: SearchRequest, consistency: Consistency },
+    Search {
+        request: SearchRequest,
+        consistency: Consistency,
+    },
     Schema,
 }
 

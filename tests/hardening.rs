@@ -73,6 +73,16 @@ async fn deeply_nested_and_oversized_queries_are_refused_before_parsing() {
             assert!(message.contains("--max-query-depth"), "{message}");
         }
     }
+    // Quotes of any kind do not hide nesting from the bound (tantivy parses `'…'` phrases and
+    // `/…/` regexes too).
+    for prefix in ["'\"' ", "title:/\"/ ", "\" ", "NOT "] {
+        let text = format!("{prefix}{}a{}", "(".repeat(3_000), ")".repeat(3_000));
+        let (code, message) = remote(client.search(query(&text), Consistency::Local).await.unwrap_err());
+        assert_eq!(code, ErrorCode::InvalidQuery, "{prefix}: {message}");
+    }
+    let negations = format!("{}a", "NOT ".repeat(1_000));
+    let (_, message) = remote(client.search(query(&negations), Consistency::Local).await.unwrap_err());
+    assert!(message.contains("--max-query-depth"), "{message}");
     // The deepest allowed nesting still parses and runs.
     let allowed = format!("{}still{}", "(".repeat(32), ")".repeat(32));
     assert_eq!(client.search(query(&allowed), Consistency::Local).await.unwrap().count, Some(1));
@@ -258,7 +268,10 @@ async fn a_member_sending_nonsense_cannot_make_openraft_panic_or_write_outside()
     assert_eq!(metrics.state, openraft::ServerState::Leader);
     assert_eq!(metrics.current_term, term_before);
     assert!(metrics.running_state.is_ok());
-    assert!(!test.data.path().parent().unwrap().join("outside.snap").exists());
+    // `../../outside` from the snapshot directory would be the data directory itself.
+    for directory in [test.data.path(), test.data.path().parent().unwrap()] {
+        assert!(!directory.join("outside.snap").exists(), "a file landed in {}", directory.display());
+    }
     assert_serves_the_honest_client(&test).await;
 }
 
@@ -321,6 +334,65 @@ async fn restart_on(cluster: &mut TestCluster, node_id: u64, address: std::net::
     panic!("the port of node {node_id} stayed in use");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_and_digests_from_a_non_member_change_nothing() {
+    let test = node_with_one_document().await;
+    let attacker = raw_connection_with(&test.certificates.node(99), &test.address()).await;
+    // A leave, forced: refused (it used to remove any member).
+    let leave = bayard::protocol::AdminRequest::Leave { node_id: 1, force: true };
+    refused_as_non_member(call_raw::<_, bayard::protocol::AdminResponse>(&attacker, StreamKind::Admin, &leave).await);
+    // Digests about made-up nodes and about node 1: only node 99's own is kept.
+    let digest = |node_id: u64, incarnation: u64| bayard::cluster::membership::MemberDigest {
+        node_id,
+        address: format!("127.0.0.1:{}", 40_000 + node_id),
+        incarnation,
+        heartbeat: u64::MAX,
+        role: "voter".into(),
+        applied_index: 0,
+        version: "evil".into(),
+        leader: Some(99),
+    };
+    let mut members: Vec<_> = (1_000..1_900).map(|node_id| digest(node_id, 1)).collect();
+    members.push(digest(1, u64::MAX));
+    members.push(digest(99, 1));
+    let message = bayard::cluster::membership::MembershipDigest { sender: 99, cluster_id: None, members };
+    let answer: bayard::cluster::membership::MembershipDigest =
+        call_raw(&attacker, StreamKind::Membership, &message).await.unwrap().unwrap();
+    let ids: BTreeSet<u64> = answer.members.iter().map(|member| member.node_id).collect();
+    assert_eq!(ids, BTreeSet::from([1, 99]), "only the node itself and the sender's own digest");
+    let own = answer.members.iter().find(|member| member.node_id == 1).unwrap();
+    assert_ne!(own.incarnation, u64::MAX);
+    // Too many digests in one message: refused while it is decoded.
+    let flood = bayard::cluster::membership::MembershipDigest {
+        sender: 99,
+        cluster_id: None,
+        members: (0..5_000).map(|node_id| digest(node_id, 1)).collect(),
+    };
+    let refused =
+        call_raw::<_, bayard::cluster::membership::MembershipDigest>(&attacker, StreamKind::Membership, &flood)
+            .await
+            .unwrap()
+            .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::MalformedFrame, "{}", refused.message);
+    let status = test.client().status().await.unwrap();
+    assert_eq!(status.role, "leader");
+    assert_eq!(status.members.len(), 1);
+    assert_serves_the_honest_client(&test).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_are_bounded_while_they_are_decoded() {
+    let test = node_with_one_document().await;
+    let connection = raw_connection_with(&test.certificates.client("raw"), &test.address()).await;
+    // 200,000 empty ids: a few hundred KiB on the wire, tens of MiB once decoded; refused at the
+    // announced length.
+    let delete = ClientRequest::Delete { ids: vec![String::new(); 200_000] };
+    let error = call_raw::<_, ClientResponse>(&connection, StreamKind::Client, &delete).await.unwrap().unwrap_err();
+    assert_eq!(error.code, ErrorCode::MalformedFrame, "{}", error.message);
+    assert!(error.message.contains("request frame"), "{}", error.message);
+    assert_serves_the_honest_client(&test).await;
+}
+
 // --- 3. stream headers: small limit, versioned ----------------------------------------------------
 
 fn frame(body: &[u8]) -> Vec<u8> {
@@ -360,10 +432,14 @@ async fn headers_are_small_and_versioned() {
     }
     // A header of another protocol version is named as such.
     let mut future = StreamHeader::new(StreamKind::Client, None, 5_000);
-    future.protocol_version = 2;
+    future.protocol_version = 6;
     let error = send_raw(&connection, &frame(&postcard::to_allocvec(&future).unwrap())).await.unwrap().unwrap_err();
     assert_eq!(error.code, ErrorCode::UnsupportedVersion);
-    assert!(error.message.contains("version 2") && error.message.contains("version 1"), "{}", error.message);
+    assert!(error.message.contains("version 6") && error.message.contains("version 5"), "{}", error.message);
+    // A header of bayard before versions (it started with the stream kind).
+    let old = send_raw(&connection, &frame(&[3, 0, 100])).await.unwrap().unwrap_err();
+    assert_eq!(old.code, ErrorCode::UnsupportedVersion);
+    assert!(old.message.contains("unversioned"), "{}", old.message);
     // The same connection serves an honest request.
     let request = ClientRequest::Search { request: query("*"), consistency: Consistency::Local };
     let answer: ClientResponse = call_raw(&connection, StreamKind::Client, &request).await.unwrap().unwrap();
@@ -435,9 +511,13 @@ async fn writes_over_the_concurrency_limit_are_refused_and_counted() {
     config.limits.max_queued_writes = 0;
     let node = start_node(config).await;
     let address = node.local_address().to_string();
+    // One connection, 64 streams opened at once: they reach the node together, and each write
+    // holds its slot for at least an fsync.
+    let client = std::sync::Arc::new(common::client_with(&address, certificates.client("writer")));
+    client.status().await.unwrap();
     let mut writers = tokio::task::JoinSet::new();
     for number in 0..64 {
-        let client = common::client_with(&address, certificates.client(&format!("writer-{}", number % 4)));
+        let client = client.clone();
         writers.spawn(async move { client.put(&format!("d{number}"), r#"{"title":"concurrent"}"#).await });
     }
     let (mut written, mut refused) = (0, 0);

@@ -65,7 +65,7 @@ proptest! {
     }
 
     #[test]
-    fn queries_within_the_bounds_parse_and_run(text in "[()\"\\\\ a-c:*+\\-^~\\[\\]{}0-9TOANDR]{0,400}") {
+    fn queries_within_the_bounds_parse_and_run(text in "([()\"'/\\\\ a-c:*+\\-^~\\[\\]{}0-9]|NOT |AND |OR ){0,400}") {
         let limits = QueryLimits::default();
         if check_query_bounds(&text, &limits).is_ok() {
             let request = SearchRequest { query: text, limit: 3, ..Default::default() };
@@ -75,8 +75,12 @@ proptest! {
     }
 
     #[test]
-    fn deep_nesting_is_always_refused(depth in 33_usize..5_000, closing in any::<bool>()) {
-        let text = format!("{}a{}", "(".repeat(depth), if closing { ")".repeat(depth) } else { String::new() });
+    fn deep_nesting_is_always_refused(
+        depth in 33_usize..5_000,
+        closing in any::<bool>(),
+        prefix in prop_oneof![Just(""), Just("'\"' "), Just("title:/\"/ "), Just("\" "), Just("NOT ")],
+    ) {
+        let text = format!("{prefix}{}a{}", "(".repeat(depth), if closing { ")".repeat(depth) } else { String::new() });
         let limits = QueryLimits { max_query_bytes: 1 << 20, ..QueryLimits::default() };
         prop_assert!(check_query_bounds(&text, &limits).is_err());
     }

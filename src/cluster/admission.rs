@@ -43,17 +43,24 @@ pub(crate) struct Vouches {
 
 #[derive(Debug, Default)]
 struct VouchTable {
-    vouched: HashMap<u64, Instant>,
+    /// Sender → when, and the log index of the membership it was vouched for under.
+    vouched: HashMap<u64, (Instant, Option<u64>)>,
     /// When the last check of each sender ended (or started, while it runs).
     checked: HashMap<u64, Instant>,
     running: std::collections::HashSet<u64>,
 }
 
 impl Vouches {
-    /// Senders vouched for within the TTL.
-    pub fn current(&self) -> BTreeSet<u64> {
+    /// Senders vouched for within the TTL, under the membership in force now: a membership
+    /// change (a removal, say) ends every vouch given before it.
+    pub fn current(&self, membership_index: Option<u64>) -> BTreeSet<u64> {
         let table = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        table.vouched.iter().filter(|(_, at)| at.elapsed() < VOUCH_TTL).map(|(sender, _)| *sender).collect()
+        table
+            .vouched
+            .iter()
+            .filter(|(_, (at, under))| at.elapsed() < VOUCH_TTL && *under == membership_index)
+            .map(|(sender, _)| *sender)
+            .collect()
     }
 
     /// Whether a check for `sender` may start now (and marks it started).
@@ -61,7 +68,7 @@ impl Vouches {
         let mut table = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let VouchTable { vouched, checked, running } = &mut *table;
         checked.retain(|sender, at| running.contains(sender) || at.elapsed() < CHECK_INTERVAL);
-        vouched.retain(|_, at| at.elapsed() < VOUCH_TTL);
+        vouched.retain(|_, (at, _)| at.elapsed() < VOUCH_TTL);
         if checked.contains_key(&sender) || checked.len() + vouched.len() >= MAX_TRACKED_SENDERS {
             return false;
         }
@@ -77,28 +84,30 @@ impl Vouches {
         table.checked.insert(sender, Instant::now());
     }
 
-    fn vouch(&self, sender: u64) {
+    fn vouch(&self, sender: u64, membership_index: Option<u64>) {
         let mut table = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        table.vouched.insert(sender, Instant::now());
+        table.vouched.insert(sender, (Instant::now(), membership_index));
     }
 }
 
-/// Ids of the effective membership (voters and learners of every half of a joint configuration).
-pub(crate) fn member_ids(state: &NodeState) -> BTreeSet<u64> {
+/// Ids of the effective membership (voters and learners of every half of a joint configuration),
+/// and the log index of that membership.
+pub(crate) fn member_ids(state: &NodeState) -> (BTreeSet<u64>, Option<u64>) {
     let metrics = state.raft.metrics().borrow().clone();
-    metrics.membership_config.membership().nodes().map(|(node_id, _)| *node_id).collect()
+    let ids = metrics.membership_config.membership().nodes().map(|(node_id, _)| *node_id).collect();
+    (ids, metrics.membership_config.log_id().map(|log_id| log_id.index))
 }
 
 /// Lets `sender` through, or refuses it and starts a check with the vouchers.
 pub(crate) fn admit_raft_sender(state: &Arc<NodeState>, sender: u64, what: &str) -> Result<(), WireError> {
-    let members = member_ids(state);
-    if sender_admitted(sender, &members, &state.vouches.current()) {
+    let (members, membership_index) = member_ids(state);
+    if sender_admitted(sender, &members, &state.vouches.current(membership_index)) {
         return Ok(());
     }
     crate::telemetry::metrics::record_refused_raft_message("not_a_member");
     if state.vouches.begin_check(sender) {
         tracing::info!(sender, what, "raft message from a node outside this node's membership; asking the members");
-        tokio::spawn(check_with_vouchers(state.clone(), sender, members));
+        tokio::spawn(check_with_vouchers(state.clone(), sender, members, membership_index));
     }
     Err(WireError::new(
         ErrorCode::PermissionDenied,
@@ -111,11 +120,16 @@ pub(crate) fn admit_raft_sender(state: &Arc<NodeState>, sender: u64, what: &str)
 }
 
 /// Asks the members (or, with none, the seeds) whether `sender` is in their membership.
-async fn check_with_vouchers(state: Arc<NodeState>, sender: u64, members: BTreeSet<u64>) {
+async fn check_with_vouchers(
+    state: Arc<NodeState>,
+    sender: u64,
+    members: BTreeSet<u64>,
+    membership_index: Option<u64>,
+) {
     let vouched = ask_vouchers(&state, sender, &members).await;
     state.vouches.end_check(sender);
     if vouched {
-        state.vouches.vouch(sender);
+        state.vouches.vouch(sender, membership_index);
     } else {
         tracing::warn!(sender, "no member vouched for a node that sent raft messages; they stay refused");
     }
@@ -123,17 +137,22 @@ async fn check_with_vouchers(state: Arc<NodeState>, sender: u64, members: BTreeS
 
 async fn ask_vouchers(state: &Arc<NodeState>, sender: u64, members: &BTreeSet<u64>) -> bool {
     let known: BTreeMap<u64, String> = super::peers(state);
-    let mut vouchers: Vec<String> = known
+    let mut vouchers: Vec<(u64, String)> = known
         .iter()
         .filter(|(node_id, _)| members.contains(node_id) && **node_id != state.node_id() && **node_id != sender)
-        .map(|(_, address)| address.clone())
+        .map(|(node_id, address)| (*node_id, address.clone()))
         .collect();
-    if vouchers.is_empty() {
+    if vouchers.is_empty() && members.is_empty() {
         // A joining node knows no member yet: it believes the seeds the operator named, which
         // may include the sender itself (the seed is often the leader that admits it).
-        vouchers = state.config.peers.iter().map(|(_, address)| address.clone()).collect();
+        vouchers = state.config.peers.clone();
     }
-    for address in vouchers {
+    for (voucher, address) in vouchers {
+        // Only the node the membership (or the operator) names at that address may vouch.
+        if let Err(error) = super::verify_node_at(state, voucher, &address).await {
+            tracing::debug!(voucher, %address, error = %error.message, "not asking this voucher");
+            continue;
+        }
         let answer = super::call_node::<_, AdminResponse>(
             state,
             &address,
@@ -163,8 +182,9 @@ mod tests {
         assert!(!vouches.begin_check(7), "a second check waits while one runs");
         vouches.end_check(7);
         assert!(!vouches.begin_check(7), "and for an interval after it ended");
-        vouches.vouch(7);
-        assert_eq!(vouches.current(), BTreeSet::from([7]));
+        vouches.vouch(7, Some(12));
+        assert_eq!(vouches.current(Some(12)), BTreeSet::from([7]));
+        assert!(vouches.current(Some(13)).is_empty(), "a membership change ends the vouch");
         for sender in 100..100 + MAX_TRACKED_SENDERS as u64 {
             vouches.begin_check(sender);
         }

@@ -23,6 +23,26 @@ pub const FANOUT: usize = 3;
 pub const SUSPECT_AFTER: Duration = Duration::from_secs(3);
 /// Silence after which a node is down.
 pub const DOWN_AFTER: Duration = Duration::from_secs(10);
+/// Most nodes the table holds: digests about further nodes are dropped, so no message can grow
+/// it without bound.
+pub const MAX_TABLE_ENTRIES: usize = 1024;
+
+/// Which digests of a message from `sender` may be merged, given the Raft members (id →
+/// incarnation). A non-member (a joining node, or a certificate of a node that is not a member)
+/// speaks only for itself; a member speaks about members, and only about the incarnation the
+/// membership records for each. So nobody can make up nodes, or bury a member under a digest of
+/// an incarnation it never had.
+pub fn admissible_digests(sender: u64, members: &BTreeMap<u64, u64>, digests: Vec<MemberDigest>) -> Vec<MemberDigest> {
+    let sender_is_member = members.contains_key(&sender);
+    digests
+        .into_iter()
+        .filter(|digest| match members.get(&digest.node_id) {
+            _ if !sender_is_member => digest.node_id == sender,
+            Some(incarnation) => *incarnation == digest.incarnation,
+            None => digest.node_id == sender,
+        })
+        .collect()
+}
 
 /// What one node says about one node (itself or another it heard of).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +74,7 @@ pub struct MembershipDigest {
     pub sender: u64,
     /// The sender's cluster; `None` while it has not joined one yet.
     pub cluster_id: Option<String>,
+    #[serde(deserialize_with = "crate::bounded::vec_of_at_most::<_, _, MAX_TABLE_ENTRIES>")]
     pub members: Vec<MemberDigest>,
 }
 
@@ -119,12 +140,14 @@ impl MembershipTable {
             if digest.node_id == self.own_node_id {
                 continue;
             }
+            let full = entries.len() >= MAX_TABLE_ENTRIES;
             match entries.get_mut(&digest.node_id) {
                 Some(entry) if digest.is_newer_than(&entry.digest) => {
                     entry.digest = digest.clone();
                     entry.refreshed = now;
                 }
                 Some(_) => {}
+                None if full => {}
                 None => {
                     entries.insert(digest.node_id, Entry { digest: digest.clone(), refreshed: now });
                 }
@@ -209,6 +232,28 @@ mod tests {
             version: "test".into(),
             leader: Some(1),
         }
+    }
+
+    #[test]
+    fn admissible_digests_from_a_table() {
+        let members = BTreeMap::from([(1, 10), (2, 20), (3, 30)]);
+        let all = vec![digest(1, 10, 5), digest(2, 20, 5), digest(2, 99, 5), digest(3, 30, 5), digest(99, 1, 5)];
+        let kept = |sender: u64| -> Vec<(u64, u64)> {
+            admissible_digests(sender, &members, all.clone()).iter().map(|d| (d.node_id, d.incarnation)).collect()
+        };
+        // A member: every member at its recorded incarnation, and itself.
+        assert_eq!(kept(1), vec![(1, 10), (2, 20), (3, 30)]);
+        // A non-member speaks only for itself.
+        assert_eq!(kept(99), vec![(99, 1)]);
+        assert_eq!(kept(42), Vec::<(u64, u64)>::new());
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let table = MembershipTable::new(digest(1, 1, 0));
+        let flood: Vec<MemberDigest> = (2..5_000).map(|node_id| digest(node_id, 1, 1)).collect();
+        table.merge(&flood);
+        assert_eq!(table.digests().len(), MAX_TABLE_ENTRIES);
     }
 
     #[test]

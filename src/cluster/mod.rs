@@ -28,7 +28,7 @@ use crate::protocol::{
 use crate::raft::network::RAFT_FRAME_OVERHEAD_BYTES;
 use crate::raft::types::{BatchOutcome, IndexBatch, MemberNode};
 use crate::transport;
-use membership::{Liveness, MemberDigest, MembershipDigest, EXCHANGE_INTERVAL, FANOUT};
+use membership::{Liveness, MembershipDigest, EXCHANGE_INTERVAL, FANOUT};
 
 /// How long a write waits for a leader to appear before giving up.
 const LEADER_WAIT: Duration = Duration::from_secs(5);
@@ -366,7 +366,7 @@ pub(crate) async fn handle_join(
 
 /// Dials `address` and checks that the node there presents the certificate of `node_id`: a
 /// request forwarded by a member must not admit an impostor.
-async fn verify_node_at(state: &NodeState, node_id: u64, address: &str) -> Result<(), WireError> {
+pub(crate) async fn verify_node_at(state: &NodeState, node_id: u64, address: &str) -> Result<(), WireError> {
     let connection =
         state.pool.get(address).await.map_err(|error| unavailable(format!("cannot reach node {node_id}: {error}")))?;
     let peer = transport::identity::peer_of_connection(&connection, &state.config.trust_domain)
@@ -671,8 +671,21 @@ async fn exchange_with(state: &NodeState, address: &str) -> Result<(), WireError
             ));
         }
     }
-    state.membership.merge(&answer.members);
+    // A joining node has no members yet and believes its seeds; a member believes members.
+    let known = member_incarnations(state);
+    let digests = if known.is_empty() {
+        answer.members
+    } else {
+        membership::admissible_digests(answer.sender, &known, answer.members)
+    };
+    state.membership.merge(&digests);
     Ok(())
+}
+
+/// Raft members and the incarnation each joined with.
+fn member_incarnations(state: &NodeState) -> BTreeMap<u64, u64> {
+    let metrics = state.raft.metrics().borrow().clone();
+    metrics.membership_config.membership().nodes().map(|(node_id, node)| (*node_id, node.incarnation)).collect()
 }
 
 /// Server side of an exchange: the sender must be the node its certificate names and of this
@@ -699,12 +712,7 @@ pub(crate) fn handle_exchange(
             ));
         }
     }
-    // What a node says about itself must match who sent it.
-    let members: Vec<MemberDigest> = message
-        .members
-        .into_iter()
-        .filter(|digest| digest.node_id != message.sender || digest.node_id == sender_certificate_id)
-        .collect();
+    let members = membership::admissible_digests(sender_certificate_id, &member_incarnations(state), message.members);
     state.membership.merge(&members);
     Ok(MembershipDigest {
         sender: state.node_id(),

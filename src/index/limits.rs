@@ -32,6 +32,9 @@ impl Default for QueryLimits {
     }
 }
 
+/// The most terms a node can be configured with (each `NOT` of a chain nests as well).
+pub const HARD_MAX_QUERY_TERMS: usize = 65_536;
+
 /// The deepest nesting a node can be configured with. The parser's stack use per level was
 /// measured (about 1 KiB; 3,000 levels overflowed the 2 MiB of a tokio thread): 256 levels parse
 /// on a thread with a 1 MiB stack (see the tests), half of what a tokio blocking thread has, so
@@ -45,48 +48,53 @@ pub struct QueryShape {
     pub terms: usize,
 }
 
-/// Measures a query text in one pass: parentheses outside double quotes nest, words are runs of
-/// characters between whitespace and parentheses (a quoted phrase counts each of its words). A
-/// backslash escapes the next character, as in tantivy's grammar.
+/// Measures a query text in one pass, without trying to follow tantivy's grammar (it has `"…"`
+/// and `'…'` phrases and `/…/` regexes, and what is quoted where is exactly what an attacker
+/// would play with). So it over-counts on purpose: every `(` nests, quoted or not, and so does
+/// every `NOT` of a chain (`NOT NOT NOT a` recurses too); words are runs of characters between
+/// whitespace and parentheses. Over-counting only refuses odd queries earlier; under-counting
+/// could abort the process.
 pub fn query_shape(text: &str) -> QueryShape {
     let mut shape = QueryShape::default();
     let mut depth = 0_usize;
-    let mut in_quotes = false;
-    let mut in_word = false;
-    let mut escaped = false;
-    for character in text.chars() {
-        if escaped {
-            escaped = false;
-            if !in_word {
-                in_word = true;
-                shape.terms += 1;
-            }
-            continue;
+    let mut negations = 0_usize;
+    let mut word = String::new();
+    let end_word = |word: &mut String, shape: &mut QueryShape, negations: &mut usize, depth: usize| {
+        if word.is_empty() {
+            return;
         }
+        shape.terms += 1;
+        if word == "NOT" {
+            *negations += 1;
+            shape.depth = shape.depth.max(depth + *negations);
+        } else {
+            *negations = 0;
+        }
+        word.clear();
+    };
+    for character in text.chars() {
         match character {
-            '\\' => escaped = true,
-            '"' => {
-                in_quotes = !in_quotes;
-                in_word = false;
+            '(' => {
+                end_word(&mut word, &mut shape, &mut negations, depth);
+                depth += 1;
+                shape.depth = shape.depth.max(depth + negations);
             }
-            '(' | ')' if !in_quotes => {
-                in_word = false;
-                if character == '(' {
-                    depth += 1;
-                    shape.depth = shape.depth.max(depth);
-                } else {
-                    depth = depth.saturating_sub(1);
-                }
+            ')' => {
+                end_word(&mut word, &mut shape, &mut negations, depth);
+                depth = depth.saturating_sub(1);
             }
-            other if other.is_whitespace() => in_word = false,
-            _ => {
-                if !in_word {
-                    in_word = true;
-                    shape.terms += 1;
+            other if other.is_whitespace() => end_word(&mut word, &mut shape, &mut negations, depth),
+            other => {
+                // Only the first characters matter for "is it NOT"; a long word costs no memory.
+                if word.len() < 4 {
+                    word.push(other);
+                } else if word.len() == 4 {
+                    word.push('_');
                 }
             }
         }
     }
+    end_word(&mut word, &mut shape, &mut negations, depth);
     shape
 }
 
@@ -107,10 +115,11 @@ pub fn check_query_bounds(text: &str, limits: &QueryLimits) -> Result<(), IndexE
             shape.depth
         )));
     }
-    if shape.terms > limits.max_query_terms {
+    let max_terms = limits.max_query_terms.min(HARD_MAX_QUERY_TERMS);
+    if shape.terms > max_terms {
         return Err(IndexError::InvalidQuery(format!(
-            "the query has {} terms, over the limit of {} (--max-query-terms)",
-            shape.terms, limits.max_query_terms
+            "the query has {} terms, over the limit of {max_terms} (--max-query-terms)",
+            shape.terms
         )));
     }
     Ok(())
@@ -148,8 +157,13 @@ mod tests {
             ("title:hello world", 0, 2),
             ("(a OR b) AND c", 1, 5),
             ("((a))", 2, 1),
-            ("\"((( not nested )))\"", 0, 4),
-            ("a\\(b", 0, 1),
+            ("\"((( quoted )))\"", 3, 3),
+            ("'\"' (((a)))", 3, 2),
+            ("title:/\"/ ((a))", 2, 2),
+            ("NOT NOT NOT a", 3, 4),
+            ("a NOT b NOT c", 1, 5),
+            ("(NOT (NOT a))", 4, 3),
+            ("a\\(b", 1, 2),
             (")))(((", 3, 0),
             ("year:[2000 TO 2010]", 0, 3),
             ("((a) (b (c)))", 3, 3),

@@ -10,6 +10,12 @@ use super::document::{owned_value_to_json, render_stored_document};
 use super::limits::{check_query_bounds, QueryLimits, SearchBudget};
 use super::{IndexError, SearchIndex};
 
+/// Most facet fields one request may name (bounded while it is decoded).
+pub const MAX_FACET_FIELDS: usize = 64;
+/// Most facet prefixes one facet field may carry on the wire (bounded while it is decoded; the
+/// node's `--max-facet-prefixes` refuses much fewer).
+pub const MAX_DECODED_FACET_PREFIXES: usize = 16_384;
+
 /// Largest page size a request may ask for.
 pub const MAX_SEARCH_LIMIT: usize = 10_000;
 
@@ -32,6 +38,7 @@ pub struct SearchRequest {
     pub exclude_count: bool,
     /// When true, `docs` is empty.
     pub exclude_docs: bool,
+    #[serde(deserialize_with = "crate::bounded::vec_of_at_most::<_, _, MAX_FACET_FIELDS>")]
     pub facets: Vec<FacetRequest>,
     /// Sort by a fast field instead of relevance.
     pub sort: Option<SortSpec>,
@@ -44,6 +51,7 @@ pub struct FacetRequest {
     pub field: String,
     /// Facet paths whose children are counted, e.g. `/category`. Empty means `/`, the top
     /// level.
+    #[serde(deserialize_with = "crate::bounded::vec_of_at_most::<_, _, MAX_DECODED_FACET_PREFIXES>")]
     pub prefixes: Vec<String>,
 }
 

@@ -952,7 +952,7 @@ fn the_deepest_allowed_query_parses_on_a_small_stack() {
     let index = std::sync::Arc::new(index);
     let limits =
         QueryLimits { max_query_depth: HARD_MAX_QUERY_DEPTH, max_query_bytes: 1 << 20, ..QueryLimits::default() };
-    for (open, close) in [("(", ")"), ("-(", ")"), ("+(a OR ", ")"), ("(NOT ", ")")] {
+    for (open, close) in [("(", ")"), ("-(", ")"), ("+(a OR ", ")"), ("(NOT ", ")"), ("NOT ", ""), ("'\"' (", ")")] {
         let text = format!("{}title:a{}", open.repeat(HARD_MAX_QUERY_DEPTH), close.repeat(HARD_MAX_QUERY_DEPTH));
         let index = index.clone();
         let parsed = std::thread::Builder::new()

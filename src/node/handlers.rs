@@ -17,8 +17,7 @@ use crate::raft::admission;
 use crate::raft::types::IndexBatch;
 use crate::transport::Role;
 
-/// Most operations one write request may carry; larger loads are split by the client.
-pub const MAX_OPERATIONS_PER_REQUEST: usize = 100_000;
+pub use crate::protocol::MAX_OPERATIONS_PER_REQUEST;
 
 pub(crate) fn index_error_to_wire(error: IndexError) -> WireError {
     let code = match &error {
@@ -190,6 +189,8 @@ pub(crate) async fn handle_client(
             if id.is_empty() {
                 return Err(WireError::new(ErrorCode::InvalidArgument, "id is empty"));
             }
+            // Gets share the searches' slots: both are reads on blocking threads.
+            let _slot = state.searches.enter(state.config.limits.max_queue_wait.min(remaining(deadline))).await?;
             let document = blocking(state, move |index| index.get(&id)).await?;
             Ok(ClientResponse::Document { document })
         }
@@ -244,7 +245,13 @@ pub(crate) async fn handle_admin(
             }
             cluster::handle_join(state, node_id, address, incarnation).await
         }
-        AdminRequest::Leave { node_id, force } => cluster::handle_leave(state, node_id, force).await,
+        AdminRequest::Leave { node_id, force } => {
+            // Node certificates may forward a leave (or remove a down member) only as members.
+            if let Role::Node { node_id: sender } = role {
+                cluster::admission::admit_raft_sender(state, *sender, "membership changes")?;
+            }
+            cluster::handle_leave(state, node_id, force).await
+        }
         AdminRequest::Removed { node_id, incarnation } => {
             // Only this incarnation: a notice about the data this host had before is not about us.
             if node_id != state.node_id() || incarnation != state.incarnation() || !matches!(role, Role::Node { .. }) {

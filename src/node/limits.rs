@@ -49,7 +49,7 @@ impl Default for NodeLimits {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(2);
         NodeLimits {
-            max_connections: 4096,
+            max_connections: 1024,
             max_connections_per_identity: 256,
             max_header_bytes: crate::transport::stream::DEFAULT_MAX_HEADER_BYTES,
             max_inflight_request_bytes: 256 * 1024 * 1024,
@@ -86,10 +86,12 @@ impl NodeLimits {
         if self.max_header_bytes < 64 {
             return Err("--max-header-bytes must be at least 64".to_string());
         }
-        if self.max_inflight_request_bytes < max_frame_bytes {
+        // Raft frames may be a little larger than the frame limit (entries plus their envelope).
+        let largest_frame = max_frame_bytes + crate::raft::network::RAFT_FRAME_OVERHEAD_BYTES;
+        if self.max_inflight_request_bytes < largest_frame {
             return Err(format!(
-                "--max-inflight-request-mb ({} bytes) must be at least --max-frame-bytes ({max_frame_bytes}), or no \
-                 request of the largest size could ever be read",
+                "--max-inflight-request-mb ({} bytes) must be at least --max-frame-bytes plus 1 MiB ({largest_frame}), \
+                 or no request of the largest size could ever be read",
                 self.max_inflight_request_bytes
             ));
         }
@@ -165,16 +167,19 @@ impl Gate {
 /// semaphore's count on any platform.
 pub(crate) struct ByteBudget {
     kibibytes: Arc<Semaphore>,
+    capacity: u32,
 }
 
 impl ByteBudget {
     pub fn new(bytes: usize) -> Self {
-        ByteBudget { kibibytes: Arc::new(Semaphore::new((bytes / 1024).clamp(1, Semaphore::MAX_PERMITS))) }
+        let capacity = u32::try_from((bytes / 1024).clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+        ByteBudget { kibibytes: Arc::new(Semaphore::new(capacity as usize)), capacity }
     }
 
     /// Reserves room for a body of `bytes` before it is read, waiting at most `wait`.
     pub async fn reserve(&self, bytes: usize, wait: Duration) -> Result<OwnedSemaphorePermit, WireError> {
-        let wanted = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        // Never more than the whole budget: such a wait could never end.
+        let wanted = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX).min(self.capacity);
         if let Ok(permit) = self.kibibytes.clone().try_acquire_many_owned(wanted) {
             return Ok(permit);
         }
@@ -264,7 +269,6 @@ impl ConnectionCounter {
         Ok(())
     }
 
-    #[cfg(test)]
     pub fn open_connections(&self) -> usize {
         self.total.load(Ordering::SeqCst)
     }
@@ -387,7 +391,7 @@ mod tests {
     #[test]
     fn limits_that_cannot_work_are_refused() {
         assert!(NodeLimits::default().validate(16 * 1024 * 1024).is_ok());
-        let small_budget = NodeLimits { max_inflight_request_bytes: 1024, ..NodeLimits::default() };
+        let small_budget = NodeLimits { max_inflight_request_bytes: 16 * 1024 * 1024, ..NodeLimits::default() };
         assert!(small_budget.validate(16 * 1024 * 1024).unwrap_err().contains("--max-inflight-request-mb"));
         let no_searches = NodeLimits { max_concurrent_searches: 0, ..NodeLimits::default() };
         assert!(no_searches.validate(1024).unwrap_err().contains("--max-concurrent-searches"));

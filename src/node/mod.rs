@@ -201,8 +201,11 @@ pub(crate) struct NodeState {
     pub searches: limits::Gate,
     /// Writes (validation and the trip through the log) running and waiting.
     pub writes: limits::Gate,
-    /// Request bodies being read or handled.
+    /// Request bodies of clients and admins being read or handled.
     pub request_bytes: limits::ByteBudget,
+    /// Request bodies of nodes (Raft, membership, forwarded requests), apart: clients filling
+    /// their budget must not starve replication.
+    pub peer_request_bytes: limits::ByteBudget,
     /// One line per period for refused connections; the rest are only counted.
     pub refusal_log: limits::LogThrottle,
     /// Senders that members vouched for (see `cluster::admission`).
@@ -514,6 +517,7 @@ impl Node {
                 limits.max_queued_writes,
             ),
             request_bytes: limits::ByteBudget::new(limits.max_inflight_request_bytes),
+            peer_request_bytes: limits::ByteBudget::new(limits.max_inflight_request_bytes),
             refusal_log: limits::LogThrottle::new(Duration::from_secs(10)),
             vouches: Default::default(),
             disk,

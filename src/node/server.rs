@@ -52,6 +52,16 @@ pub(crate) async fn serve(state: Arc<NodeState>, endpoint: quinn::Endpoint, mut 
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                // Under load, make a peer prove its address (a QUIC retry) before it may hold a
+                // handshake slot: spoofed Initial packets cannot fill the node then.
+                if !incoming.remote_address_validated()
+                    && state.connections.open_connections() >= state.config.limits.max_connections / 2
+                {
+                    if let Err(error) = incoming.retry() {
+                        error.into_incoming().refuse();
+                    }
+                    continue;
+                }
                 // Counted before the handshake: handshakes cost memory and CPU too.
                 match state.connections.open() {
                     Some(slot) => {
@@ -236,26 +246,28 @@ async fn serve_stream(
             return refuse(&mut send, &mut receive, error, max_frame_bytes).await;
         }
         Ok(Err(error)) => {
-            tracing::info!(peer = %peer.role, %error, "malformed stream header");
+            tracing::debug!(peer = %peer.role, %error, "malformed stream header");
             return refuse(&mut send, &mut receive, frame_error_to_wire("stream header", error), max_frame_bytes).await;
         }
         Ok(Ok(bytes)) => bytes,
     };
     let header = match decode_header(&header_bytes) {
         Ok(header) => header,
-        Err(error @ HeaderError::UnsupportedVersion { .. }) => {
-            tracing::info!(peer = %peer.role, %error, "stream of another protocol version");
+        Err(error @ (HeaderError::UnsupportedVersion { .. } | HeaderError::Unversioned { .. })) => {
+            if let Some(held_back) = state.refusal_log.permit() {
+                tracing::warn!(peer = %peer.role, %error, held_back, "stream of another protocol version");
+            }
             let error = WireError::new(ErrorCode::UnsupportedVersion, format!("{error}; upgrade the older side"));
             return refuse(&mut send, &mut receive, error, max_frame_bytes).await;
         }
         Err(error) => {
-            tracing::info!(peer = %peer.role, %error, "malformed stream header");
+            tracing::debug!(peer = %peer.role, %error, "malformed stream header");
             let error = WireError::new(ErrorCode::MalformedFrame, format!("stream header is malformed: {error}"));
             return refuse(&mut send, &mut receive, error, max_frame_bytes).await;
         }
     };
     let Some(kind) = StreamKind::from_byte(header.kind) else {
-        tracing::warn!(peer = %peer.role, kind = header.kind, "unknown stream kind");
+        tracing::debug!(peer = %peer.role, kind = header.kind, "unknown stream kind");
         let error = WireError::new(
             ErrorCode::UnknownStreamKind,
             format!(
@@ -266,7 +278,9 @@ async fn serve_stream(
         return refuse(&mut send, &mut receive, error, max_frame_bytes).await;
     };
     if let Err(error) = authorize_stream(&peer.role, kind) {
-        tracing::warn!(peer = %peer.role, kind = kind.name(), reason = "permission", "refused stream");
+        if let Some(held_back) = state.refusal_log.permit() {
+            tracing::warn!(peer = %peer.role, kind = kind.name(), reason = "permission", held_back, "refused stream");
+        }
         return refuse(&mut send, &mut receive, error, max_frame_bytes).await;
     }
     let deadline = Duration::from_millis(u64::from(header.deadline_millis))
@@ -286,27 +300,45 @@ async fn serve_stream(
     match kind {
         StreamKind::Client => {
             let (request, _body_budget) =
-                match read_request::<ClientRequest>(&state, &mut receive, first_frame_timeout, max_frame_bytes).await {
+                match read_request::<ClientRequest>(&state, &peer, &mut receive, first_frame_timeout, max_frame_bytes)
+                    .await
+                {
                     Ok(request) => request,
                     Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
                 };
             let request_name = request.name();
             span.record("request", request_name);
             let forwarded = matches!(peer.role, Role::Node { .. });
-            let answer = with_deadline(deadline, handlers::handle_client(&state, request, forwarded, deadline_at))
-                .instrument(span.clone())
-                .await;
+            // The work runs in its own task, which keeps the request's byte budget (and, inside,
+            // its search or write slot) until the work is really over: a caller that gives up at
+            // its deadline gets its answer, but does not get to start more work than the limits
+            // allow.
+            let work = {
+                let state = state.clone();
+                tokio::spawn(
+                    async move {
+                        let _body_budget = _body_budget;
+                        handlers::handle_client(&state, request, forwarded, deadline_at).await
+                    }
+                    .instrument(span.clone()),
+                )
+            };
+            let answer = with_deadline(deadline, joined(work)).await;
             log_outcome(&span, &peer, kind, request_name, started, &answer);
             reply(&mut send, &answer, max_frame_bytes).await;
         }
         StreamKind::Admin => {
             let (request, _body_budget) =
-                match read_request::<AdminRequest>(&state, &mut receive, first_frame_timeout, max_frame_bytes).await {
+                match read_request::<AdminRequest>(&state, &peer, &mut receive, first_frame_timeout, max_frame_bytes)
+                    .await
+                {
                     Ok(request) => request,
                     Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
                 };
             if let Err(error) = authorize_admin_request(&peer.role, &request) {
-                tracing::warn!(peer = %peer.role, request = request.name(), reason = "permission", "refused request");
+                if let Some(held_back) = state.refusal_log.permit() {
+                    tracing::warn!(peer = %peer.role, request = request.name(), reason = "permission", held_back, "refused request");
+                }
                 return reply::<()>(&mut send, &Err(error), max_frame_bytes).await;
             }
             let request_name = request.name();
@@ -320,7 +352,9 @@ async fn serve_stream(
         StreamKind::Raft => {
             let raft_frame_bytes = max_frame_bytes + RAFT_FRAME_OVERHEAD_BYTES;
             let (request, _body_budget) =
-                match read_request::<RaftRequest>(&state, &mut receive, first_frame_timeout, raft_frame_bytes).await {
+                match read_request::<RaftRequest>(&state, &peer, &mut receive, first_frame_timeout, raft_frame_bytes)
+                    .await
+                {
                     Ok(request) => request,
                     Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
                 };
@@ -334,7 +368,9 @@ async fn serve_stream(
             // A node certificate for id 2 cannot speak for node 3.
             if let (Some(claimed), Role::Node { node_id }) = (request.claimed_sender(), &peer.role) {
                 if claimed != *node_id {
-                    tracing::warn!(peer = %peer.role, claimed, reason = "impersonation", "refused raft message");
+                    if let Some(held_back) = state.refusal_log.permit() {
+                        tracing::warn!(peer = %peer.role, claimed, reason = "impersonation", held_back, "refused raft message");
+                    }
                     let error = WireError::new(
                         ErrorCode::PermissionDenied,
                         format!("permission denied: node {node_id} may not send raft messages as node {claimed}"),
@@ -347,14 +383,24 @@ async fn serve_stream(
             let Role::Node { node_id: sender } = peer.role else {
                 return;
             };
-            let answer =
-                with_deadline(deadline, handlers::handle_raft(&state, sender, request)).instrument(span.clone()).await;
+            let work = {
+                let state = state.clone();
+                tokio::spawn(
+                    async move {
+                        let _body_budget = _body_budget;
+                        handlers::handle_raft(&state, sender, request).await
+                    }
+                    .instrument(span.clone()),
+                )
+            };
+            let answer = with_deadline(deadline, joined(work)).await;
             log_outcome(&span, &peer, kind, request_name, started, &answer);
             reply(&mut send, &answer, raft_frame_bytes).await;
         }
         StreamKind::Membership => {
             let (request, _body_budget) = match read_request::<MembershipDigest>(
                 &state,
+                &peer,
                 &mut receive,
                 first_frame_timeout,
                 max_frame_bytes,
@@ -369,7 +415,9 @@ async fn serve_stream(
             };
             let answer = cluster::handle_exchange(&state, node_id, request);
             if let Err(error) = &answer {
-                tracing::warn!(peer = %peer.role, error = %error.message, "refused membership digest");
+                if let Some(held_back) = state.refusal_log.permit() {
+                    tracing::warn!(peer = %peer.role, error = %error.message, held_back, "refused membership digest");
+                }
             }
             reply(&mut send, &answer, max_frame_bytes).await;
         }
@@ -403,6 +451,7 @@ fn request_span(state: &NodeState, peer: &Peer, kind: StreamKind, info: bool) ->
 /// requests are bounded whatever the callers announce.
 async fn read_request<T: serde::de::DeserializeOwned>(
     state: &NodeState,
+    peer: &Peer,
     receive: &mut quinn::RecvStream,
     timeout: Duration,
     max_frame_bytes: usize,
@@ -420,7 +469,11 @@ async fn read_request<T: serde::de::DeserializeOwned>(
         Ok(Err(error)) => return Err(frame_error_to_wire("request frame", error)),
         Ok(Ok(frame_bytes)) => frame_bytes,
     };
-    let permit = state.request_bytes.reserve(frame_bytes, state.config.limits.max_queue_wait).await?;
+    let budget = match peer.role {
+        Role::Node { .. } => &state.peer_request_bytes,
+        _ => &state.request_bytes,
+    };
+    let permit = budget.reserve(frame_bytes, state.config.limits.max_queue_wait).await?;
     let body = match tokio::time::timeout(timeout, frame::read_frame_body(receive, frame_bytes)).await {
         Err(_) => {
             return Err(WireError::new(ErrorCode::DeadlineExceeded, format!("no request frame within {timeout:?}")))
@@ -431,6 +484,11 @@ async fn read_request<T: serde::de::DeserializeOwned>(
     let request =
         postcard::from_bytes(&body).map_err(|error| frame_error_to_wire("request frame", FrameError::Decode(error)))?;
     Ok((request, permit))
+}
+
+/// The answer of a request task.
+async fn joined<T>(work: tokio::task::JoinHandle<Result<T, WireError>>) -> Result<T, WireError> {
+    work.await.unwrap_or_else(|error| Err(WireError::new(ErrorCode::Internal, format!("request task failed: {error}"))))
 }
 
 async fn with_deadline<T>(
@@ -462,6 +520,16 @@ fn log_outcome<T>(
     telemetry::record_request(kind.name(), request, outcome, started.elapsed());
     match answer {
         Ok(_) => tracing::debug!(peer = %peer.role, kind = kind.name(), request, "request served"),
+        // The node's own trouble is worth a line; the caller's mistakes and refusals are counted
+        // in bayard_requests_total{outcome} and logged at debug, so a flood of them costs no disk.
+        Err(error) if !matches!(error.code, ErrorCode::Internal | ErrorCode::Unavailable) => tracing::debug!(
+            peer = %peer.role,
+            kind = kind.name(),
+            request,
+            code = error.code.name(),
+            error = %error.message,
+            "request failed"
+        ),
         Err(error) => tracing::info!(
             peer = %peer.role,
             kind = kind.name(),

@@ -36,6 +36,51 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_log_meta")
 const VOTE_KEY: &str = "vote";
 const COMMITTED_KEY: &str = "committed";
 const LAST_PURGED_KEY: &str = "last_purged";
+/// The format of every value in the file ([`LOG_FORMAT_VERSION`]), one byte.
+const FORMAT_KEY: &str = "format";
+
+/// Records the format of a new file, and brings a file written before formats existed (values
+/// without the format byte, no `format` key) up to the current one, in one transaction: a
+/// value's first byte is then never mistaken for a format it is not.
+fn settle_format(db: &Database) -> Result<(), Failure> {
+    write_txn(db, |txn| {
+        let mut meta = txn.open_table(META)?;
+        let recorded = meta.get(FORMAT_KEY)?.map(|value| value.value().to_vec());
+        match recorded.as_deref() {
+            Some([LOG_FORMAT_VERSION]) => return Ok(()),
+            Some(other) => {
+                return Err(Failure::UnknownFormat {
+                    what: "the raft log".to_string(),
+                    found: other.first().copied().unwrap_or(0),
+                })
+            }
+            None => {}
+        }
+        // Unversioned values: prefix each with the format byte.
+        let meta_values: Vec<(String, Vec<u8>)> = meta
+            .iter()?
+            .map(|item| item.map(|(key, value)| (key.value().to_string(), value.value().to_vec())))
+            .collect::<Result<_, _>>()?;
+        for (key, value) in meta_values {
+            let mut prefixed = vec![LOG_FORMAT_VERSION];
+            prefixed.extend_from_slice(&value);
+            meta.insert(key.as_str(), prefixed.as_slice())?;
+        }
+        meta.insert(FORMAT_KEY, [LOG_FORMAT_VERSION].as_slice())?;
+        let mut entries = txn.open_table(ENTRIES)?;
+        let keys: Vec<u64> = entries.iter()?.map(|item| item.map(|(key, _)| key.value())).collect::<Result<_, _>>()?;
+        if !keys.is_empty() {
+            tracing::info!(entries = keys.len(), "raft log written before formats existed: adding format bytes");
+        }
+        for key in keys {
+            let value = entries.get(key)?.map(|value| value.value().to_vec()).unwrap_or_default();
+            let mut prefixed = vec![LOG_FORMAT_VERSION];
+            prefixed.extend_from_slice(&value);
+            entries.insert(key, prefixed.as_slice())?;
+        }
+        Ok(())
+    })
+}
 
 /// Why the log file could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +101,10 @@ pub enum LogStoreError {
         #[source]
         source: Box<redb::DatabaseError>,
     },
+
+    /// The file's format cannot be established or brought up to date.
+    #[error("cannot open raft log at {path}: {reason}")]
+    Format { path: PathBuf, reason: String },
 
     /// The file opened but its tables cannot be created.
     #[error("cannot open raft log at {path}: cannot create tables: {source}")]
@@ -151,6 +200,8 @@ impl LogStore {
 
         // Create both tables up front so that read transactions never meet a missing table.
         create_tables(&db).map_err(|source| LogStoreError::Init { path: path.to_path_buf(), source })?;
+        settle_format(&db)
+            .map_err(|failure| LogStoreError::Format { path: path.to_path_buf(), reason: failure.to_string() })?;
 
         let committed: Option<LogId> = get_meta(&db, COMMITTED_KEY).unwrap_or(None);
         let committed_index =
@@ -563,6 +614,50 @@ mod tests {
         }
         let error = decode_entry(1, &[2, 1, 1, 1, 0]).unwrap_err().to_string();
         assert!(error.contains("log format 2") && error.contains("format 1"), "{error}");
+    }
+
+    /// A log written before formats existed (no format key, no format bytes) opens, with its
+    /// entries and vote intact.
+    #[tokio::test]
+    async fn unversioned_logs_are_brought_up_to_date() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            create_tables(&db).unwrap();
+            write_txn(&db, |txn| {
+                let mut entries = txn.open_table(ENTRIES)?;
+                for index in 1..=3 {
+                    let bytes = postcard::to_stdvec(&normal(1, index)).unwrap();
+                    entries.insert(index, bytes.as_slice())?;
+                }
+                let vote = postcard::to_stdvec(&Vote::new_committed(1, 1)).unwrap();
+                txn.open_table(META)?.insert(VOTE_KEY, vote.as_slice())?;
+                Ok(())
+            })
+            .unwrap();
+        }
+        let mut store = LogStore::open(&path).unwrap();
+        assert_eq!(ids(&store.try_get_log_entries(..).await.unwrap()), vec![1, 2, 3]);
+        assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new_committed(1, 1)));
+        drop(store);
+        // Opening again changes nothing.
+        let mut store = LogStore::open(&path).unwrap();
+        assert_eq!(ids(&store.try_get_log_entries(..).await.unwrap()), vec![1, 2, 3]);
+        // A format from the future is refused by name.
+        let db = store.db.clone();
+        drop(store);
+        write_txn(&db, |txn| {
+            txn.open_table(META)?.insert(FORMAT_KEY, [9_u8].as_slice())?;
+            Ok(())
+        })
+        .unwrap();
+        drop(db);
+        let error = match LogStore::open(&path) {
+            Ok(_) => panic!("a log of an unknown format was opened"),
+            Err(error) => error.to_string(),
+        };
+        assert!(error.contains("log format 9"), "{error}");
     }
 
     #[test]

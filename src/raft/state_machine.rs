@@ -364,8 +364,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     let _ = fs::remove_dir_all(&paths.incoming);
                     return Err(error);
                 }
-                // Keep the received archive as this node's current snapshot.
-                fs::rename(&received_path, &archive_path)?;
                 fs::write(paths.incoming.join(COMPLETE_MARKER), b"")?;
                 // Swap the directories: after the second rename the new index is the one on disk,
                 // and a crash in between is finished by `recover_interrupted_install`.
@@ -384,6 +382,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 if let Err(error) = fs::remove_dir_all(&paths.replaced) {
                     tracing::warn!(%error, "could not remove the replaced index; it is removed at the next start");
                 }
+                // Keep the received archive as this node's current snapshot, once the index it
+                // describes is the one in place (its path was checked above).
+                fs::rename(&received_path, &archive_path)?;
                 Ok((meta, archive_path))
             })
             .await

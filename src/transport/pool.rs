@@ -219,7 +219,10 @@ pub fn describe_connection_error(error: &quinn::ConnectionError) -> String {
     let certificate_trouble =
         text.contains("certificate") || text.contains("handshake") || text.contains("crypto") || text.contains("alert");
     if certificate_trouble {
-        format!("{text} (check that the CA, certificate and key are this cluster's, not expired, and name this host)")
+        format!(
+            "{text} (check that the CA, certificate and key are this cluster's, not expired, and name this host; a \
+             development node certificate takes more names with `bayard serve --dev-san <name>`)"
+        )
     } else {
         text
     }

@@ -48,7 +48,11 @@ impl StreamKind {
 /// every request and answer of every kind. It travels first in every header, so a peer of another
 /// version is told so by name instead of failing to decode. Bump it with any change that is not
 /// compatible (see `docs/architecture.md`, "Versions").
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 5;
+
+/// Headers of bayard 0.1.0 before versions started with the stream kind (1 to 4), where the
+/// version now is: versions start after them, so such a peer is told apart.
+const FIRST_VERSIONED_PROTOCOL: u16 = 5;
 
 /// Largest stream header a node reads. A header is a kind, a traceparent and a deadline: a few
 /// dozen bytes. It is read before the caller's role is checked, so it gets its own small limit
@@ -83,6 +87,10 @@ pub enum HeaderError {
     Malformed(String),
     #[error("the peer speaks protocol version {theirs}; this build speaks version {ours}")]
     UnsupportedVersion { theirs: u16, ours: u16 },
+    #[error(
+        "the peer speaks the unversioned protocol of bayard before protocol versions; this build speaks version {ours}"
+    )]
+    Unversioned { ours: u16 },
 }
 
 /// Decodes a header frame's body: the protocol version first (so a peer of another version is
@@ -90,6 +98,9 @@ pub enum HeaderError {
 pub fn decode_header(body: &[u8]) -> Result<StreamHeader, HeaderError> {
     let (version, _) =
         postcard::take_from_bytes::<u16>(body).map_err(|error| HeaderError::Malformed(error.to_string()))?;
+    if version < FIRST_VERSIONED_PROTOCOL {
+        return Err(HeaderError::Unversioned { ours: PROTOCOL_VERSION });
+    }
     if version != PROTOCOL_VERSION {
         return Err(HeaderError::UnsupportedVersion { theirs: version, ours: PROTOCOL_VERSION });
     }
@@ -244,8 +255,8 @@ mod tests {
         assert_eq!(decode_header(&bytes).unwrap(), header);
     }
 
-    /// Version 1, kind 3 (client), traceparent "00-ab-cd-01", 30,000 ms.
-    const GOLDEN_HEADER: [u8; 18] = [1, 3, 1, 11, 48, 48, 45, 97, 98, 45, 99, 100, 45, 48, 49, 176, 234, 1];
+    /// Version 5, kind 3 (client), traceparent "00-ab-cd-01", 30,000 ms.
+    const GOLDEN_HEADER: [u8; 18] = [5, 3, 1, 11, 48, 48, 45, 97, 98, 45, 99, 100, 45, 48, 49, 176, 234, 1];
 
     #[test]
     fn headers_of_another_version_are_named() {
@@ -253,9 +264,14 @@ mod tests {
         header.protocol_version = 7;
         let error = decode_header(&postcard::to_allocvec(&header).unwrap()).unwrap_err();
         assert_eq!(error, HeaderError::UnsupportedVersion { theirs: 7, ours: PROTOCOL_VERSION });
-        assert_eq!(error.to_string(), "the peer speaks protocol version 7; this build speaks version 1");
+        assert_eq!(error.to_string(), "the peer speaks protocol version 7; this build speaks version 5");
+        // An unversioned header of before: its kind byte (1 to 4) stood where the version is.
+        for kind in 1_u8..=4 {
+            let error = decode_header(&[kind, 0, 100]).unwrap_err();
+            assert_eq!(error, HeaderError::Unversioned { ours: PROTOCOL_VERSION });
+        }
         assert!(matches!(decode_header(&[]), Err(HeaderError::Malformed(_))));
-        assert!(matches!(decode_header(&[1]), Err(HeaderError::Malformed(_))));
+        assert!(matches!(decode_header(&[5]), Err(HeaderError::Malformed(_))));
     }
 
     /// New error codes go at the end: the index of each existing one is its wire value.

@@ -121,6 +121,11 @@ impl TlsMaterial {
     }
 }
 
+/// Unread bytes one stream may hold: enough for full speed on a LAN and a few MB/s across a WAN.
+pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
+/// Unread bytes one connection may hold, all its streams together.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 4 * 1024 * 1024;
+
 /// Keep-alive period of every connection.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Silence after which a connection is considered dead.
@@ -138,6 +143,12 @@ pub fn transport_config(max_concurrent_streams: u32) -> Arc<quinn::TransportConf
     }
     transport.max_concurrent_bidi_streams(max_concurrent_streams.into());
     transport.max_concurrent_uni_streams(0_u32.into());
+    // What a peer may send before the other side reads it: quinn's own connection window is
+    // unbounded, which would let a caller park any amount of data in a node's memory behind a
+    // stream the node has not read yet (waiting for the byte budget, say).
+    transport.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
+    transport.receive_window(CONNECTION_RECEIVE_WINDOW.into());
+    transport.send_window(u64::from(CONNECTION_RECEIVE_WINDOW));
     Arc::new(transport)
 }
 
