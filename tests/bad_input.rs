@@ -8,36 +8,13 @@ use std::time::Duration;
 
 use bayard::certs::Validity;
 use bayard::client::{Client, ClientError, ClientOptions};
-use bayard::index::{FacetRequest, SearchRequest, SortSpec};
+use bayard::index::{FacetRequest, SortSpec};
 use bayard::protocol::{ClientRequest, ClientResponse, Consistency, ErrorCode, StreamHeader, StreamKind, WireError};
 use bayard::transport::{self, pool::ConnectionPool, Role, TlsMaterial};
-use common::{client_with, node_config, start_node, CertificateSet, TestNode};
-
-fn query(text: &str) -> SearchRequest {
-    SearchRequest { query: text.into(), limit: 10, ..Default::default() }
-}
-
-fn remote_error(error: ClientError) -> (ErrorCode, String) {
-    match error {
-        ClientError::Remote { code, message, .. } => (code, message),
-        other => panic!("expected an answer from the node, got {other:?}"),
-    }
-}
-
-/// A node holding one committed document; bad requests must leave it there.
-async fn node_with_one_document() -> TestNode {
-    let test = TestNode::start().await;
-    let client = test.client();
-    client.put("safe", r#"{"title":"still here","year":2000}"#).await.unwrap();
-    client.commit().await.unwrap();
-    test
-}
-
-async fn assert_still_serving(test: &TestNode) {
-    let client = test.client();
-    let document = client.get("safe").await.expect("node still answers").expect("document kept");
-    assert_eq!(document.fields["title"], "still here");
-}
+use common::{
+    assert_still_serving, client_with, node_config, node_with_one_document, query, remote_error, start_node,
+    CertificateSet,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_documents_are_refused_whole_with_the_reason() {

@@ -7,8 +7,8 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use bayard::client::{ClientError, ClientOptions};
-use bayard::index::{FacetRequest, IndexOperation, SearchRequest};
+use bayard::client::ClientOptions;
+use bayard::index::{FacetRequest, IndexOperation};
 use bayard::protocol::{
     ClientRequest, ClientResponse, Consistency, ErrorCode, RaftRequest, RaftResponse, StreamHeader, StreamKind,
     WireError,
@@ -16,35 +16,15 @@ use bayard::protocol::{
 use bayard::raft::types::{Entry, IndexBatch, LogId, MemberNode, SnapshotMeta, StoredMembership, Vote};
 use bayard::transport::{self, Role};
 use common::{
-    call_raw, eventually, node_config, raw_connection_with, start_node, CertificateSet, TestCluster, TestNode,
+    call_raw, eventually, node_config, node_with_one_document, query, raw_connection_with, remote_error as remote,
+    start_node, CertificateSet, TestCluster, TestNode,
 };
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{CommittedLeaderId, EntryPayload, Membership};
 
-fn query(text: &str) -> SearchRequest {
-    SearchRequest { query: text.into(), limit: 10, ..Default::default() }
-}
-
-fn remote(error: ClientError) -> (ErrorCode, String) {
-    match error {
-        ClientError::Remote { code, message, .. } => (code, message),
-        other => panic!("expected an answer from the node, got {other:?}"),
-    }
-}
-
-/// A node holding one committed document; the attacks must leave it there and serving.
-async fn node_with_one_document() -> TestNode {
-    let test = TestNode::start().await;
-    let client = test.client();
-    client.put("safe", r#"{"title":"still here","year":2000}"#).await.unwrap();
-    client.commit().await.unwrap();
-    test
-}
-
 async fn assert_serves_the_honest_client(test: &TestNode) {
+    common::assert_still_serving(test).await;
     let client = test.client();
-    let document = client.get("safe").await.expect("node answers").expect("document kept");
-    assert_eq!(document.fields["title"], "still here");
     let hits = client.search(query("title:still"), Consistency::Local).await.expect("search served");
     assert_eq!(hits.count, Some(1));
     client.put("honest", r#"{"title":"honest write"}"#).await.expect("writes served");

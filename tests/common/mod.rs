@@ -266,3 +266,32 @@ pub async fn call_raw<Request: serde::Serialize, Response: serde::de::Deserializ
 ) -> Result<Result<Response, bayard::protocol::WireError>, bayard::transport::CallError> {
     bayard::transport::call(connection, kind, None, request, Duration::from_secs(10), 32 * 1024 * 1024).await
 }
+
+/// A search for `text`, ten hits.
+pub fn query(text: &str) -> bayard::index::SearchRequest {
+    bayard::index::SearchRequest { query: text.into(), limit: 10, ..Default::default() }
+}
+
+/// The code and message of an error the node answered with.
+pub fn remote_error(error: bayard::client::ClientError) -> (bayard::protocol::ErrorCode, String) {
+    match error {
+        bayard::client::ClientError::Remote { code, message, .. } => (code, message),
+        other => panic!("expected an answer from the node, got {other:?}"),
+    }
+}
+
+/// A node holding one committed document ("safe"); bad requests and attacks must leave it there.
+pub async fn node_with_one_document() -> TestNode {
+    let test = TestNode::start().await;
+    let client = test.client();
+    client.put("safe", r#"{"title":"still here","year":2000}"#).await.unwrap();
+    client.commit().await.unwrap();
+    test
+}
+
+/// The committed document is still there and the node answers.
+pub async fn assert_still_serving(test: &TestNode) {
+    let client = test.client();
+    let document = client.get("safe").await.expect("node still answers").expect("document kept");
+    assert_eq!(document.fields["title"], "still here");
+}
