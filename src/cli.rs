@@ -186,6 +186,9 @@ pub struct LimitArguments {
     /// Open connections of one certificate identity.
     #[arg(long, env = "BAYARD_MAX_CONNECTIONS_PER_IDENTITY", default_value_t = NodeLimits::default().max_connections_per_identity)]
     pub max_connections_per_identity: usize,
+    /// Client and admin requests of one certificate in progress at once, over all its connections.
+    #[arg(long, env = "BAYARD_MAX_REQUESTS_PER_IDENTITY", default_value_t = NodeLimits::default().max_requests_per_identity)]
+    pub max_requests_per_identity: usize,
     /// Streams (requests) one connection may have open at once; more wait for a stream credit.
     #[arg(long, env = "BAYARD_MAX_STREAMS_PER_CONNECTION", default_value_t = transport::DEFAULT_MAX_CONCURRENT_STREAMS)]
     pub max_streams_per_connection: u32,
@@ -235,6 +238,7 @@ impl LimitArguments {
         NodeLimits {
             max_connections: self.max_connections,
             max_connections_per_identity: self.max_connections_per_identity,
+            max_requests_per_identity: self.max_requests_per_identity,
             max_header_bytes: self.max_header_bytes,
             max_inflight_request_bytes: self.max_inflight_request_mb.saturating_mul(1024 * 1024),
             max_concurrent_searches: self.max_concurrent_searches,

@@ -22,6 +22,9 @@ pub struct NodeLimits {
     pub max_connections: usize,
     /// Open connections of one certificate identity (`client/app`, `node/2`, ...).
     pub max_connections_per_identity: usize,
+    /// Client and admin requests of one certificate identity in progress at once (over all its
+    /// connections): one application cannot take every slot and queue place from the others.
+    pub max_requests_per_identity: usize,
     /// Largest stream header, read before the caller's role is checked.
     pub max_header_bytes: usize,
     /// Request bodies being read or handled, all callers together, in bytes: a body is read only
@@ -51,6 +54,7 @@ impl Default for NodeLimits {
         NodeLimits {
             max_connections: 1024,
             max_connections_per_identity: 256,
+            max_requests_per_identity: 256,
             max_header_bytes: crate::transport::stream::DEFAULT_MAX_HEADER_BYTES,
             max_inflight_request_bytes: 256 * 1024 * 1024,
             max_concurrent_searches: cores * 2,
@@ -71,6 +75,7 @@ impl NodeLimits {
         let positive = [
             ("--max-connections", self.max_connections),
             ("--max-connections-per-identity", self.max_connections_per_identity),
+            ("--max-requests-per-identity", self.max_requests_per_identity),
             ("--max-header-bytes", self.max_header_bytes),
             ("--max-concurrent-searches", self.max_concurrent_searches),
             ("--max-concurrent-writes", self.max_concurrent_writes),
@@ -274,6 +279,54 @@ impl ConnectionCounter {
     }
 }
 
+/// Requests in progress per certificate identity.
+pub(crate) struct RequestsPerIdentity {
+    max: usize,
+    counts: Mutex<HashMap<String, usize>>,
+}
+
+/// Gives the request's place back when dropped.
+pub(crate) struct RequestSlot<'a> {
+    owner: &'a RequestsPerIdentity,
+    identity: String,
+}
+
+impl Drop for RequestSlot<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.owner.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = counts.get_mut(&self.identity) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.identity);
+            }
+        }
+    }
+}
+
+impl RequestsPerIdentity {
+    pub fn new(max: usize) -> Self {
+        RequestsPerIdentity { max, counts: Mutex::new(HashMap::new()) }
+    }
+
+    /// A place for one more request of `identity`, or the refusal.
+    pub fn enter(&self, identity: &str) -> Result<RequestSlot<'_>, WireError> {
+        let mut counts = self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = counts.entry(identity.to_string()).or_insert(0);
+        if !identity_admits(*count, self.max) {
+            return Err(exhausted(
+                "requests_per_identity",
+                format!(
+                    "{identity} has {} requests in progress, the most one certificate may have \
+                     (--max-requests-per-identity); wait for some to finish",
+                    *count
+                ),
+            ));
+        }
+        *count += 1;
+        Ok(RequestSlot { owner: self, identity: identity.to_string() })
+    }
+}
+
 /// Lets through one log line per period and counts what it held back, so a flood of refusals
 /// (failed handshakes, say) costs a counter increment each, not a line each.
 pub(crate) struct LogThrottle {
@@ -337,6 +390,18 @@ mod tests {
         drop((second, third, again));
         assert_eq!(counter.open_connections(), 0);
         assert!(counter.per_identity.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn requests_are_limited_per_identity() {
+        let requests = RequestsPerIdentity::new(2);
+        let first = requests.enter("client/app").unwrap();
+        let _second = requests.enter("client/app").unwrap();
+        let refusal = requests.enter("client/app").err().expect("a third is refused");
+        assert!(refusal.message.contains("--max-requests-per-identity"), "{}", refusal.message);
+        assert!(requests.enter("client/other").is_ok(), "another certificate is not affected");
+        drop(first);
+        assert!(requests.enter("client/app").is_ok(), "a finished request gives its place back");
     }
 
     #[tokio::test]

@@ -197,6 +197,8 @@ pub(crate) struct NodeState {
     pub stop_reason: watch::Sender<Option<NodeError>>,
     /// Open connections, in total and per certificate identity.
     pub connections: Arc<limits::ConnectionCounter>,
+    /// Client and admin requests in progress, per certificate identity.
+    pub requests_per_identity: limits::RequestsPerIdentity,
     /// Searches running and waiting.
     pub searches: limits::Gate,
     /// Writes (validation and the trip through the log) running and waiting.
@@ -504,6 +506,7 @@ impl Node {
             address,
             config,
             connections: limits::ConnectionCounter::new(limits.max_connections, limits.max_connections_per_identity),
+            requests_per_identity: limits::RequestsPerIdentity::new(limits.max_requests_per_identity),
             searches: limits::Gate::new(
                 "concurrent_searches",
                 "--max-concurrent-searches, --max-queued-searches",

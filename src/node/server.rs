@@ -288,6 +288,15 @@ async fn serve_stream(
         .max(Duration::from_millis(1));
     let deadline_at = std::time::Instant::now() + deadline;
     telemetry::metrics::record_stream(kind.name());
+    // Nodes are bounded by their own limits (budget, slots); applications and admins also by
+    // how many requests each certificate has in progress.
+    let _identity_slot = match &peer.role {
+        Role::Node { .. } => None,
+        role => match state.requests_per_identity.enter(&role.to_string()) {
+            Ok(slot) => Some(slot),
+            Err(error) => return refuse(&mut send, &mut receive, error, max_frame_bytes).await,
+        },
+    };
     // One span per request, child of the caller's span when the header carries its context: a
     // request that crosses nodes stays one trace.
     // Raft heartbeats and membership exchanges run every few hundred milliseconds: their spans are
