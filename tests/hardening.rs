@@ -544,3 +544,38 @@ async fn keys_readable_by_others_are_refused_and_data_directories_are_private() 
     let _ = Role::Node { node_id: 1 };
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certificate_cannot_hold_every_request_place() {
+    let certificates = CertificateSet::new();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = node_config(&certificates, 1, data.path());
+    config.limits.max_requests_per_identity = 2;
+    let node = start_node(config).await;
+    let address = node.local_address().to_string();
+    let greedy = raw_connection_with(&certificates.client("greedy"), &address).await;
+    // Two requests whose bodies never come: each holds its place until the node gives up on it.
+    let header = frame(&postcard::to_allocvec(&StreamHeader::new(StreamKind::Client, None, 30_000)).unwrap());
+    let (mut first, _first_answer) = greedy.open_bi().await.unwrap();
+    first.write_all(&header).await.unwrap();
+    let (mut second, _second_answer) = greedy.open_bi().await.unwrap();
+    second.write_all(&header).await.unwrap();
+    let search = ClientRequest::Search { request: query("*"), consistency: Consistency::Local };
+    // Give the node a moment to take the two streams in (not a negative wait: the refusal below is
+    // awaited as a condition).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let refused = eventually(Duration::from_secs(5), || async {
+        matches!(
+            call_raw::<_, ClientResponse>(&greedy, StreamKind::Client, &search).await,
+            Ok(Err(WireError { code: ErrorCode::ResourceExhausted, .. }))
+        )
+    })
+    .await;
+    assert!(refused, "a third request of the same certificate is refused");
+    let error = call_raw::<_, ClientResponse>(&greedy, StreamKind::Client, &search).await.unwrap().unwrap_err();
+    assert!(error.message.contains("--max-requests-per-identity"), "{}", error.message);
+    // Another certificate is served meanwhile.
+    let honest = common::client_with(&address, certificates.client("app"));
+    assert!(honest.search(query("*"), Consistency::Local).await.is_ok());
+    node.shutdown().await;
+}
