@@ -409,7 +409,9 @@ impl Node {
         let data_directory = config.data_directory.clone();
         let started = Self::start_in_directory(config).await;
         if started.is_err() && !directory_existed {
-            if let Err(error) = std::fs::remove_dir_all(&data_directory) {
+            let directory = data_directory.clone();
+            let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(directory)).await;
+            if let Ok(Err(error)) = removed {
                 tracing::warn!(%error, data_directory = %data_directory.display(), "could not remove the new data directory");
             }
         }
