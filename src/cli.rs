@@ -830,7 +830,12 @@ pub fn legacy_hint(arguments: &[String]) -> Option<String> {
 }
 
 fn receipt_json(receipt: WriteReceipt) -> serde_json::Value {
-    json!({"status": "OK", "operations": receipt.operations, "applied_index": receipt.applied_index})
+    let mut answer = json!({"status": "OK", "operations": receipt.operations, "applied_index": receipt.applied_index});
+    // Only when it happened: a retry whose first attempt had been applied, so nothing was twice.
+    if receipt.duplicate {
+        answer["duplicate"] = json!(true);
+    }
+    answer
 }
 
 fn status_json(status: &NodeStatus) -> serde_json::Value {

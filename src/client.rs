@@ -5,6 +5,11 @@
 //! server in the list, for a bounded number of rounds; an answer that is an error (a bad query, a
 //! schema violation) is returned at once, since another server would say the same.
 //!
+//! Writes go to the leader when the client knows it: every write answer (and every "unavailable"
+//! answer of a node that knows the leader) names it, and the next write starts there. Every write
+//! carries a request id drawn once and sent again with each retry, so a write whose answer was
+//! lost is applied once however often it is retried.
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), bayard::client::ClientError> {
 //! use bayard::client::{Client, ClientOptions};
@@ -22,6 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -30,8 +36,8 @@ use tracing::Instrument;
 
 use crate::index::{SearchRequest, SearchResponse};
 use crate::protocol::{
-    AdminRequest, AdminResponse, ClientRequest, ClientResponse, Consistency, DocumentInput, ErrorCode, NodeStatus,
-    StreamKind, WireError,
+    AdminRequest, AdminResponse, ClientRequest, ClientResponse, Consistency, DocumentInput, ErrorCode, LeaderHint,
+    NodeStatus, RequestId, StreamKind, WireError,
 };
 use crate::transport::frame::FrameError;
 use crate::transport::pool::{ConnectError, ConnectionPool};
@@ -107,7 +113,14 @@ impl ClientError {
 pub struct WriteReceipt {
     pub operations: u64,
     pub applied_index: u64,
+    /// An earlier attempt of this request had been applied (its answer was lost on the way):
+    /// nothing was applied twice.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
+
+/// How many leader hints one call follows before it goes on through the server list.
+const MAX_LEADER_HINTS_FOLLOWED: usize = 3;
 
 /// A stored document as `get` returns it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -167,6 +180,8 @@ pub struct Client {
     options: ClientOptions,
     /// The server that answered last; calls start there.
     preferred_server: AtomicUsize,
+    /// The leader's address, as the last answer that named it said: writes start there.
+    leader_address: Mutex<Option<String>>,
 }
 
 impl Client {
@@ -187,11 +202,22 @@ impl Client {
         let ipv6 = options.servers.iter().all(|server| server.starts_with('['));
         let endpoint = transport::bind_client_endpoint(quic_config, ipv6)?;
         let pool = ConnectionPool::new(endpoint, options.trust_domain.clone(), options.connect_timeout);
-        Ok(Client { pool, options, preferred_server: AtomicUsize::new(0) })
+        Ok(Client { pool, options, preferred_server: AtomicUsize::new(0), leader_address: Mutex::new(None) })
     }
 
     pub fn options(&self) -> &ClientOptions {
         &self.options
+    }
+
+    /// The leader's address, as the last answer that named one said.
+    pub fn known_leader(&self) -> Option<String> {
+        self.leader_address.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    fn remember_leader(&self, leader: Option<&LeaderHint>) {
+        if let Some(leader) = leader {
+            *self.leader_address.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(leader.address.clone());
+        }
     }
 
     /// Sends one request, moving through the servers on transport failures.
@@ -204,12 +230,26 @@ impl Client {
         Request: Serialize,
         Response: DeserializeOwned,
     {
+        self.call_preferring(kind, request, None).await
+    }
+
+    /// Like `call`, trying `first` (the leader, for writes) before the server list.
+    async fn call_preferring<Request, Response>(
+        &self,
+        kind: StreamKind,
+        request: &Request,
+        first: Option<String>,
+    ) -> Result<(Response, String), ClientError>
+    where
+        Request: Serialize,
+        Response: DeserializeOwned,
+    {
         // The root span of the request (a child of TRACEPARENT when the caller passed one); its
         // context travels in every stream header, so the nodes' spans join this trace.
         let span = tracing::info_span!("bayard.client", kind = kind.name());
         crate::telemetry::set_parent_from_traceparent(&span, self.options.trace_context.as_deref());
         let trace_context = crate::telemetry::traceparent_of_span(&span).or_else(|| self.options.trace_context.clone());
-        self.call_with(kind, request, trace_context).instrument(span).await
+        self.call_with(kind, request, trace_context, first).instrument(span).await
     }
 
     async fn call_with<Request, Response>(
@@ -217,6 +257,7 @@ impl Client {
         kind: StreamKind,
         request: &Request,
         trace_context: Option<String>,
+        leader: Option<String>,
     ) -> Result<(Response, String), ClientError>
     where
         Request: Serialize,
@@ -225,6 +266,7 @@ impl Client {
         let servers = &self.options.servers;
         let first = self.preferred_server.load(Ordering::Relaxed) % servers.len();
         let mut attempts = Vec::new();
+        let mut hints_followed = 0;
         // `request_timeout` bounds the whole call, every server and round included.
         let deadline = tokio::time::Instant::now() + self.options.request_timeout;
         let remaining = || deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -236,12 +278,21 @@ impl Client {
                 }
                 tokio::time::sleep(pause).await;
             }
-            for offset in 0..servers.len() {
+            // This round's servers: the leader first (when known), then the list from the one
+            // that answered last. A leader hint met on the way goes to the front.
+            let mut order: std::collections::VecDeque<(Option<usize>, String)> = (0..servers.len())
+                .map(|offset| (first + offset) % servers.len())
+                .map(|position| (Some(position), servers[position].clone()))
+                .collect();
+            if let Some(leader) = &leader {
+                order.retain(|(_, server)| server != leader);
+                order.push_front((None, leader.clone()));
+            }
+            while let Some((position, server)) = order.pop_front() {
                 if remaining().is_zero() {
                     break 'rounds;
                 }
-                let position = (first + offset) % servers.len();
-                let server = &servers[position];
+                let server = &server;
                 let dialled = match tokio::time::timeout(remaining(), self.pool.get(server)).await {
                     Ok(dialled) => dialled,
                     Err(_) => {
@@ -271,13 +322,23 @@ impl Client {
                 .await;
                 match outcome {
                     Ok(Ok(response)) => {
-                        self.preferred_server.store(position, Ordering::Relaxed);
+                        if let Some(position) = position {
+                            self.preferred_server.store(position, Ordering::Relaxed);
+                        }
                         return Ok((response, server.clone()));
                     }
-                    Ok(Err(WireError { code: ErrorCode::Unavailable, message })) => {
+                    Ok(Err(WireError { code: ErrorCode::Unavailable, message, leader })) => {
                         attempts.push(format!("{server}: {message}"));
+                        if let Some(hint) = leader.filter(|hint| &hint.address != server) {
+                            if hints_followed < MAX_LEADER_HINTS_FOLLOWED {
+                                hints_followed += 1;
+                                self.remember_leader(Some(&hint));
+                                order.retain(|(_, queued)| queued != &hint.address);
+                                order.push_front((None, hint.address));
+                            }
+                        }
                     }
-                    Ok(Err(WireError { code, message })) => {
+                    Ok(Err(WireError { code, message, .. })) => {
                         return Err(ClientError::Remote { code, message, server: server.clone() })
                     }
                     Err(CallError::Frame(error @ (FrameError::TooLarge { .. } | FrameError::Encode(_)))) => {
@@ -292,6 +353,10 @@ impl Client {
                             other => other.to_string(),
                         };
                         attempts.push(format!("{server}: {reason}"));
+                        // A leader that does not answer is no longer the one to start with.
+                        if position.is_none() {
+                            *self.leader_address.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+                        }
                     }
                 }
             }
@@ -306,11 +371,16 @@ impl Client {
         Ok(self.call(StreamKind::Client, &request).await?.0)
     }
 
+    /// Sends a write to the leader when it is known (else through the list). The request, with
+    /// its request id, is the same on every attempt.
     async fn write(&self, request: ClientRequest) -> Result<WriteReceipt, ClientError> {
         let name = request.name();
-        let (response, server) = self.call(StreamKind::Client, &request).await?;
+        let (response, server) = self.call_preferring(StreamKind::Client, &request, self.known_leader()).await?;
         match response {
-            ClientResponse::Written { operations, applied_index } => Ok(WriteReceipt { operations, applied_index }),
+            ClientResponse::Written { operations, applied_index, duplicate, leader } => {
+                self.remember_leader(leader.as_ref());
+                Ok(WriteReceipt { operations, applied_index, duplicate })
+            }
             _ => Err(ClientError::UnexpectedResponse { server, request: name }),
         }
     }
@@ -323,7 +393,7 @@ impl Client {
 
     /// Upserts documents in one request (one batch: all or nothing).
     pub async fn put_documents(&self, documents: Vec<DocumentInput>) -> Result<WriteReceipt, ClientError> {
-        self.write(ClientRequest::Put { documents }).await
+        self.write(ClientRequest::Put { documents, request_id: RequestId::random() }).await
     }
 
     /// Upserts any number of documents, split into requests under the frame limit, in order.
@@ -335,7 +405,7 @@ impl Client {
     ) -> Result<WriteReceipt, ClientError> {
         let chunk_limit_bytes = self.options.max_frame_bytes / 2;
         let mut written = 0_usize;
-        let mut last_receipt = WriteReceipt { operations: 0, applied_index: 0 };
+        let mut last_receipt = WriteReceipt { operations: 0, applied_index: 0, duplicate: false };
         let mut chunk: Vec<DocumentInput> = Vec::new();
         let mut chunk_bytes = 0_usize;
         let mut remaining = documents.into_iter().peekable();
@@ -360,7 +430,8 @@ impl Client {
                     .map_err(|error| offset_document_positions(error, written))?;
                 written += count;
                 chunk_bytes = 0;
-                last_receipt = WriteReceipt { operations: written as u64, applied_index: receipt.applied_index };
+                last_receipt =
+                    WriteReceipt { operations: written as u64, applied_index: receipt.applied_index, duplicate: false };
                 on_progress(written);
             }
         }
@@ -368,7 +439,7 @@ impl Client {
     }
 
     pub async fn delete(&self, id: &str) -> Result<WriteReceipt, ClientError> {
-        self.write(ClientRequest::Delete { ids: vec![id.to_string()] }).await
+        self.write(ClientRequest::Delete { ids: vec![id.to_string()], request_id: RequestId::random() }).await
     }
 
     /// Deletes any number of ids, in requests of at most [`BULK_CHUNK_DOCUMENTS`].
@@ -377,27 +448,32 @@ impl Client {
         ids: Vec<String>,
         mut on_progress: impl FnMut(usize),
     ) -> Result<WriteReceipt, ClientError> {
-        let mut receipt = WriteReceipt { operations: 0, applied_index: 0 };
+        let mut receipt = WriteReceipt { operations: 0, applied_index: 0, duplicate: false };
         let mut deleted = 0_usize;
         for chunk in ids.chunks(BULK_CHUNK_DOCUMENTS) {
-            let chunk_receipt = self.write(ClientRequest::Delete { ids: chunk.to_vec() }).await?;
+            let chunk_receipt =
+                self.write(ClientRequest::Delete { ids: chunk.to_vec(), request_id: RequestId::random() }).await?;
             deleted += chunk.len();
-            receipt = WriteReceipt { operations: deleted as u64, applied_index: chunk_receipt.applied_index };
+            receipt = WriteReceipt {
+                operations: deleted as u64,
+                applied_index: chunk_receipt.applied_index,
+                duplicate: false,
+            };
             on_progress(deleted);
         }
         Ok(receipt)
     }
 
     pub async fn commit(&self) -> Result<WriteReceipt, ClientError> {
-        self.write(ClientRequest::Commit).await
+        self.write(ClientRequest::Commit { request_id: RequestId::random() }).await
     }
 
     pub async fn rollback(&self) -> Result<WriteReceipt, ClientError> {
-        self.write(ClientRequest::Rollback).await
+        self.write(ClientRequest::Rollback { request_id: RequestId::random() }).await
     }
 
     pub async fn merge(&self) -> Result<WriteReceipt, ClientError> {
-        self.write(ClientRequest::Merge).await
+        self.write(ClientRequest::Merge { request_id: RequestId::random() }).await
     }
 
     /// The committed document with this id, if any.
@@ -445,10 +521,18 @@ impl Client {
         }
     }
 
+    /// Sends a write request exactly as given (its request id included): tests retry one with
+    /// the same id to see it applied once.
+    pub async fn send_write(&self, request: ClientRequest) -> Result<WriteReceipt, ClientError> {
+        self.write(request).await
+    }
+
     /// Removes `node_id` from the cluster (admin certificate). Refused when the remaining voters
     /// that answer would not be a quorum, unless `force`.
     pub async fn leave(&self, node_id: u64, force: bool) -> Result<(), ClientError> {
-        let (response, server) = self.call(StreamKind::Admin, &AdminRequest::Leave { node_id, force }).await?;
+        let (response, server) = self
+            .call_preferring(StreamKind::Admin, &AdminRequest::Leave { node_id, force }, self.known_leader())
+            .await?;
         match response {
             AdminResponse::Left { .. } => Ok(()),
             _ => Err(ClientError::UnexpectedResponse { server, request: "leave" }),

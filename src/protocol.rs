@@ -13,8 +13,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::index::{SearchRequest, SearchResponse, StoredDocument};
-use crate::raft::types::{BatchOutcome, IndexBatch, NodeId, TypeConfig};
-pub use crate::transport::stream::{ErrorCode, StreamHeader, StreamKind, WireError};
+pub use crate::raft::types::RequestId;
+/// The Raft stream's messages belong to `raft` (which knows openraft's types); they are part of
+/// the protocol all the same, and versioned with it.
+pub use crate::raft::wire::{RaftRequest, RaftResponse};
+pub use crate::transport::stream::{ErrorCode, LeaderHint, StreamHeader, StreamKind, WireError};
 
 /// A document to put. `id: None` means the document carries its own `_id` (bulk NDJSON lines).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,23 +43,32 @@ pub enum Consistency {
 /// loads are split by the client.
 pub const MAX_OPERATIONS_PER_REQUEST: usize = 100_000;
 
-/// Requests on a `Client` stream.
+/// Requests on a `Client` stream. Every write carries a [`RequestId`] the caller draws once and
+/// sends again with every retry: the cluster applies each id at most once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ClientRequest {
     Put {
         #[serde(deserialize_with = "crate::bounded::vec_of_at_most::<_, _, MAX_OPERATIONS_PER_REQUEST>")]
         documents: Vec<DocumentInput>,
+        request_id: RequestId,
     },
     Delete {
         #[serde(deserialize_with = "crate::bounded::vec_of_at_most::<_, _, MAX_OPERATIONS_PER_REQUEST>")]
         ids: Vec<String>,
+        request_id: RequestId,
     },
     Get {
         id: String,
     },
-    Commit,
-    Rollback,
-    Merge,
+    Commit {
+        request_id: RequestId,
+    },
+    Rollback {
+        request_id: RequestId,
+    },
+    Merge {
+        request_id: RequestId,
+    },
     Search {
         request: SearchRequest,
         consistency: Consistency,
@@ -70,9 +82,9 @@ impl ClientRequest {
             ClientRequest::Put { .. } => "put",
             ClientRequest::Delete { .. } => "delete",
             ClientRequest::Get { .. } => "get",
-            ClientRequest::Commit => "commit",
-            ClientRequest::Rollback => "rollback",
-            ClientRequest::Merge => "merge",
+            ClientRequest::Commit { .. } => "commit",
+            ClientRequest::Rollback { .. } => "rollback",
+            ClientRequest::Merge { .. } => "merge",
             ClientRequest::Search { .. } => "search",
             ClientRequest::Schema => "schema",
         }
@@ -80,14 +92,19 @@ impl ClientRequest {
 
     /// Whether the request goes through the replicated log.
     pub fn is_write(&self) -> bool {
-        matches!(
-            self,
-            ClientRequest::Put { .. }
-                | ClientRequest::Delete { .. }
-                | ClientRequest::Commit
-                | ClientRequest::Rollback
-                | ClientRequest::Merge
-        )
+        self.request_id().is_some()
+    }
+
+    /// The request id of a write; `None` for reads.
+    pub fn request_id(&self) -> Option<RequestId> {
+        match self {
+            ClientRequest::Put { request_id, .. }
+            | ClientRequest::Delete { request_id, .. }
+            | ClientRequest::Commit { request_id }
+            | ClientRequest::Rollback { request_id }
+            | ClientRequest::Merge { request_id } => Some(*request_id),
+            ClientRequest::Get { .. } | ClientRequest::Search { .. } | ClientRequest::Schema => None,
+        }
     }
 }
 
@@ -98,6 +115,11 @@ pub enum ClientResponse {
     Written {
         operations: u64,
         applied_index: u64,
+        /// The request had been applied before (an earlier attempt's answer was lost); this is
+        /// its first outcome.
+        duplicate: bool,
+        /// The leader that committed it: the caller's next write goes straight there.
+        leader: Option<LeaderHint>,
     },
     Document {
         document: Option<StoredDocument>,
@@ -202,52 +224,6 @@ pub enum AdminResponse {
     Acknowledged,
 }
 
-/// Requests on a `Raft` stream (node certificates only). The first three are openraft's RPCs;
-/// `Propose` carries a write another node accepted from a client, to the leader.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum RaftRequest {
-    AppendEntries(openraft::raft::AppendEntriesRequest<TypeConfig>),
-    Vote(openraft::raft::VoteRequest<NodeId>),
-    InstallSnapshot(openraft::raft::InstallSnapshotRequest<TypeConfig>),
-    Propose(IndexBatch),
-}
-
-impl RaftRequest {
-    pub fn name(&self) -> &'static str {
-        match self {
-            RaftRequest::AppendEntries(_) => "append_entries",
-            RaftRequest::Vote(_) => "vote",
-            RaftRequest::InstallSnapshot(_) => "install_snapshot",
-            RaftRequest::Propose(_) => "propose",
-        }
-    }
-
-    /// The node the message says it comes from, for the RPCs that name one.
-    pub fn claimed_sender(&self) -> Option<NodeId> {
-        let vote = match self {
-            RaftRequest::AppendEntries(request) => &request.vote,
-            RaftRequest::Vote(request) => &request.vote,
-            RaftRequest::InstallSnapshot(request) => &request.vote,
-            RaftRequest::Propose(_) => return None,
-        };
-        Some(vote.leader_id().voted_for().unwrap_or_default())
-    }
-}
-
-/// Answers on a `Raft` stream.
-#[derive(Debug, Serialize, Deserialize)]
-pub enum RaftResponse {
-    AppendEntries(Result<openraft::raft::AppendEntriesResponse<NodeId>, openraft::error::RaftError<NodeId>>),
-    Vote(Result<openraft::raft::VoteResponse<NodeId>, openraft::error::RaftError<NodeId>>),
-    InstallSnapshot(
-        Result<
-            openraft::raft::InstallSnapshotResponse<NodeId>,
-            openraft::error::RaftError<NodeId, openraft::error::InstallSnapshotError>,
-        >,
-    ),
-    Proposed(BatchOutcome),
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,8 +244,10 @@ mod tests {
             },
             consistency: Consistency::Linearizable,
         };
-        let put =
-            ClientRequest::Put { documents: vec![DocumentInput { id: Some("1".into()), document_json: "{}".into() }] };
+        let put = ClientRequest::Put {
+            documents: vec![DocumentInput { id: Some("1".into()), document_json: "{}".into() }],
+            request_id: RequestId(0x0102),
+        };
         let answer: Result<ClientResponse, WireError> = Err(WireError::new(ErrorCode::ResourceExhausted, "busy"));
         assert_eq!(postcard::to_allocvec(&search).unwrap(), GOLDEN_SEARCH);
         assert_eq!(postcard::to_allocvec(&put).unwrap(), GOLDEN_PUT);
@@ -281,7 +259,8 @@ mod tests {
         6, 7, 116, 105, 116, 108, 101, 58, 120, 2, 10, 0, 1, 1, 8, 99, 97, 116, 101, 103, 111, 114, 121, 1, 2, 47, 97,
         1, 4, 121, 101, 97, 114, 1, 2,
     ];
-    const GOLDEN_PUT: [u8; 8] = [0, 1, 1, 1, 49, 2, 123, 125];
-    /// `Err`, code 9 (`resource_exhausted`), "busy".
-    const GOLDEN_ERROR: [u8; 7] = [1, 9, 4, 98, 117, 115, 121];
+    /// `Put`, one document ("1", `{}`), request id 0x0102 (a varint).
+    const GOLDEN_PUT: [u8; 10] = [0, 1, 1, 1, 49, 2, 123, 125, 130, 2];
+    /// `Err`, code 9 (`resource_exhausted`), "busy", no leader hint.
+    const GOLDEN_ERROR: [u8; 8] = [1, 9, 4, 98, 117, 115, 121, 0];
 }

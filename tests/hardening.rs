@@ -152,7 +152,10 @@ async fn raft_messages_from_a_node_that_never_joined_change_nothing() {
         prev_log_id: None,
         entries: vec![Entry {
             log_id: log_id(term_before + 1, 99, last + 1),
-            payload: EntryPayload::Normal(IndexBatch { operations: vec![put, IndexOperation::Commit] }),
+            payload: EntryPayload::Normal(IndexBatch {
+                operations: vec![put, IndexOperation::Commit],
+                request_id: None,
+            }),
         }],
         leader_commit: Some(log_id(term_before + 1, 99, last + 1)),
     });
@@ -173,7 +176,7 @@ async fn raft_messages_from_a_node_that_never_joined_change_nothing() {
     refused_as_non_member(call_raw::<_, RaftResponse>(&attacker, StreamKind::Raft, &snapshot).await);
 
     // A proposal (writes forwarded by a follower) and a removal notice.
-    let propose = RaftRequest::Propose(IndexBatch { operations: vec![IndexOperation::Rollback] });
+    let propose = RaftRequest::Propose(IndexBatch { operations: vec![IndexOperation::Rollback], request_id: None });
     refused_as_non_member(call_raw::<_, RaftResponse>(&attacker, StreamKind::Raft, &propose).await);
     let incarnation =
         test.node.raft().metrics().borrow().membership_config.membership().get_node(&1).unwrap().incarnation;
@@ -326,6 +329,7 @@ async fn membership_changes_and_digests_from_a_non_member_change_nothing() {
         node_id,
         address: format!("127.0.0.1:{}", 40_000 + node_id),
         incarnation,
+        generation: u64::MAX,
         heartbeat: u64::MAX,
         role: "voter".into(),
         applied_index: 0,
@@ -339,7 +343,9 @@ async fn membership_changes_and_digests_from_a_non_member_change_nothing() {
     let answer: bayard::cluster::membership::MembershipDigest =
         call_raw(&attacker, StreamKind::Membership, &message).await.unwrap().unwrap();
     let ids: BTreeSet<u64> = answer.members.iter().map(|member| member.node_id).collect();
-    assert_eq!(ids, BTreeSet::from([1, 99]), "only the node itself and the sender's own digest");
+    // Only a node speaks for itself, in both directions: the answer carries node 1's own digest
+    // and no other node's (no incarnation is handed out).
+    assert_eq!(ids, BTreeSet::from([1]), "only the answering node's own digest");
     let own = answer.members.iter().find(|member| member.node_id == 1).unwrap();
     assert_ne!(own.incarnation, u64::MAX);
     // Too many digests in one message: refused while it is decoded.
@@ -366,7 +372,8 @@ async fn sequences_are_bounded_while_they_are_decoded() {
     let connection = raw_connection_with(&test.certificates.client("raw"), &test.address()).await;
     // 200,000 empty ids: a few hundred KiB on the wire, tens of MiB once decoded; refused at the
     // announced length.
-    let delete = ClientRequest::Delete { ids: vec![String::new(); 200_000] };
+    let delete =
+        ClientRequest::Delete { ids: vec![String::new(); 200_000], request_id: bayard::protocol::RequestId(1) };
     let error = call_raw::<_, ClientResponse>(&connection, StreamKind::Client, &delete).await.unwrap().unwrap_err();
     assert_eq!(error.code, ErrorCode::MalformedFrame, "{}", error.message);
     assert!(error.message.contains("request frame"), "{}", error.message);
@@ -412,10 +419,10 @@ async fn headers_are_small_and_versioned() {
     }
     // A header of another protocol version is named as such.
     let mut future = StreamHeader::new(StreamKind::Client, None, 5_000);
-    future.protocol_version = 6;
+    future.protocol_version = 7;
     let error = send_raw(&connection, &frame(&postcard::to_allocvec(&future).unwrap())).await.unwrap().unwrap_err();
     assert_eq!(error.code, ErrorCode::UnsupportedVersion);
-    assert!(error.message.contains("version 6") && error.message.contains("version 5"), "{}", error.message);
+    assert!(error.message.contains("version 7") && error.message.contains("version 6"), "{}", error.message);
     // A header of bayard before versions (it started with the stream kind).
     let old = send_raw(&connection, &frame(&[3, 0, 100])).await.unwrap().unwrap_err();
     assert_eq!(old.code, ErrorCode::UnsupportedVersion);

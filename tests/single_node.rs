@@ -209,10 +209,16 @@ async fn merge_leaves_one_segment_and_all_documents() {
         client.commit().await.unwrap();
     }
     assert!(test.admin().status().await.unwrap().segment_count >= 2);
+    // The merge runs in the background (applying it does not wait for it): the segments become
+    // one soon after, every document kept.
     client.merge().await.unwrap();
-    let status = test.admin().status().await.unwrap();
-    assert_eq!(status.segment_count, 1);
-    assert_eq!(status.document_count, 3);
+    let admin = test.admin();
+    let merged = eventually(std::time::Duration::from_secs(30), || async {
+        admin.status().await.is_ok_and(|status| status.segment_count == 1)
+    })
+    .await;
+    assert!(merged, "the segments were not merged");
+    assert_eq!(admin.status().await.unwrap().document_count, 3);
     test.node.shutdown().await;
 }
 

@@ -18,11 +18,11 @@
 //! or that was removed, is in nobody's membership and is never let through.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::node::NodeState;
-use crate::protocol::{AdminRequest, AdminResponse, ErrorCode, StreamKind, WireError};
+use super::{Cluster, ClusterError, ClusterResult};
+use crate::protocol::{AdminRequest, AdminResponse, StreamKind};
 use crate::raft::admission::sender_admitted;
 
 /// How long a vouch is believed.
@@ -90,88 +90,79 @@ impl Vouches {
     }
 }
 
-/// Ids of the effective membership (voters and learners of every half of a joint configuration),
-/// and the log index of that membership.
-pub(crate) fn member_ids(state: &NodeState) -> (BTreeSet<u64>, Option<u64>) {
-    // Borrowed, not cloned: this runs for every Raft message.
-    let metrics = state.raft.metrics();
-    let metrics = metrics.borrow();
-    let ids = metrics.membership_config.membership().nodes().map(|(node_id, _)| *node_id).collect();
-    (ids, metrics.membership_config.log_id().map(|log_id| log_id.index))
-}
+impl Cluster {
+    /// Ids of the effective membership (voters and learners of every half of a joint
+    /// configuration), and the log index of that membership.
+    fn member_ids(&self) -> (BTreeSet<u64>, Option<u64>) {
+        // Borrowed, not cloned: this runs for every Raft message.
+        let metrics = self.raft().metrics();
+        let metrics = metrics.borrow();
+        let ids = metrics.membership_config.membership().nodes().map(|(node_id, _)| *node_id).collect();
+        (ids, metrics.membership_config.log_id().map(|log_id| log_id.index))
+    }
 
-/// Whether `sender` is in the effective membership, without building anything (the common case
-/// of every heartbeat and append).
-fn is_member(state: &NodeState, sender: u64) -> bool {
-    state.raft.metrics().borrow().membership_config.membership().get_node(&sender).is_some()
-}
+    /// Whether `sender` is in the effective membership, without building anything (the common
+    /// case of every heartbeat and append).
+    pub fn is_member(&self, sender: u64) -> bool {
+        self.raft().metrics().borrow().membership_config.membership().get_node(&sender).is_some()
+    }
 
-/// Lets `sender` through, or refuses it and starts a check with the vouchers.
-pub(crate) fn admit_raft_sender(state: &Arc<NodeState>, sender: u64, what: &str) -> Result<(), WireError> {
-    if is_member(state, sender) {
-        return Ok(());
+    /// Lets `sender` through, or refuses it and starts a check with the vouchers.
+    pub fn admit_raft_sender(&self, sender: u64, what: &str) -> ClusterResult<()> {
+        if self.is_member(sender) {
+            return Ok(());
+        }
+        let (members, membership_index) = self.member_ids();
+        if sender_admitted(sender, &members, &self.inner.vouches.current(membership_index)) {
+            return Ok(());
+        }
+        crate::telemetry::metrics::record_refused_raft_message("not_a_member");
+        if self.inner.vouches.begin_check(sender) {
+            tracing::info!(sender, what, "raft message from a node outside this node's membership; asking the members");
+            tokio::spawn(check_with_vouchers(self.clone(), sender, members, membership_index));
+        }
+        Err(ClusterError::PermissionDenied(format!(
+            "permission denied: node {sender} is not a member of the cluster as node {} knows it; only members may \
+             send {what}",
+            self.node_id()
+        )))
     }
-    let (members, membership_index) = member_ids(state);
-    if sender_admitted(sender, &members, &state.vouches.current(membership_index)) {
-        return Ok(());
-    }
-    crate::telemetry::metrics::record_refused_raft_message("not_a_member");
-    if state.vouches.begin_check(sender) {
-        tracing::info!(sender, what, "raft message from a node outside this node's membership; asking the members");
-        tokio::spawn(check_with_vouchers(state.clone(), sender, members, membership_index));
-    }
-    Err(WireError::new(
-        ErrorCode::PermissionDenied,
-        format!(
-            "permission denied: node {sender} is not a member of the cluster as node {} knows it; \
-             only members may send {what}",
-            state.node_id()
-        ),
-    ))
 }
 
 /// Asks the members (or, with none, the seeds) whether `sender` is in their membership.
-async fn check_with_vouchers(
-    state: Arc<NodeState>,
-    sender: u64,
-    members: BTreeSet<u64>,
-    membership_index: Option<u64>,
-) {
-    let vouched = ask_vouchers(&state, sender, &members).await;
-    state.vouches.end_check(sender);
+async fn check_with_vouchers(cluster: Cluster, sender: u64, members: BTreeSet<u64>, membership_index: Option<u64>) {
+    let vouched = ask_vouchers(&cluster, sender, &members).await;
+    cluster.inner.vouches.end_check(sender);
     if vouched {
-        state.vouches.vouch(sender, membership_index);
+        cluster.inner.vouches.vouch(sender, membership_index);
     } else {
         tracing::warn!(sender, "no member vouched for a node that sent raft messages; they stay refused");
     }
 }
 
-async fn ask_vouchers(state: &Arc<NodeState>, sender: u64, members: &BTreeSet<u64>) -> bool {
-    let known: BTreeMap<u64, String> = super::peers(state);
+async fn ask_vouchers(cluster: &Cluster, sender: u64, members: &BTreeSet<u64>) -> bool {
+    let known: BTreeMap<u64, String> = cluster.peer_addresses();
     let mut vouchers: Vec<(u64, String)> = known
         .iter()
-        .filter(|(node_id, _)| members.contains(node_id) && **node_id != state.node_id() && **node_id != sender)
+        .filter(|(node_id, _)| members.contains(node_id) && **node_id != cluster.node_id() && **node_id != sender)
         .map(|(node_id, address)| (*node_id, address.clone()))
         .collect();
     if vouchers.is_empty() && members.is_empty() {
         // A joining node knows no member yet: it believes the seeds the operator named, which
         // may include the sender itself (the seed is often the leader that admits it).
-        vouchers = state.config.peers.clone();
+        vouchers = cluster.inner.config.seeds.clone();
     }
     for (voucher, address) in vouchers {
         // Only the node the membership (or the operator) names at that address may vouch.
-        if let Err(error) = super::verify_node_at(state, voucher, &address).await {
+        if let Err(error) = cluster.inner.peers.verify_node_at(voucher, &address).await {
             tracing::debug!(voucher, %address, error = %error.message, "not asking this voucher");
             continue;
         }
-        let answer = super::call_node::<_, AdminResponse>(
-            state,
-            &address,
-            StreamKind::Admin,
-            &AdminRequest::Peers,
-            VOUCHER_TIMEOUT,
-        )
-        .await;
+        let answer = cluster
+            .inner
+            .peers
+            .call::<_, AdminResponse>(&address, StreamKind::Admin, &AdminRequest::Peers, VOUCHER_TIMEOUT)
+            .await;
         if let Ok(AdminResponse::Peers(their_members)) = answer {
             if their_members.contains_key(&sender) {
                 tracing::info!(sender, voucher = %address, "a member vouched for the sender");

@@ -4,8 +4,10 @@
 //! Every node keeps a table of digests, one per node it has heard of. Once per interval it bumps
 //! its own heartbeat and exchanges its table with up to [`FANOUT`] peers over `Membership`
 //! streams; both sides merge, and for each node the entry with the higher (incarnation,
-//! heartbeat) wins. A node whose heartbeat has not advanced for [`SUSPECT_AFTER`] is `suspect`,
-//! after [`DOWN_AFTER`] `down`. Messages carry the cluster id; another cluster's are refused. A
+//! generation, heartbeat) wins: the generation counts the starts of the node's data directory, so
+//! a restarted node, whose heartbeat starts again from 0, is alive at its first beat. A node whose
+//! heartbeat has not advanced for [`SUSPECT_AFTER`] is `suspect`, after [`DOWN_AFTER`] `down`.
+//! Entries of nodes that are not members and have been silent for [`FORGET_AFTER`] are dropped. Messages carry the cluster id; another cluster's are refused. A
 //! joining node uses the same exchange to find the members and the leader from its seeds before it
 //! asks to join.
 
@@ -18,29 +20,26 @@ use serde::{Deserialize, Serialize};
 /// Exchange period.
 pub const EXCHANGE_INTERVAL: Duration = Duration::from_secs(1);
 /// Peers contacted per round.
-pub const FANOUT: usize = 3;
-/// Silence after which a node is suspect.
-pub const SUSPECT_AFTER: Duration = Duration::from_secs(3);
-/// Silence after which a node is down.
-pub const DOWN_AFTER: Duration = Duration::from_secs(10);
+pub const FANOUT: usize = 8;
+pub use super::decisions::{DOWN_AFTER, SUSPECT_AFTER};
+/// Silence after which the entry of a node that is not a member is forgotten.
+pub const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Most nodes the table holds: digests about further nodes are dropped, so no message can grow
 /// it without bound.
 pub const MAX_TABLE_ENTRIES: usize = 1024;
 
 /// Which digests of a message from `sender` may be merged, given the Raft members (id →
-/// incarnation). A non-member (a joining node, or a certificate of a node that is not a member)
-/// speaks only for itself; a member speaks about members, and only about the incarnation the
-/// membership records for each. So nobody can make up nodes, or bury a member under a digest of
-/// an incarnation it never had.
+/// incarnation): only the sender's own, and for a member only at the incarnation the membership
+/// records. Only a node speaks for itself: nobody can make up nodes, keep a dead member looking
+/// alive, or bury a live one under a digest it never sent. (Each node exchanges with up to
+/// [`FANOUT`] others every interval, so in clusters of up to `FANOUT + 1` nodes everyone hears
+/// from everyone directly each round.)
 pub fn admissible_digests(sender: u64, members: &BTreeMap<u64, u64>, digests: Vec<MemberDigest>) -> Vec<MemberDigest> {
-    let sender_is_member = members.contains_key(&sender);
     digests
         .into_iter()
-        .filter(|digest| match members.get(&digest.node_id) {
-            _ if !sender_is_member => digest.node_id == sender,
-            Some(incarnation) => *incarnation == digest.incarnation,
-            None => digest.node_id == sender,
-        })
+        .filter(|digest| digest.node_id == sender)
+        .filter(|digest| members.get(&sender).is_none_or(|incarnation| *incarnation == digest.incarnation))
+        .take(1)
         .collect()
 }
 
@@ -51,7 +50,10 @@ pub struct MemberDigest {
     pub address: String,
     /// Drawn when the node's data directory was created: a wiped node has a new one.
     pub incarnation: u64,
-    /// Bumped by the node itself every interval.
+    /// How many times the node's data directory has been started: a restart outranks every
+    /// heartbeat of the run before.
+    pub generation: u64,
+    /// Bumped by the node itself every interval; starts again from 0 with each generation.
     pub heartbeat: u64,
     /// `voter`, `learner` or `joining`, as the node itself sees it.
     pub role: String,
@@ -63,7 +65,10 @@ pub struct MemberDigest {
 
 impl MemberDigest {
     fn is_newer_than(&self, other: &MemberDigest) -> bool {
-        (self.incarnation, self.heartbeat) > (other.incarnation, other.heartbeat)
+        super::decisions::supersedes(
+            (self.incarnation, self.generation, self.heartbeat),
+            (other.incarnation, other.generation, other.heartbeat),
+        )
     }
 }
 
@@ -174,14 +179,16 @@ impl MembershipTable {
         if entry.digest.node_id == self.own_node_id {
             return Liveness::Alive;
         }
-        let silence = entry.refreshed.elapsed();
-        if silence >= DOWN_AFTER {
-            Liveness::Down
-        } else if silence >= SUSPECT_AFTER {
-            Liveness::Suspect
-        } else {
-            Liveness::Alive
-        }
+        super::decisions::liveness(Some(entry.refreshed.elapsed()), Duration::MAX)
+    }
+
+    /// Drops the entries of nodes that are not `members` and have been silent for
+    /// [`FORGET_AFTER`]: a node that left, or a certificate that spoke once, does not stay.
+    pub fn forget_silent_non_members(&self, members: &BTreeMap<u64, u64>) {
+        let own = self.own_node_id;
+        self.lock().retain(|node_id, entry| {
+            *node_id == own || members.contains_key(node_id) || entry.refreshed.elapsed() < FORGET_AFTER
+        });
     }
 
     /// Every known node with its liveness.
@@ -226,6 +233,7 @@ mod tests {
             node_id,
             address: format!("10.0.0.{node_id}:5001"),
             incarnation,
+            generation: 1,
             heartbeat,
             role: "voter".into(),
             applied_index: 0,
@@ -238,14 +246,18 @@ mod tests {
     fn admissible_digests_from_a_table() {
         let members = BTreeMap::from([(1, 10), (2, 20), (3, 30)]);
         let all = vec![digest(1, 10, 5), digest(2, 20, 5), digest(2, 99, 5), digest(3, 30, 5), digest(99, 1, 5)];
-        let kept = |sender: u64| -> Vec<(u64, u64)> {
-            admissible_digests(sender, &members, all.clone()).iter().map(|d| (d.node_id, d.incarnation)).collect()
+        let kept = |sender: u64, digests: &[MemberDigest]| -> Vec<(u64, u64)> {
+            admissible_digests(sender, &members, digests.to_vec()).iter().map(|d| (d.node_id, d.incarnation)).collect()
         };
-        // A member: every member at its recorded incarnation, and itself.
-        assert_eq!(kept(1), vec![(1, 10), (2, 20), (3, 30)]);
-        // A non-member speaks only for itself.
-        assert_eq!(kept(99), vec![(99, 1)]);
-        assert_eq!(kept(42), Vec::<(u64, u64)>::new());
+        // A member speaks only for itself, at its recorded incarnation.
+        assert_eq!(kept(1, &all), vec![(1, 10)]);
+        assert_eq!(kept(2, &all), vec![(2, 20)], "not the incarnation the membership does not record");
+        assert_eq!(kept(2, &[digest(2, 99, 5)]), Vec::<(u64, u64)>::new());
+        // So does a non-member.
+        assert_eq!(kept(99, &all), vec![(99, 1)]);
+        assert_eq!(kept(42, &all), Vec::<(u64, u64)>::new());
+        // One digest per message, however many it repeats.
+        assert_eq!(kept(3, &[digest(3, 30, 5), digest(3, 30, 9)]), vec![(3, 30)]);
     }
 
     #[test]
@@ -273,5 +285,31 @@ mod tests {
         assert_eq!(table.leader_hint(), Some((1, "10.0.0.1:5001".to_string())));
         table.forget(2);
         assert!(table.get(2).is_none());
+    }
+
+    #[test]
+    fn a_restarted_node_is_believed_at_its_first_beat() {
+        let table = MembershipTable::new(digest(1, 10, 0));
+        table.merge(&[digest(2, 5, 300)]);
+        let restarted = MemberDigest { generation: 2, heartbeat: 0, ..digest(2, 5, 0) };
+        table.merge(&[restarted]);
+        let (known, _) = table.get(2).unwrap();
+        assert_eq!((known.generation, known.heartbeat), (2, 0), "the new run wins over the old heartbeat");
+        // The old run's digests, still travelling, do not bring it back.
+        table.merge(&[digest(2, 5, 301)]);
+        assert_eq!(table.get(2).unwrap().0.generation, 2);
+    }
+
+    #[test]
+    fn silent_non_members_are_forgotten_members_kept() {
+        let table = MembershipTable::new(digest(1, 10, 0));
+        table.merge(&[digest(2, 5, 1), digest(3, 6, 1)]);
+        // Age the entries as if FORGET_AFTER had passed.
+        for entry in table.lock().values_mut() {
+            entry.refreshed = Instant::now().checked_sub(FORGET_AFTER).expect("the clock runs for more than a minute");
+        }
+        table.forget_silent_non_members(&BTreeMap::from([(1, 10), (2, 5)]));
+        let known: Vec<u64> = table.digests().iter().map(|digest| digest.node_id).collect();
+        assert_eq!(known, vec![1, 2]);
     }
 }

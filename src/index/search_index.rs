@@ -360,26 +360,39 @@ impl SearchIndex {
         Ok(())
     }
 
+    /// Starts merging every searchable segment into one and returns at once: a large merge takes
+    /// minutes, and applying the log (on every replica at once) must not wait for it. tantivy
+    /// runs the merge on its own threads and publishes the merged segment when it is done (the
+    /// index metas keep the last commit's payload); a thread of ours then makes searches use it.
     fn merge_with_writer(&self, writer: &mut IndexWriter) -> Result<(), IndexError> {
         let segment_ids = self.index.searchable_segment_ids()?;
         if segment_ids.len() < 2 {
             return Ok(());
         }
         let segment_count = segment_ids.len();
-        match writer.merge(&segment_ids).wait() {
-            Ok(_merged_segment) => {}
-            // tantivy's merge policy also merges in the background, and does not stop an
-            // explicit merge from taking segments a background merge is working on: whichever
-            // finishes second fails with `InvalidArgument`. The index stays consistent (the
-            // losing result is dropped), it is merely less compacted, so this is not an error.
-            Err(TantivyError::InvalidArgument(reason)) => {
-                tracing::warn!(%reason, "explicit merge skipped: its segments changed meanwhile");
+        let merging = writer.merge(&segment_ids);
+        let reader = self.reader.clone();
+        let started = std::thread::Builder::new().name("bayard-merge".into()).spawn(move || {
+            match merging.wait() {
+                Ok(_merged_segment) => {
+                    if let Err(error) = reader.reload() {
+                        tracing::warn!(%error, "could not reload the reader after a merge");
+                    }
+                    tracing::info!(segment_count, "merged all searchable segments into one");
+                }
+                // tantivy's merge policy also merges in the background, and does not stop an
+                // explicit merge from taking segments a background merge is working on: whichever
+                // finishes second fails with `InvalidArgument`. The index stays consistent (the
+                // losing result is dropped), it is merely less compacted, so this is not an error.
+                Err(TantivyError::InvalidArgument(reason)) => {
+                    tracing::warn!(%reason, "explicit merge skipped: its segments changed meanwhile");
+                }
+                Err(error) => tracing::error!(%error, "merge failed; the index keeps its segments"),
             }
-            Err(other_error) => return Err(other_error.into()),
+        });
+        if let Err(error) = started {
+            return Err(IndexError::Internal(format!("cannot start a merge thread: {error}")));
         }
-        // The merged segment is published in the index metas; make searches use it.
-        self.reader.reload()?;
-        tracing::debug!(segment_count, "merged all searchable segments into one");
         Ok(())
     }
 }

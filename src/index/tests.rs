@@ -498,7 +498,13 @@ fn merge_combines_segments() {
     put(&index, "doc-0", r#"{"title": "merge me again"}"#);
     commit(&index);
     assert!(index.segment_count() >= 2);
+    // The merge runs in the background: applying it returns at once, the segments become one
+    // soon after (waited for, bounded).
     index.apply(&[IndexOperation::Merge], None).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while index.segment_count() != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert_eq!(index.segment_count(), 1);
     assert_eq!(index.document_count(), 3);
     assert_eq!(search(&index, query("merge", 10)).count, Some(3));

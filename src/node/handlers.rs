@@ -1,5 +1,5 @@
 //! What each request does. Index work runs on blocking threads so the runtime keeps serving;
-//! writes go through the replicated log (`cluster::propose`).
+//! writes go through the replicated log (`Cluster::propose`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,14 +7,13 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use super::NodeState;
-use crate::cluster;
 use crate::index::{IndexError, IndexOperation, SearchBudget, SearchIndex};
 use crate::protocol::{
     AdminRequest, AdminResponse, ClientRequest, ClientResponse, Consistency, DocumentInput, ErrorCode, RaftRequest,
     RaftResponse, WireError,
 };
 use crate::raft::admission;
-use crate::raft::types::IndexBatch;
+use crate::raft::types::{IndexBatch, RequestId};
 use crate::transport::Role;
 
 pub use crate::protocol::MAX_OPERATIONS_PER_REQUEST;
@@ -84,10 +83,21 @@ fn prepare_puts(index: &SearchIndex, documents: Vec<DocumentInput>) -> Result<Ve
         .collect()
 }
 
-async fn write(state: &NodeState, operations: Vec<IndexOperation>) -> Result<ClientResponse, WireError> {
+/// Proposes the operations of one client request, under its request id (so a retry of it is
+/// applied at most once), and answers with the leader that committed it.
+async fn write(
+    state: &NodeState,
+    operations: Vec<IndexOperation>,
+    request_id: RequestId,
+) -> Result<ClientResponse, WireError> {
     let operation_count = operations.len() as u64;
-    let outcome = cluster::propose(state, IndexBatch { operations }).await?;
-    Ok(ClientResponse::Written { operations: operation_count, applied_index: outcome.applied_index })
+    let (outcome, leader) = state.cluster.propose(IndexBatch { operations, request_id: Some(request_id) }).await?;
+    Ok(ClientResponse::Written {
+        operations: operation_count,
+        applied_index: outcome.applied_index,
+        duplicate: outcome.duplicate,
+        leader: Some(leader),
+    })
 }
 
 fn applied_index(state: &NodeState) -> u64 {
@@ -164,15 +174,15 @@ pub(crate) async fn handle_client(
 ) -> Result<ClientResponse, WireError> {
     let _write_slot = if request.is_write() { Some(admit_write(state, deadline).await?) } else { None };
     match request {
-        ClientRequest::Put { documents } => {
+        ClientRequest::Put { documents, request_id } => {
             check_batch_size(documents.len())?;
             let index = state.index.current();
             let operations = tokio::task::spawn_blocking(move || prepare_puts(&index, documents))
                 .await
                 .map_err(worker_failure)??;
-            write(state, operations).await
+            write(state, operations, request_id).await
         }
-        ClientRequest::Delete { ids } => {
+        ClientRequest::Delete { ids, request_id } => {
             check_batch_size(ids.len())?;
             if let Some(position) = ids.iter().position(|id| id.is_empty()) {
                 return Err(WireError::new(
@@ -180,11 +190,11 @@ pub(crate) async fn handle_client(
                     format!("id {position} of the request is empty"),
                 ));
             }
-            write(state, ids.into_iter().map(|id| IndexOperation::Delete { id }).collect()).await
+            write(state, ids.into_iter().map(|id| IndexOperation::Delete { id }).collect(), request_id).await
         }
-        ClientRequest::Commit => write(state, vec![IndexOperation::Commit]).await,
-        ClientRequest::Rollback => write(state, vec![IndexOperation::Rollback]).await,
-        ClientRequest::Merge => write(state, vec![IndexOperation::Merge]).await,
+        ClientRequest::Commit { request_id } => write(state, vec![IndexOperation::Commit], request_id).await,
+        ClientRequest::Rollback { request_id } => write(state, vec![IndexOperation::Rollback], request_id).await,
+        ClientRequest::Merge { request_id } => write(state, vec![IndexOperation::Merge], request_id).await,
         ClientRequest::Get { id } => {
             if id.is_empty() {
                 return Err(WireError::new(ErrorCode::InvalidArgument, "id is empty"));
@@ -196,7 +206,7 @@ pub(crate) async fn handle_client(
         }
         ClientRequest::Search { request, consistency } => match consistency {
             Consistency::Local => search_here(state, request, deadline).await,
-            Consistency::Leader | Consistency::Linearizable if cluster::is_leader(state) => {
+            Consistency::Leader | Consistency::Linearizable if state.cluster.is_leader() => {
                 if consistency == Consistency::Linearizable {
                     // Read index: confirm leadership with a quorum and wait until everything
                     // committed before this moment is applied here.
@@ -210,10 +220,11 @@ pub(crate) async fn handle_client(
                 search_here(state, request, deadline).await
             }
             Consistency::Leader | Consistency::Linearizable if forwarded => {
-                Err(WireError::new(ErrorCode::Unavailable, format!("node {} is no longer the leader", state.node_id())))
+                Err(WireError::new(ErrorCode::Unavailable, format!("node {} is no longer the leader", state.node_id()))
+                    .with_leader(state.cluster.known_leader()))
             }
             Consistency::Leader | Consistency::Linearizable => {
-                cluster::forward_to_leader(state, &ClientRequest::Search { request, consistency }).await
+                Ok(state.cluster.forward_to_leader(&ClientRequest::Search { request, consistency }).await?)
             }
         },
         ClientRequest::Schema => Ok(ClientResponse::Schema { schema_json: state.index.current().schema_json() }),
@@ -226,15 +237,15 @@ pub(crate) async fn handle_admin(
     request: AdminRequest,
 ) -> Result<AdminResponse, WireError> {
     match request {
-        AdminRequest::Status => Ok(AdminResponse::Status(cluster::cluster_status(state).await)),
-        AdminRequest::LocalStatus => Ok(AdminResponse::Status(cluster::local_status(state))),
-        AdminRequest::Peers => Ok(AdminResponse::Peers(cluster::peers(state))),
+        AdminRequest::Status => Ok(AdminResponse::Status(state.cluster.status())),
+        AdminRequest::LocalStatus => Ok(AdminResponse::Status(state.cluster.local_status())),
+        AdminRequest::Peers => Ok(AdminResponse::Peers(state.cluster.peer_addresses())),
         AdminRequest::Join { node_id, address, incarnation } => {
             // A node asks to join under its own id; a member may forward another node's request
             // to the leader. Nobody else may.
             let allowed = match role {
                 Role::Node { node_id: sender } if *sender == node_id => true,
-                Role::Node { node_id: sender } => cluster::peers(state).contains_key(sender),
+                Role::Node { node_id: sender } => state.cluster.is_member(*sender),
                 _ => false,
             };
             if !allowed {
@@ -243,14 +254,14 @@ pub(crate) async fn handle_admin(
                     format!("permission denied: a {role} certificate may not join as node {node_id}"),
                 ));
             }
-            cluster::handle_join(state, node_id, address, incarnation).await
+            Ok(state.cluster.handle_join(node_id, address, incarnation).await?)
         }
         AdminRequest::Leave { node_id, force } => {
             // Node certificates may forward a leave (or remove a down member) only as members.
             if let Role::Node { node_id: sender } = role {
-                cluster::admission::admit_raft_sender(state, *sender, "membership changes")?;
+                state.cluster.admit_raft_sender(*sender, "membership changes")?;
             }
-            cluster::handle_leave(state, node_id, force).await
+            Ok(state.cluster.handle_leave(node_id, force).await?)
         }
         AdminRequest::Removed { node_id, incarnation } => {
             // Only this incarnation: a notice about the data this host had before is not about us.
@@ -265,8 +276,9 @@ pub(crate) async fn handle_admin(
             let Role::Node { node_id: sender } = role else {
                 return Err(WireError::new(ErrorCode::PermissionDenied, "permission denied: not a node certificate"));
             };
-            cluster::admission::admit_raft_sender(state, *sender, "removal notices")?;
-            cluster::mark_removed(state, format!("removed by `bayard leave`, as {role} reported")).await;
+            state.cluster.admit_raft_sender(*sender, "removal notices")?;
+            // A notice is one peer's word: the node stops only if the other voters confirm it.
+            state.cluster.removal_reported(*sender).await?;
             Ok(AdminResponse::Acknowledged)
         }
     }
@@ -279,7 +291,7 @@ pub(crate) async fn handle_raft(
     sender: u64,
     request: RaftRequest,
 ) -> Result<RaftResponse, WireError> {
-    cluster::admission::admit_raft_sender(state, sender, "raft messages")?;
+    state.cluster.admit_raft_sender(sender, "raft messages")?;
     let current_term = state.raft.metrics().borrow().current_term;
     let plausible = match &request {
         RaftRequest::AppendEntries(rpc) => admission::check_append_entries(rpc, current_term),
@@ -307,7 +319,7 @@ pub(crate) async fn handle_raft(
         RaftRequest::Propose(batch) => {
             let deadline = Instant::now() + state.config.max_request_timeout;
             let _write_slot = admit_write(state, deadline).await?;
-            RaftResponse::Proposed(cluster::propose_as_leader(state, batch).await?)
+            RaftResponse::Proposed(state.cluster.propose_as_leader(batch).await?)
         }
     })
 }

@@ -32,6 +32,11 @@ pub struct NodeMetadata {
     /// Set when the cluster removed this node (`bayard leave`): the directory may not serve again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removed: Option<String>,
+    /// How many times the directory has been started (this start included): the generation of
+    /// the node's membership digests, so peers tell a restart from the run before. A field that
+    /// older files lack (read as 0), so the format is unchanged.
+    #[serde(default)]
+    pub starts: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +91,7 @@ pub fn load_or_create(data_directory: &Path, node_id: u64) -> Result<(NodeMetada
                 cluster_id: None,
                 incarnation: rand::random::<u64>() >> 1,
                 removed: None,
+                starts: 0,
             };
             write_durably(&path, &metadata).map_err(io_error(&path))?;
             Ok((metadata, DirectoryState::Created))
@@ -164,9 +170,11 @@ mod tests {
             cluster_id: Some("c1".into()),
             incarnation: 7,
             removed: None,
+            starts: 0,
         };
         let golden =
-            "{\n  \"format_version\": 1,\n  \"node_id\": 2,\n  \"cluster_id\": \"c1\",\n  \"incarnation\": 7\n}";
+            "{\n  \"format_version\": 1,\n  \"node_id\": 2,\n  \"cluster_id\": \"c1\",\n  \"incarnation\": 7,\n  \
+                      \"starts\": 0\n}";
         assert_eq!(serde_json::to_string_pretty(&metadata).unwrap(), golden);
         let older: NodeMetadata = serde_json::from_str(r#"{"node_id":2,"cluster_id":"c1","incarnation":7}"#).unwrap();
         assert_eq!(older, metadata);

@@ -24,8 +24,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cluster;
-use crate::cluster::membership::{MemberDigest, MembershipTable};
+use crate::cluster::{Cluster, ClusterConfig, ClusterEvent};
 use crate::index::{AnalyzerConfig, IndexError, SharedIndex};
 use crate::raft::log_store::{LogStore, LogStoreError};
 use crate::raft::network::Network;
@@ -179,18 +178,12 @@ pub(crate) struct NodeState {
     pub config: NodeConfig,
     /// `node.json`, kept in step with the file.
     pub metadata: std::sync::Mutex<NodeMetadata>,
-    /// Digests of the membership exchange.
-    pub membership: MembershipTable,
-    /// When this node started.
-    pub started: std::time::Instant,
+    /// Membership, the write path to the leader, status.
+    pub cluster: Cluster,
     /// The address reported to clients and peers.
     pub address: String,
     pub index: SharedIndex,
     pub raft: Raft,
-    /// Connections to other nodes (Raft, forwarding, membership requests).
-    pub pool: Arc<ConnectionPool>,
-    /// One membership change at a time on the leader.
-    pub membership_change: tokio::sync::Mutex<()>,
     /// The log store (shared with Raft), for the commit index the readiness check compares with.
     pub log_store: LogStore,
     /// Set once when the node must stop: removed from the cluster, or a fatal join refusal.
@@ -210,8 +203,6 @@ pub(crate) struct NodeState {
     pub peer_request_bytes: limits::ByteBudget,
     /// One line per period for refused connections; the rest are only counted.
     pub refusal_log: limits::LogThrottle,
-    /// Senders that members vouched for (see `cluster::admission`).
-    pub vouches: cluster::admission::Vouches,
     /// Free space of the data directory's file system.
     pub disk: disk::DiskGuard,
 }
@@ -227,10 +218,6 @@ impl NodeState {
 
     pub fn incarnation(&self) -> u64 {
         self.metadata().incarnation
-    }
-
-    pub fn cluster_id(&self) -> Option<String> {
-        self.metadata().cluster_id
     }
 
     /// Refuses a write while the disk is too full (see `disk`).
@@ -420,10 +407,13 @@ impl Node {
 
     async fn start_in_directory(config: NodeConfig) -> Result<RunningNode, NodeError> {
         config.limits.validate(config.max_frame_bytes).map_err(NodeError::Limits)?;
-        let (metadata, directory_state) = metadata::load_or_create(&config.data_directory, config.node_id)?;
+        let (mut metadata, directory_state) = metadata::load_or_create(&config.data_directory, config.node_id)?;
         if let Some(reason) = &metadata.removed {
             return Err(NodeError::Removed { node_id: config.node_id, reason: reason.clone() });
         }
+        // Counted before the node speaks: its digests of this run outrank those of the last.
+        metadata.starts += 1;
+        metadata::store(&config.data_directory, &metadata)?;
         tracing::info!(
             node_id = config.node_id,
             data_directory = %config.data_directory.display(),
@@ -485,23 +475,34 @@ impl Node {
         let limits = config.limits.clone();
         let disk = disk::DiskGuard::default();
         disk.refresh(&config.data_directory, limits.min_free_disk_bytes);
-        let membership = MembershipTable::new(MemberDigest {
-            node_id,
-            address: address.clone(),
-            incarnation: metadata.incarnation,
-            heartbeat: 0,
-            role: if fresh && !config.peers.is_empty() { "joining" } else { "voter" }.to_string(),
-            applied_index: 0,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            leader: None,
-        });
+        let joining = fresh && !config.peers.is_empty();
+        let (events, event_receiver) = tokio::sync::mpsc::unbounded_channel();
+        let cluster = Cluster::new(
+            ClusterConfig {
+                node_id,
+                address: address.clone(),
+                incarnation: metadata.incarnation,
+                generation: metadata.starts,
+                seeds: config.peers.clone(),
+                trust_domain: config.trust_domain.clone(),
+                max_request_timeout: config.max_request_timeout,
+                join_timeout: config.join_timeout,
+                remove_down_after: config.remove_down_after,
+                commit_interval: config.commit_interval,
+                election_timeout_max: config.raft.election_timeout_max,
+                max_frame_bytes: config.max_frame_bytes,
+            },
+            raft.clone(),
+            pool,
+            state_machine.index().clone(),
+            metadata.cluster_id.clone(),
+            joining,
+            events,
+        );
         let state = Arc::new(NodeState {
-            membership,
-            started: std::time::Instant::now(),
+            cluster,
             index: state_machine.index().clone(),
             raft,
-            pool,
-            membership_change: tokio::sync::Mutex::new(()),
             log_store: log_store_view,
             stop_reason,
             metadata: std::sync::Mutex::new(metadata),
@@ -524,7 +525,6 @@ impl Node {
             request_bytes: limits::ByteBudget::new(limits.max_inflight_request_bytes),
             peer_request_bytes: limits::ByteBudget::new(limits.max_inflight_request_bytes),
             refusal_log: limits::LogThrottle::new(Duration::from_secs(10)),
-            vouches: Default::default(),
             disk,
         });
         tracing::info!(node_id, %local_address, address = %state.address, fresh, "node listening");
@@ -539,27 +539,20 @@ impl Node {
         tokio::spawn(stop_when_raft_stops(state.clone(), shutdown_receiver.clone()));
         let task = tokio::spawn(server::serve(state.clone(), endpoint.clone(), shutdown_receiver.clone()));
 
+        tokio::spawn(handle_cluster_events(state.clone(), event_receiver, shutdown_receiver.clone()));
         if fresh && state.config.peers.is_empty() {
-            if state.cluster_id().is_none() {
+            if state.cluster.cluster_id().is_none() {
                 let cluster_id = metadata::random_hex_id();
-                state.update_metadata(|metadata| metadata.cluster_id = Some(cluster_id)).await?;
+                state.update_metadata(|metadata| metadata.cluster_id = Some(cluster_id.clone())).await?;
+                state.cluster.adopt_cluster_id(cluster_id);
             }
             let members = BTreeMap::from([(node_id, MemberNode::new(state.address.clone(), state.incarnation()))]);
             state.raft.initialize(members).await.map_err(|error| NodeError::Raft(error.to_string()))?;
-            tracing::info!(node_id, cluster_id = %state.cluster_id().unwrap_or_default(), "bootstrapped a new one-node cluster");
-        } else if fresh {
-            tokio::spawn(cluster::join_through_seeds(state.clone(), shutdown_receiver.clone()));
-        } else {
-            tracing::info!(node_id, "resuming from the data directory");
+            tracing::info!(node_id, cluster_id = %state.cluster.cluster_id().unwrap_or_default(), "bootstrapped a new one-node cluster");
+        } else if !fresh {
+            tracing::info!(node_id, generation = state.metadata().starts, "resuming from the data directory");
         }
-        if !state.config.commit_interval.is_zero() {
-            tokio::spawn(cluster::auto_commit(state.clone(), shutdown_receiver.clone()));
-        }
-        tokio::spawn(cluster::watch_for_removal(state.clone(), shutdown_receiver.clone()));
-        if let Some(after) = state.config.remove_down_after {
-            tokio::spawn(cluster::remove_down_members(state.clone(), after, shutdown_receiver.clone()));
-        }
-        tokio::spawn(cluster::exchange_membership(state.clone(), shutdown_receiver));
+        state.cluster.spawn_tasks(joining, shutdown_receiver);
 
         Ok(RunningNode {
             local_address,
@@ -678,13 +671,54 @@ async fn update_metrics(state: Arc<NodeState>, mut shutdown: watch::Receiver<boo
         let index = state.index.current();
         telemetry::metrics::set_index_stats(index.document_count(), index.segment_count() as u64);
         // From the local membership table: no network call.
-        let members = cluster::cluster_status(&state).await.members;
+        let members = state.cluster.status().members;
         let count = |wanted: &str| members.iter().filter(|member| member.state == wanted).count() as u64;
         telemetry::metrics::set_membership_members([
             ("alive", count("alive")),
             ("suspect", count("suspect")),
             ("down", count("down")),
         ]);
+    }
+}
+
+/// How long a removed node keeps serving before it stops: the answer to the `leave` that
+/// removed it (when it led the change itself) is still on its way.
+const REMOVED_GRACE: Duration = Duration::from_millis(500);
+
+/// Acts on what the cluster component reports: records a join or a removal in `node.json`, and
+/// stops the node when it was removed or could not join.
+/// Ends at shutdown (it holds the node's state, whose cluster holds the sending side).
+async fn handle_cluster_events(
+    state: Arc<NodeState>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<ClusterEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        match event {
+            ClusterEvent::Joined { cluster_id, leader } => {
+                tracing::debug!(leader, %cluster_id, "recording the cluster joined");
+                if let Err(error) = state.update_metadata(|metadata| metadata.cluster_id = Some(cluster_id)).await {
+                    tracing::error!(%error, "could not record the cluster id");
+                }
+            }
+            ClusterEvent::Removed { reason } => {
+                let recorded = reason.clone();
+                if let Err(error) = state.update_metadata(|metadata| metadata.removed = Some(recorded)).await {
+                    tracing::error!(%error, "could not record the removal in node.json");
+                }
+                tracing::warn!(node_id = state.node_id(), %reason, "this node is no longer a member of the cluster; stopping");
+                tokio::time::sleep(REMOVED_GRACE).await;
+                state.stop_because(NodeError::Removed { node_id: state.node_id(), reason });
+            }
+            ClusterEvent::JoinFailed { reason } => state.stop_because(NodeError::Join(reason)),
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 
 use super::authorization::{authorize_admin_request, authorize_stream};
 use super::{handlers, NodeState};
-use crate::cluster::{self, membership::MembershipDigest};
+use crate::cluster::membership::MembershipDigest;
 use crate::protocol::{AdminRequest, ClientRequest, ErrorCode, RaftRequest, StreamKind, WireError};
 use crate::raft::network::RAFT_FRAME_OVERHEAD_BYTES;
 use crate::telemetry;
@@ -422,7 +422,7 @@ async fn serve_stream(
             let Role::Node { node_id } = peer.role else {
                 return;
             };
-            let answer = cluster::handle_exchange(&state, node_id, request);
+            let answer = state.cluster.handle_exchange(node_id, request).map_err(WireError::from);
             if let Err(error) = &answer {
                 if let Some(held_back) = state.refusal_log.permit() {
                     tracing::warn!(peer = %peer.role, error = %error.message, held_back, "refused membership digest");

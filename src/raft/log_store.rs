@@ -48,6 +48,12 @@ fn settle_format(db: &Database) -> Result<(), Failure> {
         let recorded = meta.get(FORMAT_KEY)?.map(|value| value.value().to_vec());
         match recorded.as_deref() {
             Some([LOG_FORMAT_VERSION]) => return Ok(()),
+            // Format 1 differs only in its `Normal` entries, which `decode_entry` still reads:
+            // new values are written in the new format next to the old ones.
+            Some([FORMAT_WITHOUT_REQUEST_IDS]) => {
+                meta.insert(FORMAT_KEY, [LOG_FORMAT_VERSION].as_slice())?;
+                return Ok(());
+            }
             Some(other) => {
                 return Err(Failure::UnknownFormat {
                     what: "the raft log".to_string(),
@@ -56,13 +62,14 @@ fn settle_format(db: &Database) -> Result<(), Failure> {
             }
             None => {}
         }
-        // Unversioned values: prefix each with the format byte.
+        // Unversioned values (of before format 1): prefix each with format 1's byte, which the
+        // decoders read.
         let meta_values: Vec<(String, Vec<u8>)> = meta
             .iter()?
             .map(|item| item.map(|(key, value)| (key.value().to_string(), value.value().to_vec())))
             .collect::<Result<_, _>>()?;
         for (key, value) in meta_values {
-            let mut prefixed = vec![LOG_FORMAT_VERSION];
+            let mut prefixed = vec![FORMAT_WITHOUT_REQUEST_IDS];
             prefixed.extend_from_slice(&value);
             meta.insert(key.as_str(), prefixed.as_slice())?;
         }
@@ -74,7 +81,7 @@ fn settle_format(db: &Database) -> Result<(), Failure> {
         }
         for key in keys {
             let value = entries.get(key)?.map(|value| value.value().to_vec()).unwrap_or_default();
-            let mut prefixed = vec![LOG_FORMAT_VERSION];
+            let mut prefixed = vec![FORMAT_WITHOUT_REQUEST_IDS];
             prefixed.extend_from_slice(&value);
             entries.insert(key, prefixed.as_slice())?;
         }
@@ -452,20 +459,35 @@ fn put_meta(db: &Database, key: &'static str, bytes: Option<Vec<u8>>) -> Result<
 /// byte it does not know refuses the value by name rather than misreading it. Bump it with any
 /// change to the encoding of entries (`IndexBatch`, `IndexOperation`, openraft's types) or of
 /// the meta values, and keep a decoder for the old one.
-pub const LOG_FORMAT_VERSION: u8 = 1;
+///
+/// - 1: the first format.
+/// - 2: `IndexBatch` ends with its request id. A format-1 `Normal` entry reads as format 2 with
+///   `None` appended; every other value is unchanged.
+pub const LOG_FORMAT_VERSION: u8 = 2;
+
+/// Format 1, still read.
+const FORMAT_WITHOUT_REQUEST_IDS: u8 = 1;
+
+/// postcard's variant index of `EntryPayload::Normal` (after `Blank`).
+const NORMAL_PAYLOAD_VARIANT: u32 = 1;
 
 /// Encodes after the format byte, in one buffer.
 fn versioned<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, postcard::Error> {
     postcard::to_extend(value, vec![LOG_FORMAT_VERSION])
 }
 
-/// The bytes after the format byte, or `Unversioned`/`UnknownFormat`.
-fn unversioned<'a>(bytes: &'a [u8], what: &dyn Fn() -> String) -> Result<&'a [u8], Failure> {
+/// The format byte and the bytes after it, or `UnknownFormat`.
+fn split_format<'a>(bytes: &'a [u8], what: &dyn Fn() -> String) -> Result<(u8, &'a [u8]), Failure> {
     match bytes.split_first() {
-        Some((&LOG_FORMAT_VERSION, rest)) => Ok(rest),
+        Some((&format @ (LOG_FORMAT_VERSION | FORMAT_WITHOUT_REQUEST_IDS), rest)) => Ok((format, rest)),
         Some((&found, _)) => Err(Failure::UnknownFormat { what: what(), found }),
         None => Err(Failure::UnknownFormat { what: what(), found: 0 }),
     }
+}
+
+/// The bytes after the format byte of a value whose encoding both formats share.
+fn unversioned<'a>(bytes: &'a [u8], what: &dyn Fn() -> String) -> Result<&'a [u8], Failure> {
+    split_format(bytes, what).map(|(_, rest)| rest)
 }
 
 fn encode<T: Serialize>(value: &T, what: &str) -> Result<Vec<u8>, Failure> {
@@ -485,11 +507,30 @@ fn encode_entry(entry: &Entry) -> Result<Vec<u8>, Failure> {
 }
 
 fn decode_entry(key: u64, bytes: &[u8]) -> Result<Entry, Failure> {
-    let body = unversioned(bytes, &|| format!("log entry at index {key}"))?;
-    let (log_id, payload): (LogId, EntryPayload<TypeConfig>) = postcard::from_bytes(body)
-        .map_err(|error| Failure::Decode { what: format!("log entry at index {key}"), error })?;
+    let what = || format!("log entry at index {key}");
+    let (format, body) = split_format(bytes, &what)?;
+    let decode_error = |error| Failure::Decode { what: what(), error };
+    let upgraded;
+    let body = if format == FORMAT_WITHOUT_REQUEST_IDS && is_normal_payload(body) {
+        // The batch is the last thing in the entry: append its `request_id: None`.
+        let mut with_request_id = body.to_vec();
+        with_request_id.push(0);
+        upgraded = with_request_id;
+        upgraded.as_slice()
+    } else {
+        body
+    };
+    let (log_id, payload): (LogId, EntryPayload<TypeConfig>) = postcard::from_bytes(body).map_err(decode_error)?;
     check_index(key, log_id)?;
     Ok(Entry { log_id, payload })
+}
+
+/// Whether the entry bytes (after the format byte) hold a `Normal` payload.
+fn is_normal_payload(body: &[u8]) -> bool {
+    let Ok((_, rest)) = postcard::take_from_bytes::<LogId>(body) else {
+        return false;
+    };
+    matches!(postcard::take_from_bytes::<u32>(rest), Ok((NORMAL_PAYLOAD_VARIANT, _)))
 }
 
 /// Decodes only the log id at the front of an entry, skipping its (possibly large) payload.
@@ -555,6 +596,7 @@ mod tests {
                 IndexOperation::Delete { id: "gone".to_string() },
                 IndexOperation::Commit,
             ],
+            request_id: None,
         };
         Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(batch) }
     }
@@ -594,17 +636,22 @@ mod tests {
         }
     }
 
-    /// Format 1; term 1, leader 1, index 1; `Blank`.
-    const GOLDEN_BLANK: [u8; 5] = [1, 1, 1, 1, 0];
-    /// Format 1; term 3, leader 1, index 7; `Normal`; three operations: `Put` ("doc-7",
-    /// `{"_id":"doc-7"}`), `Delete` ("gone"), `Commit`.
-    const GOLDEN_NORMAL: [u8; 36] = [
+    /// Format 2; term 1, leader 1, index 1; `Blank`.
+    const GOLDEN_BLANK: [u8; 5] = [2, 1, 1, 1, 0];
+    /// Format 2; term 3, leader 1, index 7; `Normal`; three operations: `Put` ("doc-7",
+    /// `{"_id":"doc-7"}`), `Delete` ("gone"), `Commit`; no request id.
+    const GOLDEN_NORMAL: [u8; 37] = [
+        2, 3, 1, 7, 1, 3, 0, 5, 100, 111, 99, 45, 55, 15, 123, 34, 95, 105, 100, 34, 58, 34, 100, 111, 99, 45, 55, 34,
+        125, 1, 4, 103, 111, 110, 101, 2, 0,
+    ];
+    /// The same entry as format 1 wrote it: no request id at the end.
+    const GOLDEN_NORMAL_FORMAT_1: [u8; 36] = [
         1, 3, 1, 7, 1, 3, 0, 5, 100, 111, 99, 45, 55, 15, 123, 34, 95, 105, 100, 34, 58, 34, 100, 111, 99, 45, 55, 34,
         125, 1, 4, 103, 111, 110, 101, 2,
     ];
 
     /// Today's bytes, pinned: a change of the entry encoding must bump `LOG_FORMAT_VERSION` (and
-    /// keep a decoder for format 1), or old logs stop decoding.
+    /// keep a decoder for the formats before), or old logs stop decoding.
     #[test]
     fn golden_entry_bytes() {
         let cases: [(Entry, &[u8]); 2] = [(blank(1, 1), &GOLDEN_BLANK), (normal(3, 7), &GOLDEN_NORMAL)];
@@ -612,8 +659,19 @@ mod tests {
             assert_eq!(encode_entry(&entry).unwrap(), golden, "entry {}", entry.log_id);
             assert_eq!(decode_entry(entry.log_id.index, golden).unwrap().log_id, entry.log_id);
         }
-        let error = decode_entry(1, &[2, 1, 1, 1, 0]).unwrap_err().to_string();
-        assert!(error.contains("log format 2") && error.contains("format 1"), "{error}");
+        // Format 1 still reads, as the same entry.
+        assert!(decode_entry(7, &GOLDEN_NORMAL_FORMAT_1).unwrap().payload == normal(3, 7).payload);
+        assert!(decode_entry(1, &[1, 1, 1, 1, 0]).unwrap().payload == EntryPayload::Blank);
+        // With a request id, it is the last thing in the entry.
+        let mut with_id = normal(3, 7);
+        if let EntryPayload::Normal(batch) = &mut with_id.payload {
+            batch.request_id = Some(crate::raft::types::RequestId(5));
+        }
+        let bytes = encode_entry(&with_id).unwrap();
+        assert_eq!(&bytes[..36], &GOLDEN_NORMAL[..36]);
+        assert_eq!(&bytes[36..], &[1, 5]);
+        let error = decode_entry(1, &[9, 1, 1, 1, 0]).unwrap_err().to_string();
+        assert!(error.contains("log format 9") && error.contains("format 2"), "{error}");
     }
 
     /// A log written before formats existed (no format key, no format bytes) opens, with its
@@ -628,7 +686,9 @@ mod tests {
             write_txn(&db, |txn| {
                 let mut entries = txn.open_table(ENTRIES)?;
                 for index in 1..=3 {
-                    let bytes = postcard::to_stdvec(&normal(1, index)).unwrap();
+                    // As bayard wrote them then: without the request id at the end.
+                    let mut bytes = postcard::to_stdvec(&normal(1, index)).unwrap();
+                    bytes.pop();
                     entries.insert(index, bytes.as_slice())?;
                 }
                 let vote = postcard::to_stdvec(&Vote::new_committed(1, 1)).unwrap();

@@ -2,8 +2,10 @@
 //! endpoint, and the state machine that applies batches to the index.
 
 pub mod admission;
+pub mod dedup;
 pub mod log_store;
 pub mod network;
 pub mod snapshot;
 pub mod state_machine;
 pub mod types;
+pub mod wire;

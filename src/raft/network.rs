@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::types::{MemberNode, NodeId, TypeConfig};
-use crate::protocol::{ErrorCode, RaftRequest, RaftResponse, StreamKind};
+use super::wire::{RaftRequest, RaftResponse};
 use crate::transport::frame::FrameError;
+use crate::transport::stream::{ErrorCode, StreamKind};
 use crate::transport::{self, CallError, ConnectionPool};
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable,

@@ -20,9 +20,10 @@ use openraft::{EntryPayload, RaftSnapshotBuilder, Snapshot, StorageIOError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use super::dedup::{AppliedRequests, RecordedOutcome};
 use super::snapshot;
 use super::types::{BatchOutcome, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
-use crate::index::{AnalyzerConfig, IndexError, SearchIndex, SharedIndex};
+use crate::index::{AnalyzerConfig, IndexError, IndexOperation, SearchIndex, SharedIndex};
 
 /// A log id for a log line: `T3-N1-120` (term, leader, index), or `none`.
 pub fn describe_log_id(log_id: Option<LogId>) -> String {
@@ -36,6 +37,10 @@ pub struct IndexCommitMarker {
     pub log_id: Option<LogId>,
     /// The membership as of that entry.
     pub membership: StoredMembership,
+    /// The most recent client requests applied up to that entry (see `raft::dedup`). Absent in
+    /// markers of before request ids: none were known then.
+    #[serde(default)]
+    pub requests: AppliedRequests,
 }
 
 impl IndexCommitMarker {
@@ -120,6 +125,7 @@ impl IndexOpener {
 struct AppliedState {
     last_applied: Option<LogId>,
     membership: StoredMembership,
+    requests: AppliedRequests,
 }
 
 struct Shared {
@@ -168,7 +174,11 @@ impl StateMachineStore {
                 index,
                 opener,
                 paths,
-                applied: Mutex::new(AppliedState { last_applied: marker.log_id, membership: marker.membership }),
+                applied: Mutex::new(AppliedState {
+                    last_applied: marker.log_id,
+                    membership: marker.membership,
+                    requests: marker.requests,
+                }),
                 current_snapshot: std::sync::Mutex::new(current_snapshot),
                 receiving: std::sync::Mutex::new(None),
             }),
@@ -228,11 +238,38 @@ fn apply_entries(
                 outcomes.push(BatchOutcome { applied_index: log_id.index, ..Default::default() });
             }
             EntryPayload::Normal(batch) => {
-                let marker = IndexCommitMarker { log_id: Some(log_id), membership: state.membership.clone() };
+                if let Some(first) = batch.request_id.and_then(|id| state.requests.duplicate_outcome(id)) {
+                    // A retried request that was applied before: it changes nothing.
+                    tracing::info!(
+                        log_index = log_id.index,
+                        first_index = first.applied_index,
+                        "skipped a retried request applied before"
+                    );
+                    crate::telemetry::metrics::record_duplicate_request();
+                    outcomes.push(first);
+                    state.last_applied = Some(log_id);
+                    continue;
+                }
                 let operations = batch.operations.len() as u64;
+                let recorded =
+                    |error: Option<String>| RecordedOutcome { applied_index: log_id.index, operations, error };
+                // Recorded before applying, so that a commit inside this batch stores it too.
+                if let Some(request_id) = batch.request_id {
+                    state.requests.record(request_id, recorded(None));
+                }
+                // The marker (with the request table) is serialized only for batches that commit.
+                let commits = batch.operations.iter().any(|operation| matches!(operation, IndexOperation::Commit));
+                let payload = commits.then(|| {
+                    IndexCommitMarker {
+                        log_id: Some(log_id),
+                        membership: state.membership.clone(),
+                        requests: state.requests.clone(),
+                    }
+                    .to_payload()
+                });
                 let _span = tracing::info_span!("bayard.apply", log_index = log_id.index, operations).entered();
                 let started = std::time::Instant::now();
-                let error = match index.apply(&batch.operations, Some(&marker.to_payload())) {
+                let error = match index.apply(&batch.operations, payload.as_deref()) {
                     Ok(outcome) => {
                         if outcome.committed {
                             crate::telemetry::metrics::record_index_commit(started.elapsed());
@@ -245,7 +282,10 @@ fn apply_entries(
                     }
                     Err(error) => return Err(Box::new(StorageIOError::apply(log_id, &error).into())),
                 };
-                outcomes.push(BatchOutcome { applied_index: log_id.index, operations, error });
+                if let (Some(request_id), Some(message)) = (batch.request_id, &error) {
+                    state.requests.record(request_id, recorded(Some(message.clone())));
+                }
+                outcomes.push(BatchOutcome { applied_index: log_id.index, operations, error, duplicate: false });
             }
         }
         state.last_applied = Some(log_id);
@@ -261,7 +301,7 @@ fn stage_snapshot(
     archive: &mut fs::File,
     directory: &Path,
     meta: &SnapshotMeta,
-) -> io::Result<()> {
+) -> io::Result<IndexCommitMarker> {
     let archived_meta = snapshot::extract_archive(archive, directory)?;
     if archived_meta.last_log_id != meta.last_log_id || archived_meta.snapshot_id != meta.snapshot_id {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "snapshot archive does not match its metadata"));
@@ -279,7 +319,7 @@ fn stage_snapshot(
             ),
         ));
     }
-    Ok(())
+    Ok(marker)
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
@@ -298,7 +338,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let mut state = self.shared.applied.lock().await;
         let index = self.shared.index.current();
-        let before = state.clone();
+        // Taken, not cloned (the request table is large); a failure here stops the state machine.
+        let before = std::mem::take(&mut *state);
         let (after, outcomes) = tokio::task::spawn_blocking(move || apply_entries(&index, before, entries))
             .await
             .map_err(blocking_failure)?
@@ -337,8 +378,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let received_path = self.shared.receiving.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         let write_error =
             move |error: io::Error| StorageError::from(StorageIOError::write_snapshot(Some(signature.clone()), &error));
-        let (installed_meta, archive_path) =
-            tokio::task::spawn_blocking(move || -> Result<(SnapshotMeta, PathBuf), io::Error> {
+        let (installed_meta, archive_path, requests) =
+            tokio::task::spawn_blocking(move || -> Result<(SnapshotMeta, PathBuf, AppliedRequests), io::Error> {
                 let paths = &shared.paths;
                 // The id names the archive file: it must be a plain name (the Raft door checks
                 // it too; this is the last line before the file system).
@@ -360,10 +401,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 // leaves the current index as it was.
                 let staged = stage_snapshot(&shared.opener, &mut archive, &paths.incoming, &meta);
                 drop(archive);
-                if let Err(error) = staged {
-                    let _ = fs::remove_dir_all(&paths.incoming);
-                    return Err(error);
-                }
+                let marker = match staged {
+                    Ok(marker) => marker,
+                    Err(error) => {
+                        let _ = fs::remove_dir_all(&paths.incoming);
+                        return Err(error);
+                    }
+                };
                 fs::write(paths.incoming.join(COMPLETE_MARKER), b"")?;
                 // Swap the directories: after the second rename the new index is the one on disk,
                 // and a crash in between is finished by `recover_interrupted_install`.
@@ -385,7 +429,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 // Keep the received archive as this node's current snapshot, once the index it
                 // describes is the one in place (its path was checked above).
                 fs::rename(&received_path, &archive_path)?;
-                Ok((meta, archive_path))
+                Ok((meta, archive_path, marker.requests))
             })
             .await
             .map_err(blocking_failure)?
@@ -393,6 +437,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         *state = AppliedState {
             last_applied: installed_meta.last_log_id,
             membership: installed_meta.last_membership.clone(),
+            requests,
         };
         drop(state);
         tracing::info!(last_log_id = %describe_log_id(installed_meta.last_log_id), "installed a snapshot");
@@ -437,7 +482,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             Some(log_id) => format!("{}-{}-{:08x}", log_id.leader_id.term, log_id.index, rand::random::<u32>()),
             None => format!("0-0-{:08x}", rand::random::<u32>()),
         };
-        let meta = SnapshotMeta { last_log_id: marker.log_id, last_membership: marker.membership, snapshot_id };
+        let meta = SnapshotMeta { last_log_id: marker.log_id, last_membership: marker.membership.clone(), snapshot_id };
         let directory = self.shared.paths.snapshots.clone();
         let build_meta = meta.clone();
         let path = tokio::task::spawn_blocking(move || -> io::Result<PathBuf> {

@@ -13,6 +13,36 @@ use crate::index::IndexOperation;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IndexBatch {
     pub operations: Vec<IndexOperation>,
+    /// The client request this batch carries out, when it came from one: the state machine
+    /// applies each request id at most once (see `raft::dedup`), so a request retried after a
+    /// lost answer is not applied twice. Last, so that an entry of log format 1 (which ended with
+    /// the operations) is this one with `None` appended.
+    pub request_id: Option<RequestId>,
+}
+
+impl IndexBatch {
+    /// A batch no client asked for (automatic commits): never deduplicated.
+    pub fn internal(operations: Vec<IndexOperation>) -> Self {
+        IndexBatch { operations, request_id: None }
+    }
+}
+
+/// Names one client request across all its retries, to whichever node they go: drawn at random
+/// by whoever first sends the request (the client library, or the node a request without one
+/// reached).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RequestId(pub u128);
+
+impl RequestId {
+    pub fn random() -> Self {
+        RequestId(rand::random())
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{:032x}", self.0)
+    }
 }
 
 /// What applying one entry reports back to the proposer.
@@ -23,6 +53,9 @@ pub struct BatchOutcome {
     pub operations: u64,
     /// Set when the index refused the batch's content; every replica refuses it the same way.
     pub error: Option<String>,
+    /// The batch's request id had been applied before (at `applied_index`): this entry changed
+    /// nothing, and the outcome is the first one's.
+    pub duplicate: bool,
 }
 
 pub type NodeId = u64;

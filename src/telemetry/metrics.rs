@@ -113,6 +113,7 @@ struct Metrics {
     limit_refusals: Family<LimitLabels, Counter>,
     refused_raft_messages: Family<ReasonLabels, Counter>,
     disk_full: Gauge,
+    duplicate_requests: Counter,
     /// Followers each node last reported a lag for, so that series of followers that left (or of
     /// a node that lost leadership) disappear instead of freezing at their last value.
     lag_followers: Mutex<HashMap<u64, BTreeSet<u64>>>,
@@ -207,6 +208,13 @@ impl Metrics {
             disk_full.clone(),
         );
 
+        let duplicate_requests = Counter::default();
+        registry.register(
+            "duplicate_requests",
+            "Log entries of a retried client request that had been applied before, so changed nothing",
+            duplicate_requests.clone(),
+        );
+
         let build_info: Family<VersionLabels, Gauge> = Family::default();
         registry.register("build_info", "Always 1; the version is a label", build_info.clone());
         build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION").to_string() }).set(1);
@@ -236,6 +244,7 @@ impl Metrics {
             limit_refusals,
             refused_raft_messages,
             disk_full,
+            duplicate_requests,
             lag_followers: Mutex::new(HashMap::new()),
         }
     }
@@ -360,6 +369,11 @@ pub fn set_index_stats(documents: u64, segments: u64) {
 /// One index writer commit took `duration`.
 pub fn record_index_commit(duration: Duration) {
     metrics().index_commit_duration.observe(duration.as_secs_f64());
+}
+
+/// One log entry skipped because its request id had been applied before.
+pub fn record_duplicate_request() {
+    metrics().duplicate_requests.inc();
 }
 
 /// One stream accepted, by stream kind (`client`, `admin`, `raft`).

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 pub use frame::{FrameError, DEFAULT_MAX_FRAME_BYTES};
 pub use identity::{Peer, Role};
 pub use pool::ConnectionPool;
-pub use stream::{call, CallError, ErrorCode, StreamHeader, StreamKind, WireError};
+pub use stream::{call, CallError, ErrorCode, LeaderHint, StreamHeader, StreamKind, WireError};
 pub use tls::{TlsError, TlsFiles, TlsMaterial};
 
 /// Streams one connection may have open at once, on either side (`--max-streams-per-connection`).

@@ -48,7 +48,7 @@ impl StreamKind {
 /// every request and answer of every kind. It travels first in every header, so a peer of another
 /// version is told so by name instead of failing to decode. Bump it with any change that is not
 /// compatible (see `docs/architecture.md`, "Versions").
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Headers of bayard 0.1.0 before versions started with the stream kind (1 to 4), where the
 /// version now is: versions start after them, so such a peer is told apart.
@@ -159,11 +159,27 @@ impl ErrorCode {
 pub struct WireError {
     pub code: ErrorCode,
     pub message: String,
+    /// The leader, when the answering node knows it and the request is one the leader serves
+    /// (writes, leader reads): the caller's next try goes straight there.
+    pub leader: Option<LeaderHint>,
+}
+
+/// Where the leader is, as the answering node knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderHint {
+    pub node_id: u64,
+    /// The address the leader advertises.
+    pub address: String,
 }
 
 impl WireError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        WireError { code, message: message.into() }
+        WireError { code, message: message.into(), leader: None }
+    }
+
+    pub fn with_leader(mut self, leader: Option<LeaderHint>) -> Self {
+        self.leader = leader;
+        self
     }
 }
 
@@ -255,8 +271,8 @@ mod tests {
         assert_eq!(decode_header(&bytes).unwrap(), header);
     }
 
-    /// Version 5, kind 3 (client), traceparent "00-ab-cd-01", 30,000 ms.
-    const GOLDEN_HEADER: [u8; 18] = [5, 3, 1, 11, 48, 48, 45, 97, 98, 45, 99, 100, 45, 48, 49, 176, 234, 1];
+    /// Version 6, kind 3 (client), traceparent "00-ab-cd-01", 30,000 ms.
+    const GOLDEN_HEADER: [u8; 18] = [6, 3, 1, 11, 48, 48, 45, 97, 98, 45, 99, 100, 45, 48, 49, 176, 234, 1];
 
     #[test]
     fn headers_of_another_version_are_named() {
@@ -264,14 +280,14 @@ mod tests {
         header.protocol_version = 7;
         let error = decode_header(&postcard::to_allocvec(&header).unwrap()).unwrap_err();
         assert_eq!(error, HeaderError::UnsupportedVersion { theirs: 7, ours: PROTOCOL_VERSION });
-        assert_eq!(error.to_string(), "the peer speaks protocol version 7; this build speaks version 5");
+        assert_eq!(error.to_string(), "the peer speaks protocol version 7; this build speaks version 6");
         // An unversioned header of before: its kind byte (1 to 4) stood where the version is.
         for kind in 1_u8..=4 {
             let error = decode_header(&[kind, 0, 100]).unwrap_err();
             assert_eq!(error, HeaderError::Unversioned { ours: PROTOCOL_VERSION });
         }
         assert!(matches!(decode_header(&[]), Err(HeaderError::Malformed(_))));
-        assert!(matches!(decode_header(&[5]), Err(HeaderError::Malformed(_))));
+        assert!(matches!(decode_header(&[6]), Err(HeaderError::Malformed(_))));
     }
 
     /// New error codes go at the end: the index of each existing one is its wire value.

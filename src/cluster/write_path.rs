@@ -1,0 +1,182 @@
+//! The write path: a write is proposed on the leader (here, or forwarded to it), committed by a
+//! quorum and applied; reads that must be served by the leader are forwarded the same way.
+//! Automatic commits are proposed by the leader, so that every replica commits at the same log
+//! positions.
+
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use tracing::Instrument;
+
+use super::{Cluster, ClusterError, ClusterResult};
+use crate::index::IndexOperation;
+use crate::protocol::{
+    AdminRequest, AdminResponse, ClientRequest, ClientResponse, ErrorCode, LeaderHint, RaftRequest, RaftResponse,
+    StreamKind,
+};
+use crate::raft::types::{BatchOutcome, IndexBatch};
+
+/// How long a write waits for a leader to appear before giving up.
+const LEADER_WAIT: Duration = Duration::from_secs(5);
+/// Tries of a write across leadership changes.
+const PROPOSE_ATTEMPTS: usize = 4;
+
+fn outcome_to_result(outcome: BatchOutcome) -> ClusterResult<BatchOutcome> {
+    match &outcome.error {
+        Some(message) => Err(ClusterError::Refused(message.clone())),
+        None => Ok(outcome),
+    }
+}
+
+impl Cluster {
+    /// This node as a leader hint.
+    fn own_hint(&self) -> LeaderHint {
+        LeaderHint { node_id: self.node_id(), address: self.inner.config.address.clone() }
+    }
+
+    /// A leader cut off from its quorum keeps believing it leads until it hears of a newer term;
+    /// its writes could never commit. Refuse them at once instead of letting them hang.
+    fn check_leader_quorum(&self) -> ClusterResult<()> {
+        let silence = self.raft().metrics().borrow().millis_since_quorum_ack;
+        let limit = self.inner.config.election_timeout_max * 2;
+        match silence {
+            Some(silence) if Duration::from_millis(silence) > limit => {
+                Err(ClusterError::NoQuorum { node_id: self.node_id(), silence_millis: silence })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Appends a batch through this node's Raft, which must be the leader and lead a quorum
+    /// (forwarded proposals are checked like local ones). Returns once the entry is committed
+    /// and applied here.
+    pub async fn propose_as_leader(&self, batch: IndexBatch) -> ClusterResult<BatchOutcome> {
+        if !self.is_leader() {
+            return Err(ClusterError::NotLeader { node_id: self.node_id(), leader: self.known_leader() });
+        }
+        self.check_leader_quorum()?;
+        let span = tracing::info_span!("bayard.raft_write", operations = batch.operations.len());
+        match self.raft().client_write(batch).instrument(span).await {
+            Ok(response) => outcome_to_result(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(ClusterError::NotLeader { node_id: self.node_id(), leader: self.known_leader() })
+            }
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error))) => {
+                Err(ClusterError::Internal(error.to_string()))
+            }
+            Err(RaftError::Fatal(fatal)) => {
+                Err(ClusterError::Unavailable(format!("raft stopped on node {}: {fatal}", self.node_id())))
+            }
+        }
+    }
+
+    /// Appends a batch to the replicated log from any node: locally when this node leads, else
+    /// forwarded to the leader. Returns the outcome and the leader that committed it.
+    ///
+    /// Leadership changes in between are retried a bounded number of times. That is safe because
+    /// the batch carries its request id through every retry: if an attempt whose answer was lost
+    /// did commit, the state machine applies the retry as a duplicate (nothing changes) and
+    /// answers with the first outcome.
+    pub async fn propose(&self, batch: IndexBatch) -> ClusterResult<(BatchOutcome, LeaderHint)> {
+        let mut last_error = ClusterError::NoLeader;
+        for _attempt in 0..PROPOSE_ATTEMPTS {
+            if self.is_leader() {
+                match self.propose_as_leader(batch.clone()).await {
+                    Err(error) if error.is_retryable() && !matches!(error, ClusterError::NoQuorum { .. }) => {
+                        last_error = error
+                    }
+                    Err(error) => return Err(error),
+                    Ok(outcome) => return Ok((outcome, self.own_hint())),
+                }
+            } else if let Some(leader) = self.wait_for_leader(LEADER_WAIT).await {
+                if leader.node_id == self.node_id() {
+                    continue;
+                }
+                let request = RaftRequest::Propose(batch.clone());
+                let forward_span = tracing::info_span!(
+                    "bayard.forward_to_leader",
+                    leader = leader.node_id,
+                    operations = batch.operations.len()
+                );
+                let forwarded = self
+                    .inner
+                    .peers
+                    .call::<_, RaftResponse>(
+                        &leader.address,
+                        StreamKind::Raft,
+                        &request,
+                        self.inner.config.max_request_timeout,
+                    )
+                    .instrument(forward_span);
+                // A leader that died does not answer; as soon as Raft names another one, go there.
+                let answer = tokio::select! {
+                    answer = forwarded => answer.map_err(ClusterError::from),
+                    () = self.leader_changes_from(leader.node_id) => {
+                        Err(ClusterError::Unavailable(format!("leader {} was replaced", leader.node_id)))
+                    }
+                };
+                match answer {
+                    Ok(RaftResponse::Proposed(outcome)) => return outcome_to_result(outcome).map(|ok| (ok, leader)),
+                    Ok(_) => {
+                        return Err(ClusterError::Internal("the leader answered a write with another message".into()))
+                    }
+                    Err(error) if error.is_retryable() => last_error = error,
+                    Err(error) => return Err(error),
+                }
+            }
+            // Give an election a moment before the next try.
+            let _ = self.wait_for_leader(Duration::from_millis(300)).await;
+        }
+        Err(last_error)
+    }
+
+    /// Sends a client request (a read that must be served by the leader) to the leader.
+    pub async fn forward_to_leader(&self, request: &ClientRequest) -> ClusterResult<ClientResponse> {
+        let leader = self.wait_for_leader(LEADER_WAIT).await.ok_or(ClusterError::NoLeader)?;
+        if leader.node_id == self.node_id() {
+            return Err(ClusterError::Unavailable("this node just became the leader; retry".into()));
+        }
+        self.inner
+            .peers
+            .call(&leader.address, StreamKind::Client, request, self.inner.config.max_request_timeout)
+            .await
+            .map_err(|error| match error.code {
+                ErrorCode::Unavailable => ClusterError::Remote(error.with_leader(Some(leader.clone()))),
+                _ => ClusterError::Remote(error),
+            })
+    }
+
+    /// Sends an admin request (join, leave) to the leader.
+    pub(super) async fn forward_admin_to_leader(&self, request: &AdminRequest) -> ClusterResult<AdminResponse> {
+        let leader = self.wait_for_leader(LEADER_WAIT).await.ok_or(ClusterError::NoLeader)?;
+        if leader.node_id == self.node_id() {
+            return Err(ClusterError::Unavailable("this node just became the leader; retry".into()));
+        }
+        Ok(self
+            .inner
+            .peers
+            .call(&leader.address, StreamKind::Admin, request, self.inner.config.max_request_timeout)
+            .await?)
+    }
+}
+
+/// On the leader, proposes a `Commit` entry whenever the index has uncommitted writes, every
+/// commit interval. Commits are log entries so that every replica commits at the same positions:
+/// that is what makes a replayed log and a rollback give the same index everywhere.
+pub(super) async fn auto_commit(cluster: Cluster, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(cluster.inner.config.commit_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if !cluster.is_leader() || !cluster.inner.index.current().has_uncommitted_changes() {
+            continue;
+        }
+        let batch = IndexBatch::internal(vec![IndexOperation::Commit]);
+        if let Err(error) = cluster.propose_as_leader(batch).await {
+            tracing::warn!(%error, "automatic commit failed");
+        }
+    }
+}
