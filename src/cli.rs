@@ -154,6 +154,15 @@ pub struct ServeArguments {
     /// Largest frame accepted on a stream, in bytes.
     #[arg(long, env = "BAYARD_MAX_FRAME_BYTES", default_value_t = transport::DEFAULT_MAX_FRAME_BYTES)]
     pub max_frame_bytes: usize,
+    /// Interval of the leader's heartbeats to its followers (e.g. 50ms). Keep it well under
+    /// --election-timeout; on a WAN, about the round trip time between the farthest nodes.
+    #[arg(long, env = "BAYARD_HEARTBEAT_INTERVAL", default_value = "50ms", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Election timeout (e.g. 200ms): a follower that hears nothing from its leader campaigns
+    /// after between 2.5 and 3 times this (openraft waits out the old leader's lease first). On a
+    /// WAN, at least 10 times the round trip time between the farthest nodes.
+    #[arg(long, env = "BAYARD_ELECTION_TIMEOUT", default_value = "200ms", value_parser = parse_duration)]
+    pub election_timeout: Duration,
     /// Snapshot the index after this many Raft log entries (and purge the log behind it).
     #[arg(long, env = "BAYARD_SNAPSHOT_ENTRIES", default_value_t = 5_000)]
     pub snapshot_entries: u64,
@@ -598,6 +607,9 @@ async fn serve_node(arguments: ServeArguments) -> anyhow::Result<()> {
     config.max_frame_bytes = arguments.max_frame_bytes;
     config.writer_memory_bytes = arguments.writer_memory_mb.max(16) * 1024 * 1024;
     config.raft.snapshot_after_entries = arguments.snapshot_entries.max(1);
+    config.raft.heartbeat_interval = arguments.heartbeat_interval;
+    config.raft.election_timeout_min = arguments.election_timeout;
+    config.raft.election_timeout_max = arguments.election_timeout + arguments.election_timeout / 2;
     config.remove_down_after = arguments.remove_down_after;
     config.metrics_address = arguments.metrics_port.map(|port| SocketAddr::new(arguments.host, port));
     config.limits = arguments.limits.to_limits();

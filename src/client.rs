@@ -69,7 +69,9 @@ impl ClientOptions {
             tls,
             trust_domain: transport::identity::DEFAULT_TRUST_DOMAIN.to_string(),
             request_timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(3),
+            // A handshake on a LAN takes milliseconds: a dead server is given up on within a
+            // second and the next one tried.
+            connect_timeout: Duration::from_secs(1),
             max_frame_bytes: transport::DEFAULT_MAX_FRAME_BYTES,
             retry_rounds: 2,
             trace_context: None,
@@ -205,6 +207,19 @@ impl Client {
         Ok(Client { pool, options, preferred_server: AtomicUsize::new(0), leader_address: Mutex::new(None) })
     }
 
+    /// Like [`Client::connect`] on a UDP socket the caller bound (the fault-injection tests bind
+    /// it inside a network namespace).
+    pub fn on_socket(options: ClientOptions, socket: std::net::UdpSocket) -> Result<Self, ClientError> {
+        if options.servers.is_empty() {
+            return Err(ClientError::NoServers);
+        }
+        let material = TlsMaterial::load(&options.tls)?;
+        let quic_config = transport::tls::client_config(&material, transport::DEFAULT_MAX_CONCURRENT_STREAMS)?;
+        let endpoint = transport::client_endpoint_on_socket(quic_config, socket)?;
+        let pool = ConnectionPool::new(endpoint, options.trust_domain.clone(), options.connect_timeout);
+        Ok(Client { pool, options, preferred_server: AtomicUsize::new(0), leader_address: Mutex::new(None) })
+    }
+
     pub fn options(&self) -> &ClientOptions {
         &self.options
     }
@@ -300,6 +315,10 @@ impl Client {
                         break 'rounds;
                     }
                 };
+                if let Err(ConnectError::TimedOut { .. }) = &dialled {
+                    // Dead or unreachable: the next server is tried at once.
+                    self.pool.forget(server);
+                }
                 let connection = match dialled {
                     Ok(connection) => connection,
                     Err(error) => {
@@ -329,6 +348,10 @@ impl Client {
                     }
                     Ok(Err(WireError { code: ErrorCode::Unavailable, message, leader })) => {
                         attempts.push(format!("{server}: {message}"));
+                        if position.is_none() && leader.is_none() {
+                            // The remembered leader cannot serve and names no other.
+                            *self.leader_address.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+                        }
                         if let Some(hint) = leader.filter(|hint| &hint.address != server) {
                             if hints_followed < MAX_LEADER_HINTS_FOLLOWED {
                                 hints_followed += 1;

@@ -218,8 +218,8 @@ pub(super) async fn join_through_seeds(cluster: Cluster, mut shutdown: watch::Re
             return;
         }
         let mut answered = 0;
-        for (_, seed_address) in &config.seeds {
-            if cluster.exchange_with(seed_address).await.is_ok() {
+        for (seed, seed_address) in &config.seeds {
+            if cluster.exchange_with(*seed, seed_address).await.is_ok() {
                 answered += 1;
             }
         }

@@ -14,11 +14,16 @@ pub const SUSPECT_AFTER: Duration = Duration::from_secs(3);
 /// Silence after which a node is down.
 pub const DOWN_AFTER: Duration = Duration::from_secs(10);
 
-/// Which of two digests about one node is newer: a new incarnation (the data directory was made
-/// again) beats any run of the old one; a new generation (the node restarted) beats any
-/// heartbeat of its previous run; within a run, the higher heartbeat wins.
+/// Whether a digest a node sent about itself replaces the one kept, each as (incarnation,
+/// generation, heartbeat). Another incarnation (the data directory was made again; incarnations
+/// are random, so not ordered) replaces whatever was kept: only the node itself speaks, and for
+/// a member only at the incarnation the membership records. Within an incarnation a new
+/// generation (a restart) beats any heartbeat of the run before, and within a run the higher
+/// heartbeat wins.
 pub fn supersedes(new: (u64, u64, u64), old: (u64, u64, u64)) -> bool {
-    new > old
+    let ((new_incarnation, new_generation, new_heartbeat), (old_incarnation, old_generation, old_heartbeat)) =
+        (new, old);
+    new_incarnation != old_incarnation || (new_generation, new_heartbeat) > (old_generation, old_heartbeat)
 }
 
 /// A member's liveness from how long its heartbeat has not advanced here (`None`: not heard of
@@ -179,6 +184,7 @@ mod tests {
             ((1, 1, 499), (1, 1, 500), false, "an older beat"),
             ((1, 1, 900), (1, 2, 0), false, "the previous run never comes back"),
             ((2, 1, 0), (1, 9, 900), true, "a new data directory beats any run of the old one"),
+            ((1, 1, 0), (2, 9, 900), true, "incarnations are random: a smaller new one wins too"),
         ];
         for (new, old, expected, why) in cases {
             assert_eq!(supersedes(new, old), expected, "{why}");

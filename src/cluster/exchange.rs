@@ -25,10 +25,20 @@ impl Cluster {
         }
     }
 
-    /// One exchange with the node at `address`: send our digests, merge theirs.
-    pub(super) async fn exchange_with(&self, address: &str) -> ClusterResult<()> {
-        let answer: MembershipDigest =
-            self.inner.peers.call(address, StreamKind::Membership, &self.own_message(), EXCHANGE_TIMEOUT).await?;
+    /// One exchange with node `node_id` at `address`: send our digest, merge its own. The node
+    /// there must present `node_id`'s certificate and answer as `node_id`.
+    pub(super) async fn exchange_with(&self, node_id: u64, address: &str) -> ClusterResult<()> {
+        let answer: MembershipDigest = self
+            .inner
+            .peers
+            .call_node(node_id, address, StreamKind::Membership, &self.own_message(), EXCHANGE_TIMEOUT)
+            .await?;
+        if answer.sender != node_id {
+            return Err(ClusterError::PermissionDenied(format!(
+                "node {node_id} at {address} answered the exchange as node {}",
+                answer.sender
+            )));
+        }
         if let (Some(ours), Some(theirs)) = (self.cluster_id(), &answer.cluster_id) {
             if &ours != theirs {
                 return Err(ClusterError::PermissionDenied(format!(
@@ -117,17 +127,17 @@ pub(super) async fn exchange_rounds(cluster: Cluster, mut shutdown: watch::Recei
             candidates.entry(*node_id).or_insert_with(|| address.clone());
         }
         candidates.remove(&cluster.node_id());
-        let mut candidates: Vec<String> = candidates.into_values().collect();
-        let chosen: Vec<String> = {
+        let mut candidates: Vec<(u64, String)> = candidates.into_iter().collect();
+        let chosen: Vec<(u64, String)> = {
             use rand::seq::SliceRandom;
             candidates.shuffle(&mut rand::rng());
             candidates.into_iter().take(FANOUT).collect()
         };
         let mut exchanges = tokio::task::JoinSet::new();
-        for address in chosen {
+        for (node_id, address) in chosen {
             let cluster = cluster.clone();
             exchanges.spawn(async move {
-                if let Err(error) = cluster.exchange_with(&address).await {
+                if let Err(error) = cluster.exchange_with(node_id, &address).await {
                     tracing::debug!(%address, %error, "membership exchange failed");
                 }
             });

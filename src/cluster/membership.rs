@@ -2,9 +2,9 @@
 //! version, applied index — spread by periodic digests between a few random members.
 //!
 //! Every node keeps a table of digests, one per node it has heard of. Once per interval it bumps
-//! its own heartbeat and exchanges its table with up to [`FANOUT`] peers over `Membership`
-//! streams; both sides merge, and for each node the entry with the higher (incarnation,
-//! generation, heartbeat) wins: the generation counts the starts of the node's data directory, so
+//! its own heartbeat and exchanges its own digest with up to [`FANOUT`] peers over `Membership`
+//! streams (only a node speaks for itself); both sides merge, and for each node the newer digest
+//! wins (`decisions::supersedes`): the generation counts the starts of the node's data directory, so
 //! a restarted node, whose heartbeat starts again from 0, is alive at its first beat. A node whose
 //! heartbeat has not advanced for [`SUSPECT_AFTER`] is `suspect`, after [`DOWN_AFTER`] `down`.
 //! Entries of nodes that are not members and have been silent for [`FORGET_AFTER`] are dropped. Messages carry the cluster id; another cluster's are refused. A
@@ -136,7 +136,7 @@ impl MembershipTable {
         }
     }
 
-    /// Merges digests heard from a peer: for each node, the higher (incarnation, heartbeat) wins.
+    /// Merges digests heard from a peer (`decisions::supersedes` decides which is kept).
     /// Nothing anyone says about this node replaces what it says itself.
     pub fn merge(&self, digests: &[MemberDigest]) {
         let mut entries = self.lock();

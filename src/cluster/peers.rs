@@ -51,6 +51,20 @@ impl PeerClient {
         }
     }
 
+    /// Like [`PeerClient::call`], to the node that must be `node_id`: the answer is only taken
+    /// from a peer whose certificate names that node (an answer speaks for its sender).
+    pub async fn call_node<Request: Serialize, Response: DeserializeOwned>(
+        &self,
+        node_id: u64,
+        address: &str,
+        kind: StreamKind,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Response, WireError> {
+        self.verify_node_at(node_id, address).await?;
+        self.call(address, kind, request, timeout).await
+    }
+
     /// Dials `address` and checks that the node there presents the certificate of `node_id`:
     /// a request forwarded by a member must not admit an impostor, and only the node the
     /// membership names may vouch.

@@ -36,13 +36,22 @@ impl Cluster {
             let Some(address) = members.get(voter).cloned() else { continue };
             let (cluster, voter) = (self.clone(), *voter);
             asks.spawn(async move {
+                // Only the voter itself (its certificate checked) answers for it, and only with a
+                // membership it is in: a wiped node at a voter's address knows no members, and
+                // its "not listed" proves nothing.
                 let answer = cluster
                     .inner
                     .peers
-                    .call::<_, AdminResponse>(&address, StreamKind::Admin, &AdminRequest::Peers, CHECK_TIMEOUT)
+                    .call_node::<_, AdminResponse>(
+                        voter,
+                        &address,
+                        StreamKind::Admin,
+                        &AdminRequest::Peers,
+                        CHECK_TIMEOUT,
+                    )
                     .await;
                 match answer {
-                    Ok(AdminResponse::Peers(their_members)) => {
+                    Ok(AdminResponse::Peers(their_members)) if their_members.contains_key(&voter) => {
                         Some((voter, their_members.contains_key(&cluster.node_id())))
                     }
                     _ => None,
@@ -88,7 +97,13 @@ pub(super) async fn watch_for_removal(cluster: Cluster, mut shutdown: watch::Rec
         let (removed, is_member, has_leader) = {
             let current = metrics.borrow_and_update();
             let membership = &current.membership_config;
-            let is_member = membership.membership().get_node(&cluster.node_id()).is_some();
+            // This node as it is now: a node that rejoined under the same id replays memberships
+            // of its previous incarnation (listed, then removed), which say nothing about it.
+            let own_incarnation = cluster.inner.config.incarnation;
+            let is_member = membership
+                .membership()
+                .get_node(&cluster.node_id())
+                .is_some_and(|node| node.incarnation == own_incarnation);
             let removed = decisions::membership_says_removed(
                 was_member,
                 is_member,

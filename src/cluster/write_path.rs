@@ -38,7 +38,8 @@ impl Cluster {
     /// its writes could never commit. Refuse them at once instead of letting them hang.
     fn check_leader_quorum(&self) -> ClusterResult<()> {
         let silence = self.raft().metrics().borrow().millis_since_quorum_ack;
-        let limit = self.inner.config.election_timeout_max * 2;
+        // At least a second: with LAN timings a short stall of the leader must not refuse writes.
+        let limit = (self.inner.config.election_timeout_max * 2).max(Duration::from_secs(1));
         match silence {
             Some(silence) if Duration::from_millis(silence) > limit => {
                 Err(ClusterError::NoQuorum { node_id: self.node_id(), silence_millis: silence })
@@ -141,7 +142,10 @@ impl Cluster {
             .call(&leader.address, StreamKind::Client, request, self.inner.config.max_request_timeout)
             .await
             .map_err(|error| match error.code {
-                ErrorCode::Unavailable => ClusterError::Remote(error.with_leader(Some(leader.clone()))),
+                // The leader's own hint (a newer leader) is better than the one forwarded to.
+                ErrorCode::Unavailable if error.leader.is_none() => {
+                    ClusterError::Remote(error.with_leader(Some(leader.clone())))
+                }
                 _ => ClusterError::Remote(error),
             })
     }

@@ -73,6 +73,9 @@ pub struct SearchIndex {
     pub(crate) reader: IndexReader,
     /// Set by puts and deletes, cleared by commit and rollback.
     pub(crate) has_uncommitted_changes: AtomicBool,
+    /// Set while an explicit merge runs in the background: at most one at a time, so a stream
+    /// of `merge` requests cannot pile up full-index merges (and threads).
+    pub(crate) merging: std::sync::Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for SearchIndex {
@@ -164,6 +167,7 @@ impl SearchIndex {
             writer: Mutex::new(writer),
             reader,
             has_uncommitted_changes: AtomicBool::new(false),
+            merging: Default::default(),
         })
     }
 
@@ -364,15 +368,31 @@ impl SearchIndex {
     /// minutes, and applying the log (on every replica at once) must not wait for it. tantivy
     /// runs the merge on its own threads and publishes the merged segment when it is done (the
     /// index metas keep the last commit's payload); a thread of ours then makes searches use it.
+    ///
+    /// At most one explicit merge runs: a `Merge` while one is running changes nothing (every
+    /// replica may decide differently here, which is harmless: merging changes no document).
     fn merge_with_writer(&self, writer: &mut IndexWriter) -> Result<(), IndexError> {
         let segment_ids = self.index.searchable_segment_ids()?;
         if segment_ids.len() < 2 {
             return Ok(());
         }
+        if self.merging.swap(true, Ordering::SeqCst) {
+            tracing::info!("a merge is already running; this one is skipped");
+            return Ok(());
+        }
         let segment_count = segment_ids.len();
         let merging = writer.merge(&segment_ids);
         let reader = self.reader.clone();
+        let running = self.merging.clone();
         let started = std::thread::Builder::new().name("bayard-merge".into()).spawn(move || {
+            // Cleared however the merge ends.
+            struct Done(std::sync::Arc<AtomicBool>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::SeqCst);
+                }
+            }
+            let _done = Done(running);
             match merging.wait() {
                 Ok(_merged_segment) => {
                     if let Err(error) = reader.reload() {
@@ -391,9 +411,24 @@ impl SearchIndex {
             }
         });
         if let Err(error) = started {
-            return Err(IndexError::Internal(format!("cannot start a merge thread: {error}")));
+            // Not an error of the index: the segments stay as they are, on this replica only.
+            self.merging.store(false, Ordering::SeqCst);
+            tracing::warn!(%error, "cannot start a merge thread; the segments stay as they are");
         }
         Ok(())
+    }
+
+    /// Waits (bounded) until no explicit merge runs, so that the index directory can be swapped
+    /// (a snapshot install) without a merge still writing into it. False if one still runs.
+    pub fn wait_for_merge(&self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while self.merging.load(Ordering::SeqCst) {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        true
     }
 }
 

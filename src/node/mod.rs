@@ -91,11 +91,14 @@ pub struct RaftTimings {
 }
 
 impl Default for RaftTimings {
+    /// LAN timings (the binary's defaults): heartbeats every 50 ms, elections after 200–300 ms
+    /// of silence on top of the old leader's 300 ms lease, so a follower campaigns 500–600 ms
+    /// after its leader's last message. See `docs/cluster_mode.md` for a WAN.
     fn default() -> Self {
         RaftTimings {
-            heartbeat_interval: Duration::from_millis(250),
-            election_timeout_min: Duration::from_millis(1000),
-            election_timeout_max: Duration::from_millis(2000),
+            heartbeat_interval: Duration::from_millis(50),
+            election_timeout_min: Duration::from_millis(200),
+            election_timeout_max: Duration::from_millis(300),
             snapshot_after_entries: 5_000,
             entries_kept_after_snapshot: 1_000,
             snapshot_chunk_timeout: Duration::from_secs(30),
@@ -343,6 +346,10 @@ impl RunningNode {
     }
 }
 
+/// How long a node waits for a connection to another node: a handshake on a LAN takes a
+/// millisecond; a dead peer must not hold a forward or a probe for seconds.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 fn storage_error(context: &str, error: impl std::fmt::Display) -> NodeError {
     NodeError::Storage(format!("{context}: {error}"))
 }
@@ -411,9 +418,13 @@ impl Node {
         if let Some(reason) = &metadata.removed {
             return Err(NodeError::Removed { node_id: config.node_id, reason: reason.clone() });
         }
-        // Counted before the node speaks: its digests of this run outrank those of the last.
+        // Counted before the node speaks: its digests of this run outrank those of the last. A
+        // node that cannot write it (a full disk) still starts and serves reads; peers then may
+        // show it suspect for as long as its previous run lasted.
         metadata.starts += 1;
-        metadata::store(&config.data_directory, &metadata)?;
+        if let Err(error) = metadata::store(&config.data_directory, &metadata) {
+            tracing::warn!(%error, "could not record this start in node.json; peers may be slow to see it alive");
+        }
         tracing::info!(
             node_id = config.node_id,
             data_directory = %config.data_directory.display(),
@@ -455,7 +466,7 @@ impl Node {
         let local_address =
             endpoint.local_addr().map_err(|source| TransportError::Bind { address: config.listen_address, source })?;
         let address = config.advertise_address.clone().unwrap_or_else(|| local_address.to_string());
-        let pool = Arc::new(ConnectionPool::new(endpoint.clone(), config.trust_domain.clone(), Duration::from_secs(3)));
+        let pool = Arc::new(ConnectionPool::new(endpoint.clone(), config.trust_domain.clone(), PEER_CONNECT_TIMEOUT));
 
         let log_store_view = log_store.clone();
         let raft = Raft::new(

@@ -1,8 +1,9 @@
 //! openraft's network over the node's QUIC endpoint: each RPC is one `Raft` stream on the pooled
 //! connection to the target.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::types::{MemberNode, NodeId, TypeConfig};
 use super::wire::{RaftRequest, RaftResponse};
@@ -26,16 +27,59 @@ pub const RAFT_FRAME_OVERHEAD_BYTES: usize = 1024 * 1024;
 #[error("{0}")]
 struct TransportFailure(String);
 
+/// Which peers the last RPCs failed to reach, since when and how many times: a peer that is
+/// down is logged once when it goes (WARN) and once when it answers again (INFO, with the count),
+/// not once per RPC (openraft retries every heartbeat).
+#[derive(Debug, Default)]
+struct PeerHealth {
+    failing: Mutex<HashMap<NodeId, (Instant, u64)>>,
+}
+
+impl PeerHealth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, (Instant, u64)>> {
+        self.failing.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn failed(&self, target: NodeId, address: &str, reason: &str) {
+        let mut failing = self.lock();
+        match failing.get_mut(&target) {
+            Some((_, count)) => *count += 1,
+            None => {
+                tracing::warn!(
+                    target_node = target,
+                    %address,
+                    %reason,
+                    "cannot reach a member; raft keeps retrying and logs again when it answers"
+                );
+                failing.insert(target, (Instant::now(), 1));
+            }
+        }
+    }
+
+    fn answered(&self, target: NodeId) {
+        let recovered = self.lock().remove(&target);
+        if let Some((since, failed_rpcs)) = recovered {
+            tracing::info!(
+                target_node = target,
+                failed_rpcs,
+                unreachable_ms = since.elapsed().as_millis() as u64,
+                "a member answers again"
+            );
+        }
+    }
+}
+
 /// Makes a connection object per target; all of them share the node's connection pool.
 #[derive(Clone)]
 pub struct Network {
     pool: Arc<ConnectionPool>,
     raft_frame_bytes: usize,
+    health: Arc<PeerHealth>,
 }
 
 impl Network {
     pub fn new(pool: Arc<ConnectionPool>, max_frame_bytes: usize) -> Self {
-        Network { pool, raft_frame_bytes: max_frame_bytes + RAFT_FRAME_OVERHEAD_BYTES }
+        Network { pool, raft_frame_bytes: max_frame_bytes + RAFT_FRAME_OVERHEAD_BYTES, health: Default::default() }
     }
 }
 
@@ -48,6 +92,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             address: node.addr.clone(),
             pool: self.pool.clone(),
             raft_frame_bytes: self.raft_frame_bytes,
+            health: self.health.clone(),
         }
     }
 }
@@ -57,6 +102,7 @@ pub struct PeerConnection {
     address: String,
     pool: Arc<ConnectionPool>,
     raft_frame_bytes: usize,
+    health: Arc<PeerHealth>,
 }
 
 /// How one RPC failed, before it is shaped into the error type of that RPC.
@@ -69,6 +115,17 @@ enum Failure {
 
 impl PeerConnection {
     async fn send(&self, request: &RaftRequest, timeout: Duration) -> Result<RaftResponse, Failure> {
+        let result = self.send_once(request, timeout).await;
+        match &result {
+            Ok(_) | Err(Failure::Remote(_) | Failure::TooLarge) => self.health.answered(self.target),
+            Err(Failure::Unreachable(reason) | Failure::Network(reason)) => {
+                self.health.failed(self.target, &self.address, reason)
+            }
+        }
+        result
+    }
+
+    async fn send_once(&self, request: &RaftRequest, timeout: Duration) -> Result<RaftResponse, Failure> {
         let connection = self.pool.get(&self.address).await.map_err(|error| Failure::Unreachable(error.to_string()))?;
         let answer = transport::call::<_, RaftResponse>(
             &connection,
@@ -90,9 +147,15 @@ impl PeerConnection {
             }
             Ok(Err(wire_error)) => Err(Failure::Remote(wire_error.message)),
             Err(CallError::Frame(FrameError::TooLarge { .. })) => Err(Failure::TooLarge),
-            Err(error @ CallError::Connection(_)) => {
+            // A connection that ended or went silent is dropped, so the next RPC dials afresh (a
+            // node restarted at the same address answers a new connection at once).
+            Err(error @ (CallError::Connection(_) | CallError::PeerSilent(_))) => {
                 self.pool.forget(&self.address);
                 Err(Failure::Unreachable(error.to_string()))
+            }
+            Err(error @ CallError::TimedOut(_)) => {
+                self.pool.forget(&self.address);
+                Err(Failure::Network(error.to_string()))
             }
             Err(error) => Err(Failure::Network(error.to_string())),
         }

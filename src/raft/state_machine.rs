@@ -83,6 +83,10 @@ impl StateMachinePaths {
     }
 }
 
+/// How long a snapshot install waits for a running merge to end before it gives up (the leader
+/// sends the snapshot again).
+const MERGE_WAIT_BEFORE_INSTALL: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Marks an extracted snapshot as complete, so a crash between the directory renames is
 /// recoverable.
 const COMPLETE_MARKER: &str = ".bayard-complete";
@@ -409,6 +413,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     }
                 };
                 fs::write(paths.incoming.join(COMPLETE_MARKER), b"")?;
+                // No merge of ours may still write into the directory being swapped out.
+                if !shared.index.current().wait_for_merge(MERGE_WAIT_BEFORE_INSTALL) {
+                    let _ = fs::remove_dir_all(&paths.incoming);
+                    return Err(io::Error::other("a merge is still running; the snapshot is installed after it"));
+                }
                 // Swap the directories: after the second rename the new index is the one on disk,
                 // and a crash in between is finished by `recover_interrupted_install`.
                 if paths.replaced.exists() {

@@ -46,6 +46,23 @@ pub fn bind_node_endpoint(
     Ok(endpoint)
 }
 
+/// A client-only endpoint on a socket bound by the caller.
+pub fn client_endpoint_on_socket(
+    client_config: quinn::ClientConfig,
+    socket: std::net::UdpSocket,
+) -> Result<quinn::Endpoint, TransportError> {
+    let address = socket.local_addr().map_err(|source| TransportError::Bind {
+        address: SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+        source,
+    })?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| TransportError::Bind { address, source: std::io::Error::other("no async runtime for quinn") })?;
+    let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+        .map_err(|source| TransportError::Bind { address, source })?;
+    endpoint.set_default_client_config(client_config);
+    Ok(endpoint)
+}
+
 /// Binds a client-only endpoint on an ephemeral port of the given address family.
 pub fn bind_client_endpoint(client_config: quinn::ClientConfig, ipv6: bool) -> Result<quinn::Endpoint, TransportError> {
     let address: SocketAddr = if ipv6 {

@@ -192,13 +192,44 @@ pub enum CallError {
     Frame(#[from] super::frame::FrameError),
     #[error("no answer within {0:?}")]
     TimedOut(std::time::Duration),
+    /// Nothing at all arrived on the connection for this long while the call waited: the peer
+    /// is dead or cut off (a live one acknowledges the keep-alives).
+    #[error("the peer went silent: nothing received for {0:?}")]
+    PeerSilent(std::time::Duration),
+}
+
+/// Silence of a connection after which a call waiting on it gives up: three keep-alive periods
+/// without a single packet from the peer. A killed node sends nothing, and its QUIC connection
+/// would otherwise only be closed by the idle timeout; this way a request waiting on it moves on
+/// to another node within a second.
+pub const PEER_SILENCE_LIMIT: std::time::Duration = std::time::Duration::from_millis(600);
+
+/// How often a waiting call looks at the connection's receive counter.
+const SILENCE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Completes once nothing has been received on `connection` for `limit`.
+async fn peer_goes_silent(connection: &quinn::Connection, limit: std::time::Duration) {
+    let mut received = connection.stats().udp_rx.datagrams;
+    let mut heard = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval(SILENCE_CHECK_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let now_received = connection.stats().udp_rx.datagrams;
+        if now_received != received {
+            received = now_received;
+            heard = tokio::time::Instant::now();
+        } else if heard.elapsed() >= limit {
+            return;
+        }
+    }
 }
 
 impl CallError {
     /// Whether another server may succeed where this one failed: transport trouble, not an answer.
     pub fn is_transport_failure(&self) -> bool {
         match self {
-            CallError::Connection(_) | CallError::TimedOut(_) => true,
+            CallError::Connection(_) | CallError::TimedOut(_) | CallError::PeerSilent(_) => true,
             CallError::Frame(frame_error) => {
                 !matches!(frame_error, super::frame::FrameError::TooLarge { .. } | super::frame::FrameError::Encode(_))
             }
@@ -246,8 +277,15 @@ where
             (Err(read_error), Ok(())) => Err(CallError::Frame(read_error)),
         }
     };
+    let exchange = async {
+        tokio::select! {
+            answer = exchange => answer,
+            () = peer_goes_silent(connection, PEER_SILENCE_LIMIT) => Err(CallError::PeerSilent(PEER_SILENCE_LIMIT)),
+        }
+    };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(error @ CallError::PeerSilent(_))) => Err(error),
         // When the connection itself ended (a refused certificate shows up here, after the
         // client thought the handshake was done), its reason says more than the stream error.
         Ok(Err(error)) => match connection.close_reason() {

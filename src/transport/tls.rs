@@ -126,9 +126,12 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 1024 * 1024;
 /// Unread bytes one connection may hold, all its streams together.
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 4 * 1024 * 1024;
 
-/// Keep-alive period of every connection.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
-/// Silence after which a connection is considered dead.
+/// Keep-alive period of every connection: a PING whenever nothing else was sent for this long,
+/// which the peer acknowledges at once. So a live peer is heard from at least this often, and a
+/// call can tell a dead peer by its silence ([`super::stream::PEER_SILENCE_LIMIT`]).
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(200);
+/// Silence after which quinn closes a connection (requests in flight are also ended earlier, by
+/// the silence limit of `call`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Transport settings shared by both sides: a keep-alive well under the idle timeout so quiet but
