@@ -9,7 +9,9 @@
 //! linearizable search after an acknowledged commit misses nothing.
 //!
 //! `BAYARD_CHAOS_ROUNDS` sets the number of rounds (CI runs one round of each fault; `just chaos
-//! ROUNDS=100` runs long). Needs root for the namespaces: skipped with a message otherwise, and a
+//! ROUNDS=100` runs long). To see why a round was slow: `BAYARD_CHAOS_DUMP=1` prints each node's
+//! election lines after every round, and `BAYARD_TEST_RUST_LOG=info,openraft=info` makes the
+//! nodes log them. Needs root for the namespaces: skipped with a message otherwise, and a
 //! failure when `BAYARD_NETNS_REQUIRED` is set (CI sets it).
 
 #[path = "common/netns.rs"]
@@ -205,6 +207,23 @@ impl Chaos {
         assert_eq!(sent, 0, "kill({pid}, {signal}): {}", std::io::Error::last_os_error());
     }
 
+    /// Polls `observer` (a node that stays up) until it names a leader other than `old`: the
+    /// election's share of a failover.
+    fn watch_election(&self, observer: usize, old: usize, fault: Instant) -> tokio::task::JoinHandle<Option<Duration>> {
+        let client = self.client(vec![self.servers()[observer - 1].clone()], Duration::from_millis(500));
+        tokio::spawn(async move {
+            while fault.elapsed() < RECOVERY_LIMIT {
+                if let Ok(status) = client.status().await {
+                    if status.leader.is_some_and(|leader| leader as usize != old) {
+                        return Some(fault.elapsed());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None
+        })
+    }
+
     /// Waits until a write invoked after `fault` is acknowledged; the time it took.
     async fn recovery(&self, history: &History, fault: Instant) -> Duration {
         let deadline = fault + RECOVERY_LIMIT;
@@ -218,6 +237,11 @@ impl Chaos {
     }
 }
 
+/// Years of one writer's documents: writer `w` writes years from `w * YEARS_PER_WRITER` on.
+const YEARS_PER_WRITER: u64 = 10_000_000;
+/// Documents read back per search.
+const PAGE: u64 = 5_000;
+
 /// One writer: puts of unique ids, one after the other, until `stop`.
 async fn write_until(client: Client, writer: usize, history: Arc<History>, stop: Arc<AtomicBool>) {
     let mut sequence = 0_u64;
@@ -225,7 +249,10 @@ async fn write_until(client: Client, writer: usize, history: Arc<History>, stop:
     while !stop.load(Ordering::Relaxed) && sequence < 1_000_000 {
         let id = format!("w{writer}-{sequence}");
         let invoked = Instant::now();
-        let result = client.put(&id, &format!(r#"{{"title":"chaos {writer}","year":{sequence}}}"#)).await;
+        // The year is unique per operation, so the check below can read every document back in
+        // ranges of it.
+        let year = writer as u64 * YEARS_PER_WRITER + sequence;
+        let result = client.put(&id, &format!(r#"{{"title":"chaos {writer}","year":{year}}}"#)).await;
         let outcome = match result {
             Ok(_) => Outcome::Ok,
             Err(ClientError::Remote { code, .. }) if code != bayard::protocol::ErrorCode::Unavailable => {
@@ -238,19 +265,43 @@ async fn write_until(client: Client, writer: usize, history: Arc<History>, stop:
     }
 }
 
-/// Every document id a node holds, read in pages of its committed index.
-async fn ids_on(client: &Client) -> BTreeSet<String> {
+/// The document ids a node holds in the writers' year ranges (read in ranges of years, up to
+/// `operations_per_writer` per writer), and how many documents it holds in all: more in all
+/// than in the ranges means documents nobody wrote.
+async fn ids_on(client: &Client, operations_per_writer: u64) -> (BTreeSet<String>, u64) {
     let mut ids = BTreeSet::new();
-    let mut from = 0;
-    loop {
-        let request = SearchRequest { query: "*".into(), from, limit: 1000, exclude_count: true, ..Default::default() };
-        let page = client.search(request, Consistency::Local).await.expect("search a node");
-        let count = page.docs.len();
-        ids.extend(page.docs.into_iter().map(|hit| hit.id));
-        if count < 1000 {
-            return ids;
+    for writer in 0..WRITERS as u64 {
+        let mut start = 0;
+        while start < operations_per_writer {
+            let (low, high) = (writer * YEARS_PER_WRITER + start, writer * YEARS_PER_WRITER + start + PAGE - 1);
+            let request = SearchRequest {
+                query: format!("year:[{low} TO {high}]"),
+                limit: PAGE as usize,
+                exclude_count: true,
+                ..Default::default()
+            };
+            let page = client.search(request, Consistency::Local).await.expect("search a node");
+            ids.extend(page.docs.into_iter().map(|hit| hit.id));
+            start += PAGE;
         }
-        from += 1000;
+    }
+    let everything = SearchRequest { query: "*".into(), exclude_docs: true, ..Default::default() };
+    let total = client.search(everything, Consistency::Local).await.expect("count a node").count.unwrap_or(0);
+    (ids, total)
+}
+
+/// A node that is neither the leader nor `victim`.
+fn follower_other(leader: usize, victim: usize) -> usize {
+    (1..=NODES).find(|number| *number != leader && *number != victim).expect("a third node")
+}
+
+/// Prints when a new leader was seen (for faults of the leader).
+async fn report_election(fault: Fault, election: tokio::task::JoinHandle<Option<Duration>>) {
+    if matches!(fault, Fault::KillLeader | Fault::StopLeader | Fault::CutLeader) {
+        let seen = tokio::time::timeout(RECOVERY_LIMIT, election).await.ok().and_then(Result::ok).flatten();
+        eprintln!("  {}: new leader seen after {:?}", fault.name(), seen);
+    } else {
+        election.abort();
     }
 }
 
@@ -292,20 +343,27 @@ async fn faults_lose_no_acknowledged_write_and_writes_resume() {
         let fault = FAULTS[round % FAULTS.len()];
         let leader = chaos.leader().await;
         let follower = (1..=NODES).find(|number| *number != leader).expect("a follower");
-        let mut record = |duration: Duration| recoveries.entry(fault).or_default().push(duration);
+        let mut record = |duration: Duration| {
+            eprintln!("  {}: first acknowledged write after {} ms", fault.name(), duration.as_millis());
+            recoveries.entry(fault).or_default().push(duration)
+        };
         match fault {
             Fault::KillLeader | Fault::KillFollower => {
                 let victim = if fault == Fault::KillLeader { leader } else { follower };
                 let at = Instant::now();
+                let election = chaos.watch_election(follower_other(leader, victim), leader, at);
                 chaos.kill(victim);
                 record(chaos.recovery(&history, at).await);
+                report_election(fault, election).await;
                 tokio::time::sleep(FAULT_HELD).await;
                 chaos.restart(victim);
             }
             Fault::StopLeader => {
                 let at = Instant::now();
+                let election = chaos.watch_election(follower, leader, at);
                 chaos.signal(leader, libc::SIGSTOP);
                 let recovered = chaos.recovery(&history, at).await;
+                report_election(fault, election).await;
                 tokio::time::sleep(FAULT_HELD).await;
                 chaos.signal(leader, libc::SIGCONT);
                 record(recovered);
@@ -313,8 +371,10 @@ async fn faults_lose_no_acknowledged_write_and_writes_resume() {
             Fault::CutLeader | Fault::CutFollower => {
                 let victim = if fault == Fault::CutLeader { leader } else { follower };
                 let at = Instant::now();
+                let election = chaos.watch_election(follower_other(leader, victim), leader, at);
                 chaos.network.cut(victim);
                 let recovered = chaos.recovery(&history, at).await;
+                report_election(fault, election).await;
                 tokio::time::sleep(FAULT_HELD).await;
                 chaos.network.restore(victim);
                 record(recovered);
@@ -334,6 +394,17 @@ async fn faults_lose_no_acknowledged_write_and_writes_resume() {
         }
         chaos.wait_healthy().await;
         eprintln!("round {} of {rounds}: {} done ({:?} into the run)", round + 1, fault.name(), run_started.elapsed());
+        if std::env::var_os("BAYARD_CHAOS_DUMP").is_some() {
+            for (number, node) in &chaos.nodes {
+                let logs = node.logs();
+                let about_elections: Vec<&str> = logs
+                    .lines()
+                    .filter(|line| ["elect", "vote", "leader", "timeout"].iter().any(|word| line.contains(word)))
+                    .collect();
+                let tail = &about_elections[about_elections.len().saturating_sub(40)..];
+                eprintln!("---- node {number}, election lines:\n{}", tail.join("\n"));
+            }
+        }
     }
     stop.store(true, Ordering::Relaxed);
     for writer in writers {
@@ -367,21 +438,24 @@ async fn faults_lose_no_acknowledged_write_and_writes_resume() {
             acknowledged.len()
         );
     }
+    let operations_per_writer = operations.len() as u64;
     let mut replicas = Vec::new();
     for server in chaos.servers() {
         let client = chaos.client(vec![server.clone()], Duration::from_secs(30));
-        // Each node has applied the commit (the linearizable read above waited on the leader).
+        // Each node applies the commit soon (the linearizable read above waited on the leader).
         let deadline = Instant::now() + SETTLE;
-        let mut ids = ids_on(&client).await;
+        let (mut ids, mut total) = ids_on(&client, operations_per_writer).await;
         while !acknowledged.is_subset(&ids) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            ids = ids_on(&client).await;
+            (ids, total) = ids_on(&client, operations_per_writer).await;
         }
-        replicas.push((server, ids));
+        let unaccounted = total.saturating_sub(ids.len() as u64) as usize;
+        replicas.push((server, ids, unaccounted));
     }
-    let lost: usize = replicas.iter().map(|(_, ids)| acknowledged.difference(ids).count()).max().unwrap_or(0);
-    let phantom: usize = replicas.iter().map(|(_, ids)| ids.difference(&invoked).count()).max().unwrap_or(0);
-    let diverged = replicas.windows(2).filter(|pair| pair[0].1 != pair[1].1).count();
+    let lost: usize = replicas.iter().map(|(_, ids, _)| acknowledged.difference(ids).count()).max().unwrap_or(0);
+    let phantom: usize =
+        replicas.iter().map(|(_, ids, unaccounted)| ids.difference(&invoked).count() + unaccounted).max().unwrap_or(0);
+    let diverged = replicas.windows(2).filter(|pair| pair[0].1 != pair[1].1 || pair[0].2 != pair[1].2).count();
 
     eprintln!(
         "{rounds} rounds, {} operations: {} acknowledged, {failed} failed, {unknown} unknown",
@@ -406,7 +480,7 @@ async fn faults_lose_no_acknowledged_write_and_writes_resume() {
         (lost, phantom, diverged),
         (0, 0, 0),
         "replicas: {:?}",
-        replicas.iter().map(|(server, ids)| (server, ids.len())).collect::<Vec<_>>()
+        replicas.iter().map(|(server, ids, _)| (server, ids.len())).collect::<Vec<_>>()
     );
     assert!(!acknowledged.is_empty(), "no write was acknowledged at all");
 

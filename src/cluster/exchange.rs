@@ -25,6 +25,16 @@ impl Cluster {
         }
     }
 
+    /// Refuses digests of another cluster (a node that has joined none yet is of any).
+    fn check_same_cluster(&self, sender: u64, theirs: Option<&str>) -> ClusterResult<()> {
+        match (self.cluster_id(), theirs) {
+            (Some(ours), Some(theirs)) if ours != theirs => Err(ClusterError::PermissionDenied(format!(
+                "node {sender} belongs to cluster {theirs}; this is cluster {ours}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// One exchange with node `node_id` at `address`: send our digest, merge its own. The node
     /// there must present `node_id`'s certificate and answer as `node_id`.
     pub(super) async fn exchange_with(&self, node_id: u64, address: &str) -> ClusterResult<()> {
@@ -39,20 +49,9 @@ impl Cluster {
                 answer.sender
             )));
         }
-        if let (Some(ours), Some(theirs)) = (self.cluster_id(), &answer.cluster_id) {
-            if &ours != theirs {
-                return Err(ClusterError::PermissionDenied(format!(
-                    "{address} belongs to cluster {theirs}, not {ours}"
-                )));
-            }
-        }
-        // A joining node has no members yet and believes its seeds; a member believes members.
-        let known = self.member_incarnations();
-        let digests = if known.is_empty() {
-            answer.members
-        } else {
-            membership::admissible_digests(answer.sender, &known, answer.members)
-        };
+        self.check_same_cluster(node_id, answer.cluster_id.as_deref())?;
+        // A joining node (no members yet) takes the seed's own digest; so does a member.
+        let digests = membership::admissible_digests(answer.sender, &self.member_incarnations(), answer.members);
         self.inner.table.merge(&digests);
         Ok(())
     }
@@ -70,14 +69,7 @@ impl Cluster {
                 message.sender
             )));
         }
-        if let (Some(ours), Some(theirs)) = (self.cluster_id(), &message.cluster_id) {
-            if &ours != theirs {
-                return Err(ClusterError::PermissionDenied(format!(
-                    "node {} belongs to cluster {theirs}; this is cluster {ours}",
-                    message.sender
-                )));
-            }
-        }
+        self.check_same_cluster(message.sender, message.cluster_id.as_deref())?;
         let members =
             membership::admissible_digests(sender_certificate_id, &self.member_incarnations(), message.members);
         self.inner.table.merge(&members);

@@ -148,11 +148,20 @@ impl TestCluster {
         if std::env::var_os("RUST_LOG").is_some() {
             bayard::telemetry::init_logging(bayard::telemetry::LogFormat::Text, "info");
         }
+        // Slower than the binary's LAN defaults: a test process runs a dozen nodes on two cores,
+        // and a leader starved for 300 ms must not start elections in the middle of a test of
+        // something else. The fault-injection suite (separate processes) runs the defaults.
+        let timings = bayard::node::RaftTimings {
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(600),
+            election_timeout_max: Duration::from_millis(900),
+            ..Default::default()
+        };
         TestCluster {
             certificates: CertificateSet::new(),
             nodes: Default::default(),
             data: Default::default(),
-            timings: Default::default(),
+            timings,
         }
     }
 

@@ -478,7 +478,8 @@ impl NamespacedProcess {
             .args(arguments)
             .args(["--log-format", "json"])
             .current_dir(directory)
-            .env("RUST_LOG", "info,openraft=warn")
+            // BAYARD_TEST_RUST_LOG: more of the nodes' logs, when diagnosing a test.
+            .env("RUST_LOG", std::env::var("BAYARD_TEST_RUST_LOG").unwrap_or_else(|_| "info,openraft=warn".to_string()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
