@@ -266,6 +266,7 @@ async fn restart_keeps_committed_documents_and_position() {
 async fn status_peers_and_schema() {
     let test = TestNode::start().await;
     let client = test.client();
+    // A new node returns from `start` once it leads its one-node cluster.
     let status = client.status().await.unwrap();
     assert_eq!(status.node_id, 1);
     assert_eq!(status.address, test.address());

@@ -559,6 +559,16 @@ impl Node {
             }
             let members = BTreeMap::from([(node_id, MemberNode::new(state.address.clone(), state.incarnation()))]);
             state.raft.initialize(members).await.map_err(|error| NodeError::Raft(error.to_string()))?;
+            // A one-node cluster elects itself at once; wait for it (bounded), so that a node
+            // that says it bootstrapped also leads (the first `status` says "leader").
+            let leading = state
+                .raft
+                .wait(Some(Duration::from_secs(5)))
+                .state(openraft::ServerState::Leader, "the new one-node cluster elects its node")
+                .await;
+            if let Err(error) = leading {
+                tracing::warn!(%error, "the new one-node cluster has not elected its node yet");
+            }
             tracing::info!(node_id, cluster_id = %state.cluster.cluster_id().unwrap_or_default(), "bootstrapped a new one-node cluster");
         } else if !fresh {
             tracing::info!(node_id, generation = state.metadata().starts, "resuming from the data directory");
