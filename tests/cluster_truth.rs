@@ -281,3 +281,54 @@ async fn writes_learn_the_leader_and_go_straight_there() {
     client.commit().await.unwrap();
     cluster.shutdown().await;
 }
+
+/// A write whose client gave up is never applied later. A follower without a leader used to keep
+/// retrying a put for up to ~20 s after its client's deadline, and forward it when a leader came
+/// back: the client had reported the put as failed, yet it landed (found by the multi-host
+/// partition test, as a write refused by the minority that appeared once the partition healed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_its_client_gave_up_on_is_never_applied_later() {
+    let mut cluster = TestCluster::with_three_voters().await;
+    let leader = cluster.leader().expect("a leader");
+    let follower = [1, 2, 3].into_iter().find(|node_id| *node_id != leader).expect("a follower");
+    let other = [1, 2, 3].into_iter().find(|node_id| *node_id != leader && *node_id != follower).expect("a third");
+    let addresses: Vec<(u64, std::net::SocketAddr)> =
+        [leader, other].into_iter().map(|node_id| (node_id, cluster.nodes[&node_id].local_address())).collect();
+    cluster.stop(leader).await;
+    cluster.stop(other).await;
+    // Alone, the follower stands for election and knows no leader: a write waits for one.
+    cluster.nodes[&follower]
+        .raft()
+        .wait(Some(SETTLE))
+        .metrics(|metrics| metrics.current_leader.is_none(), "the follower knows no leader")
+        .await
+        .expect("the follower forgets the stopped leader");
+
+    let mut options =
+        bayard::client::ClientOptions::new(vec![cluster.address(follower)], cluster.certificates.admin("ops"));
+    options.request_timeout = Duration::from_secs(1);
+    let impatient = bayard::client::Client::connect(options).expect("client");
+    let refused = impatient.put("abandoned", r#"{"title":"given up on"}"#).await;
+    assert!(refused.is_err(), "a follower with no quorum acknowledged a write: {refused:?}");
+
+    // The quorum comes back well inside the window the old retry loop kept the write for.
+    for (node_id, address) in addresses {
+        start_again(&mut cluster, node_id, address).await;
+    }
+    cluster.wait_for_voters(follower, &[1, 2, 3], SETTLE).await;
+    let patient = cluster.client_of(follower);
+    patient.put("after", r#"{"title":"written once the quorum was back"}"#).await.expect("a put after the restart");
+    patient.commit().await.expect("a commit after the restart");
+    for node_id in [1, 2, 3] {
+        let client = cluster.client_of(node_id);
+        let present =
+            eventually(SETTLE, || async { client.get("after").await.is_ok_and(|found| found.is_some()) }).await;
+        assert!(present, "node {node_id} never showed the write made after the restart");
+        assert_eq!(
+            client.get("abandoned").await.expect("a get").map(|document| document.id),
+            None,
+            "node {node_id} holds the write its client gave up on"
+        );
+    }
+    cluster.shutdown().await;
+}

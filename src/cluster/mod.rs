@@ -101,6 +101,9 @@ pub enum ClusterError {
     /// Raft could not do it now (stopped, a change in progress, a peer unreachable).
     #[error("{0}")]
     Unavailable(String),
+    /// The caller's deadline passed before the write could be proposed; it never will be.
+    #[error("the request's deadline passed before a leader could take the write; it was not applied")]
+    DeadlinePassed,
     /// The request is not acceptable (a leave that would break the quorum, a join of another
     /// incarnation of a member, a batch the index refused).
     #[error("{0}")]
@@ -124,6 +127,7 @@ impl From<ClusterError> for WireError {
             ClusterError::NoLeader | ClusterError::NoQuorum { .. } | ClusterError::Unavailable(_) => {
                 WireError::new(ErrorCode::Unavailable, message)
             }
+            ClusterError::DeadlinePassed => WireError::new(ErrorCode::DeadlineExceeded, message),
             ClusterError::Refused(_) => WireError::new(ErrorCode::InvalidArgument, message),
             ClusterError::PermissionDenied(_) => WireError::new(ErrorCode::PermissionDenied, message),
             ClusterError::Internal(_) => WireError::new(ErrorCode::Internal, message),

@@ -3,7 +3,7 @@
 //! Automatic commits are proposed by the leader, so that every replica commits at the same log
 //! positions.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError};
 use tracing::Instrument;
@@ -20,6 +20,8 @@ use crate::raft::types::{BatchOutcome, IndexBatch};
 const LEADER_WAIT: Duration = Duration::from_secs(5);
 /// Tries of a write across leadership changes.
 const PROPOSE_ATTEMPTS: usize = 4;
+/// The longest pause between two tries of a write while the leader stays the same.
+const RETRY_PAUSE: Duration = Duration::from_millis(300);
 
 fn outcome_to_result(outcome: BatchOutcome) -> ClusterResult<BatchOutcome> {
     match &outcome.error {
@@ -50,8 +52,11 @@ impl Cluster {
 
     /// Appends a batch through this node's Raft, which must be the leader and lead a quorum
     /// (forwarded proposals are checked like local ones). Returns once the entry is committed
-    /// and applied here.
-    pub async fn propose_as_leader(&self, batch: IndexBatch) -> ClusterResult<BatchOutcome> {
+    /// and applied here. Nothing is appended once `deadline` has passed: the caller has given up.
+    pub async fn propose_as_leader(&self, batch: IndexBatch, deadline: Instant) -> ClusterResult<BatchOutcome> {
+        if Instant::now() >= deadline {
+            return Err(ClusterError::DeadlinePassed);
+        }
         if !self.is_leader() {
             return Err(ClusterError::NotLeader { node_id: self.node_id(), leader: self.known_leader() });
         }
@@ -78,18 +83,31 @@ impl Cluster {
     /// the batch carries its request id through every retry: if an attempt whose answer was lost
     /// did commit, the state machine applies the retry as a duplicate (nothing changes) and
     /// answers with the first outcome.
-    pub async fn propose(&self, batch: IndexBatch) -> ClusterResult<(BatchOutcome, LeaderHint)> {
+    ///
+    /// No attempt starts after `deadline`, the caller's: a write its client gave up on (and so
+    /// reported as failed) must not be proposed later, when a leader turns up.
+    pub async fn propose(&self, batch: IndexBatch, deadline: Instant) -> ClusterResult<(BatchOutcome, LeaderHint)> {
         let mut last_error = ClusterError::NoLeader;
         for _attempt in 0..PROPOSE_ATTEMPTS {
+            let tried = self.known_leader().map(|leader| leader.node_id);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::info!(
+                    request_id = ?batch.request_id.map(|id| id.0),
+                    error = %last_error,
+                    "write abandoned at its deadline, never proposed after it"
+                );
+                return Err(ClusterError::DeadlinePassed);
+            }
             if self.is_leader() {
-                match self.propose_as_leader(batch.clone()).await {
+                match self.propose_as_leader(batch.clone(), deadline).await {
                     Err(error) if error.is_retryable() && !matches!(error, ClusterError::NoQuorum { .. }) => {
                         last_error = error
                     }
                     Err(error) => return Err(error),
                     Ok(outcome) => return Ok((outcome, self.own_hint())),
                 }
-            } else if let Some(leader) = self.wait_for_leader(LEADER_WAIT).await {
+            } else if let Some(leader) = self.wait_for_leader(LEADER_WAIT.min(left)).await {
                 if leader.node_id == self.node_id() {
                     continue;
                 }
@@ -106,7 +124,7 @@ impl Cluster {
                         &leader.address,
                         StreamKind::Raft,
                         &request,
-                        self.inner.config.max_request_timeout,
+                        deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
                     )
                     .instrument(forward_span);
                 // A leader that died does not answer; as soon as Raft names another one, go there.
@@ -125,8 +143,17 @@ impl Cluster {
                     Err(error) => return Err(error),
                 }
             }
-            // Give an election a moment before the next try.
-            let _ = self.wait_for_leader(Duration::from_millis(300)).await;
+            // Give an election (or a restarting leader) a moment before the next try: a new
+            // leader ends the pause at once, the same one is tried again after it.
+            let pause = RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()));
+            match tried {
+                Some(leader) => {
+                    let _ = tokio::time::timeout(pause, self.leader_changes_from(leader)).await;
+                }
+                None => {
+                    let _ = self.wait_for_leader(pause).await;
+                }
+            }
         }
         Err(last_error)
     }
@@ -179,7 +206,8 @@ pub(super) async fn auto_commit(cluster: Cluster, mut shutdown: tokio::sync::wat
             continue;
         }
         let batch = IndexBatch::internal(vec![IndexOperation::Commit]);
-        if let Err(error) = cluster.propose_as_leader(batch).await {
+        let deadline = Instant::now() + cluster.inner.config.max_request_timeout;
+        if let Err(error) = cluster.propose_as_leader(batch, deadline).await {
             tracing::warn!(%error, "automatic commit failed");
         }
     }

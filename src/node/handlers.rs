@@ -89,9 +89,11 @@ async fn write(
     state: &NodeState,
     operations: Vec<IndexOperation>,
     request_id: RequestId,
+    deadline: Instant,
 ) -> Result<ClientResponse, WireError> {
     let operation_count = operations.len() as u64;
-    let (outcome, leader) = state.cluster.propose(IndexBatch { operations, request_id: Some(request_id) }).await?;
+    let batch = IndexBatch { operations, request_id: Some(request_id) };
+    let (outcome, leader) = state.cluster.propose(batch, deadline).await?;
     Ok(ClientResponse::Written {
         operations: operation_count,
         applied_index: outcome.applied_index,
@@ -180,7 +182,7 @@ pub(crate) async fn handle_client(
             let operations = tokio::task::spawn_blocking(move || prepare_puts(&index, documents))
                 .await
                 .map_err(worker_failure)??;
-            write(state, operations, request_id).await
+            write(state, operations, request_id, deadline).await
         }
         ClientRequest::Delete { ids, request_id } => {
             check_batch_size(ids.len())?;
@@ -190,11 +192,13 @@ pub(crate) async fn handle_client(
                     format!("id {position} of the request is empty"),
                 ));
             }
-            write(state, ids.into_iter().map(|id| IndexOperation::Delete { id }).collect(), request_id).await
+            write(state, ids.into_iter().map(|id| IndexOperation::Delete { id }).collect(), request_id, deadline).await
         }
-        ClientRequest::Commit { request_id } => write(state, vec![IndexOperation::Commit], request_id).await,
-        ClientRequest::Rollback { request_id } => write(state, vec![IndexOperation::Rollback], request_id).await,
-        ClientRequest::Merge { request_id } => write(state, vec![IndexOperation::Merge], request_id).await,
+        ClientRequest::Commit { request_id } => write(state, vec![IndexOperation::Commit], request_id, deadline).await,
+        ClientRequest::Rollback { request_id } => {
+            write(state, vec![IndexOperation::Rollback], request_id, deadline).await
+        }
+        ClientRequest::Merge { request_id } => write(state, vec![IndexOperation::Merge], request_id, deadline).await,
         ClientRequest::Get { id } => {
             if id.is_empty() {
                 return Err(WireError::new(ErrorCode::InvalidArgument, "id is empty"));
@@ -290,6 +294,7 @@ pub(crate) async fn handle_raft(
     state: &Arc<NodeState>,
     sender: u64,
     request: RaftRequest,
+    deadline: Instant,
 ) -> Result<RaftResponse, WireError> {
     state.cluster.admit_raft_sender(sender, "raft messages")?;
     let current_term = state.raft.metrics().borrow().current_term;
@@ -317,9 +322,8 @@ pub(crate) async fn handle_raft(
             RaftResponse::InstallSnapshot(state.raft.install_snapshot(rpc).await)
         }
         RaftRequest::Propose(batch) => {
-            let deadline = Instant::now() + state.config.max_request_timeout;
             let _write_slot = admit_write(state, deadline).await?;
-            RaftResponse::Proposed(state.cluster.propose_as_leader(batch).await?)
+            RaftResponse::Proposed(state.cluster.propose_as_leader(batch, deadline).await?)
         }
     })
 }

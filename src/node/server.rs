@@ -397,7 +397,7 @@ async fn serve_stream(
                 tokio::spawn(
                     async move {
                         let _body_budget = _body_budget;
-                        handlers::handle_raft(&state, sender, request).await
+                        handlers::handle_raft(&state, sender, request, deadline_at).await
                     }
                     .instrument(span.clone()),
                 )
