@@ -29,10 +29,11 @@ certs:
     cargo run --release -- certs client --name app --out-dir certs
     cargo run --release -- certs admin --name ops --out-dir certs
 
-# The fault-injection suite, long: ROUNDS rounds of faults (one of each per 6 rounds) against
-# three processes in network namespaces (root). The test suite runs 6.
-chaos ROUNDS="100":
-    BAYARD_CHAOS_ROUNDS={{ROUNDS}} BAYARD_NETNS_REQUIRED=1 cargo test --release --test chaos -- --nocapture
+# The fault-injection suite, long: ROUNDS rounds of faults (FAULTS in rotation, all six by
+# default) against three processes in network namespaces (root). The test suite runs 6.
+# `just chaos 20 kill-leader` measures one fault.
+chaos ROUNDS="100" FAULTS="kill-leader,kill-follower,stop-leader,cut-leader,cut-follower,rolling-restart":
+    BAYARD_CHAOS_ROUNDS={{ROUNDS}} BAYARD_CHAOS_FAULTS={{FAULTS}} BAYARD_NETNS_REQUIRED=1 cargo test --release --test chaos -- --nocapture
 
 # Benchmarks, each printing ratios against a baseline measured in the same run: bulk-put
 # throughput of a three-node cluster against a single node, and trace export on against off.

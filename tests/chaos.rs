@@ -9,8 +9,10 @@
 //! linearizable search after an acknowledged commit misses nothing.
 //!
 //! `BAYARD_CHAOS_ROUNDS` sets the number of rounds (CI runs one round of each fault; `just chaos
-//! ROUNDS=100` runs long). To see why a round was slow: `BAYARD_CHAOS_DUMP=1` prints each node's
-//! election lines after every round, and `BAYARD_TEST_RUST_LOG=info,openraft=info` makes the
+//! ROUNDS=100` runs long), `BAYARD_CHAOS_FAULTS` which faults (`kill-leader,cut-leader`, … see
+//! `Fault::key`). To see why a round was slow: `BAYARD_CHAOS_DUMP=1` prints each node's
+//! election lines after every round (`BAYARD_CHAOS_LOGS=<dir>` writes every node's whole log
+//! there after each round), and `BAYARD_TEST_RUST_LOG=info,openraft=info` makes the
 //! nodes log them. Needs root for the namespaces: skipped with a message otherwise, and a
 //! failure when `BAYARD_NETNS_REQUIRED` is set (CI sets it).
 
@@ -60,6 +62,18 @@ const FAULTS: [Fault; 6] = [
 ];
 
 impl Fault {
+    /// The short name `BAYARD_CHAOS_FAULTS` takes.
+    fn key(self) -> &'static str {
+        match self {
+            Fault::KillLeader => "kill-leader",
+            Fault::KillFollower => "kill-follower",
+            Fault::StopLeader => "stop-leader",
+            Fault::CutLeader => "cut-leader",
+            Fault::CutFollower => "cut-follower",
+            Fault::RollingRestart => "rolling-restart",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Fault::KillLeader => "SIGKILL leader",
@@ -233,7 +247,11 @@ impl Chaos {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("no write was acknowledged within {RECOVERY_LIMIT:?} of the fault");
+        let mut logs = String::new();
+        for (number, node) in &self.nodes {
+            logs.push_str(&format!("---- node {number}, last log lines:\n{}\n", node.logs_tail(60)));
+        }
+        panic!("no write was acknowledged within {RECOVERY_LIMIT:?} of the fault\n{logs}");
     }
 }
 
@@ -318,6 +336,19 @@ async fn faults_lose_no_acknowledged_write_and_writes_resume() {
         return;
     };
     let rounds: usize = std::env::var("BAYARD_CHAOS_ROUNDS").ok().and_then(|value| value.parse().ok()).unwrap_or(6);
+    // `BAYARD_CHAOS_FAULTS=kill-leader,cut-leader` runs only those faults, in rotation.
+    let faults: Vec<Fault> = match std::env::var("BAYARD_CHAOS_FAULTS") {
+        Ok(list) => list
+            .split(',')
+            .map(|key| {
+                FAULTS.into_iter().find(|fault| fault.key() == key.trim()).unwrap_or_else(|| {
+                    let known: Vec<&str> = FAULTS.iter().map(|fault| fault.key()).collect();
+                    panic!("BAYARD_CHAOS_FAULTS: unknown fault `{key}`; the faults are {known:?}")
+                })
+            })
+            .collect(),
+        Err(_) => FAULTS.to_vec(),
+    };
     let directory = tempfile::tempdir().unwrap();
     network.make_certificates(directory.path());
     let mut chaos = Chaos { network, directory, nodes: BTreeMap::new() };
@@ -340,7 +371,7 @@ async fn faults_lose_no_acknowledged_write_and_writes_resume() {
     let mut recoveries: BTreeMap<Fault, Vec<Duration>> = BTreeMap::new();
     let run_started = Instant::now();
     for round in 0..rounds {
-        let fault = FAULTS[round % FAULTS.len()];
+        let fault = faults[round % faults.len()];
         let leader = chaos.leader().await;
         let follower = (1..=NODES).find(|number| *number != leader).expect("a follower");
         let mut record = |duration: Duration| {
@@ -394,6 +425,12 @@ async fn faults_lose_no_acknowledged_write_and_writes_resume() {
         }
         chaos.wait_healthy().await;
         eprintln!("round {} of {rounds}: {} done ({:?} into the run)", round + 1, fault.name(), run_started.elapsed());
+        if let Some(directory) = std::env::var_os("BAYARD_CHAOS_LOGS") {
+            for (number, node) in &chaos.nodes {
+                let path = Path::new(&directory).join(format!("round{}-node{number}.log", round + 1));
+                let _ = std::fs::write(path, node.logs());
+            }
+        }
         if std::env::var_os("BAYARD_CHAOS_DUMP").is_some() {
             for (number, node) in &chaos.nodes {
                 let logs = node.logs();

@@ -13,6 +13,7 @@ use crate::protocol::{
     RaftResponse, WireError,
 };
 use crate::raft::admission;
+use crate::raft::election::Hint;
 use crate::raft::types::{IndexBatch, RequestId};
 use crate::transport::Role;
 
@@ -314,12 +315,28 @@ pub(crate) async fn handle_raft(
             if !rpc.entries.is_empty() {
                 state.check_disk_space()?;
             }
-            RaftResponse::AppendEntries(state.raft.append_entries(rpc).await)
+            let answer = state.raft.append_entries(rpc).await;
+            if matches!(&answer, Ok(response) if !matches!(response, openraft::raft::AppendEntriesResponse::HigherVote(_)))
+            {
+                state.election.heard_from_leader();
+            }
+            RaftResponse::AppendEntries(answer)
         }
-        RaftRequest::Vote(rpc) => RaftResponse::Vote(state.raft.vote(rpc).await),
+        RaftRequest::Vote(rpc) => {
+            let request = rpc.clone();
+            let answer = state.raft.vote(rpc).await;
+            if let Ok(response) = &answer {
+                state.election.report(Hint::Answered { request, response: response.clone() });
+            }
+            RaftResponse::Vote(answer)
+        }
         RaftRequest::InstallSnapshot(rpc) => {
             state.check_disk_space()?;
-            RaftResponse::InstallSnapshot(state.raft.install_snapshot(rpc).await)
+            let answer = state.raft.install_snapshot(rpc).await;
+            if answer.is_ok() {
+                state.election.heard_from_leader();
+            }
+            RaftResponse::InstallSnapshot(answer)
         }
         RaftRequest::Propose(batch) => {
             let _write_slot = admit_write(state, deadline).await?;

@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::cluster::{Cluster, ClusterConfig, ClusterEvent};
 use crate::index::{AnalyzerConfig, IndexError, SharedIndex};
+use crate::raft::election::ElectionAssist;
 use crate::raft::log_store::{LogStore, LogStoreError};
 use crate::raft::network::Network;
 use crate::raft::state_machine::{recover_interrupted_install, IndexOpener, StateMachinePaths, StateMachineStore};
@@ -187,6 +188,8 @@ pub(crate) struct NodeState {
     pub address: String,
     pub index: SharedIndex,
     pub raft: Raft,
+    /// Told of vote exchanges and of the leader's messages; starts elections early.
+    pub election: ElectionAssist,
     /// The log store (shared with Raft), for the commit index the readiness check compares with.
     pub log_store: LogStore,
     /// Set once when the node must stop: removed from the cluster, or a fatal join refusal.
@@ -469,10 +472,11 @@ impl Node {
         let pool = Arc::new(ConnectionPool::new(endpoint.clone(), config.trust_domain.clone(), PEER_CONNECT_TIMEOUT));
 
         let log_store_view = log_store.clone();
+        let (election, election_hints) = ElectionAssist::new();
         let raft = Raft::new(
             config.node_id,
             Arc::new(raft_config(&config.raft)?),
-            Network::new(pool.clone(), config.max_frame_bytes),
+            Network::new(pool.clone(), config.max_frame_bytes, election.clone()),
             log_store,
             state_machine.clone(),
         )
@@ -514,6 +518,7 @@ impl Node {
             cluster,
             index: state_machine.index().clone(),
             raft,
+            election,
             log_store: log_store_view,
             stop_reason,
             metadata: std::sync::Mutex::new(metadata),
@@ -548,6 +553,16 @@ impl Node {
         tokio::spawn(update_metrics(state.clone(), shutdown_receiver.clone()));
         tokio::spawn(watch_disk_space(state.clone(), shutdown_receiver.clone()));
         tokio::spawn(stop_when_raft_stops(state.clone(), shutdown_receiver.clone()));
+        tokio::spawn(crate::raft::election::run(
+            state.raft.clone(),
+            state.election.clone(),
+            election_hints,
+            crate::raft::election::Timing {
+                election_timeout_min: state.config.raft.election_timeout_min,
+                election_timeout_max: state.config.raft.election_timeout_max,
+            },
+            shutdown_receiver.clone(),
+        ));
         let task = tokio::spawn(server::serve(state.clone(), endpoint.clone(), shutdown_receiver.clone()));
 
         tokio::spawn(handle_cluster_events(state.clone(), event_receiver, shutdown_receiver.clone()));

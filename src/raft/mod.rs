@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod dedup;
+pub mod election;
 pub mod log_store;
 pub mod network;
 pub mod snapshot;

@@ -1,6 +1,7 @@
 //! openraft's network over the node's QUIC endpoint: each RPC is one `Raft` stream on the pooled
 //! connection to the target.
 
+use super::election::{ElectionAssist, Hint};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -75,11 +76,18 @@ pub struct Network {
     pool: Arc<ConnectionPool>,
     raft_frame_bytes: usize,
     health: Arc<PeerHealth>,
+    election: ElectionAssist,
 }
 
 impl Network {
-    pub fn new(pool: Arc<ConnectionPool>, max_frame_bytes: usize) -> Self {
-        Network { pool, raft_frame_bytes: max_frame_bytes + RAFT_FRAME_OVERHEAD_BYTES, health: Default::default() }
+    /// Vote answers are reported to `election`.
+    pub fn new(pool: Arc<ConnectionPool>, max_frame_bytes: usize, election: ElectionAssist) -> Self {
+        Network {
+            pool,
+            raft_frame_bytes: max_frame_bytes + RAFT_FRAME_OVERHEAD_BYTES,
+            health: Default::default(),
+            election,
+        }
     }
 }
 
@@ -93,6 +101,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             pool: self.pool.clone(),
             raft_frame_bytes: self.raft_frame_bytes,
             health: self.health.clone(),
+            election: self.election.clone(),
         }
     }
 }
@@ -103,6 +112,7 @@ pub struct PeerConnection {
     pool: Arc<ConnectionPool>,
     raft_frame_bytes: usize,
     health: Arc<PeerHealth>,
+    election: ElectionAssist,
 }
 
 /// How one RPC failed, before it is shaped into the error type of that RPC.
@@ -126,7 +136,11 @@ impl PeerConnection {
     }
 
     async fn send_once(&self, request: &RaftRequest, timeout: Duration) -> Result<RaftResponse, Failure> {
-        let connection = self.pool.get(&self.address).await.map_err(|error| Failure::Unreachable(error.to_string()))?;
+        let connection = match request {
+            RaftRequest::Vote(_) => self.pool.get_now(&self.address).await,
+            _ => self.pool.get(&self.address).await,
+        }
+        .map_err(|error| Failure::Unreachable(error.to_string()))?;
         let answer = transport::call::<_, RaftResponse>(
             &connection,
             StreamKind::Raft,
@@ -220,8 +234,12 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, MemberNode, RaftError<NodeId>>> {
+        let request = rpc.clone();
         match self.send(&RaftRequest::Vote(rpc), option.hard_ttl()).await {
-            Ok(RaftResponse::Vote(Ok(response))) => Ok(response),
+            Ok(RaftResponse::Vote(Ok(response))) => {
+                self.election.report(Hint::Asked { request, response: response.clone() });
+                Ok(response)
+            }
             Ok(RaftResponse::Vote(Err(error))) => Err(RPCError::RemoteError(RemoteError::new(self.target, error))),
             Ok(_) => Err(self.unexpected("vote")),
             Err(failure) => Err(self.rpc_error(failure, 1)),

@@ -114,6 +114,7 @@ struct Metrics {
     refused_raft_messages: Family<ReasonLabels, Counter>,
     disk_full: Gauge,
     duplicate_requests: Counter,
+    election_assists: Family<ReasonLabels, Counter>,
     /// Followers each node last reported a lag for, so that series of followers that left (or of
     /// a node that lost leadership) disappear instead of freezing at their last value.
     lag_followers: Mutex<HashMap<u64, BTreeSet<u64>>>,
@@ -215,6 +216,14 @@ impl Metrics {
             duplicate_requests.clone(),
         );
 
+        let election_assists = Family::default();
+        registry.register(
+            "election_assists",
+            "Elections this node started before its own timer, by rule (longer_log: it refused a candidate with a \
+             shorter log; collision: a peer with a shorter log campaigned at the same term)",
+            election_assists.clone(),
+        );
+
         let build_info: Family<VersionLabels, Gauge> = Family::default();
         registry.register("build_info", "Always 1; the version is a label", build_info.clone());
         build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION").to_string() }).set(1);
@@ -245,6 +254,7 @@ impl Metrics {
             refused_raft_messages,
             disk_full,
             duplicate_requests,
+            election_assists,
             lag_followers: Mutex::new(HashMap::new()),
         }
     }
@@ -369,6 +379,11 @@ pub fn set_index_stats(documents: u64, segments: u64) {
 /// One index writer commit took `duration`.
 pub fn record_index_commit(duration: Duration) {
     metrics().index_commit_duration.observe(duration.as_secs_f64());
+}
+
+/// An election started early by the election assist (`raft::election`), by rule.
+pub fn record_election_assist(rule: &str) {
+    metrics().election_assists.get_or_create(&ReasonLabels { reason: rule.to_string() }).inc();
 }
 
 /// One log entry skipped because its request id had been applied before.

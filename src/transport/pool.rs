@@ -85,12 +85,24 @@ impl ConnectionPool {
     /// The dial runs in its own task: a caller that gives up (its own timeout) does not cancel it,
     /// so its outcome is always recorded, and concurrent callers share one dial.
     pub async fn get(&self, address: &str) -> Result<quinn::Connection, ConnectError> {
+        self.connection(address, true).await
+    }
+
+    /// As [`get`](Self::get), but dials even if a dial to `address` failed within the last
+    /// second. For the rare calls that must not be lost to a failure remembered from before (a
+    /// vote request: one per election, and an election is when a peer that just restarted
+    /// matters most).
+    pub async fn get_now(&self, address: &str) -> Result<quinn::Connection, ConnectError> {
+        self.connection(address, false).await
+    }
+
+    async fn connection(&self, address: &str, remembered_failures: bool) -> Result<quinn::Connection, ConnectError> {
         let mut outcome = {
             let mut state = self.lock();
             if let Some(connection) = state.connections.get(address).filter(|c| c.close_reason().is_none()) {
                 return Ok(connection.clone());
             }
-            if let Some((failed_at, error)) = state.failures.get(address) {
+            if let Some((failed_at, error)) = state.failures.get(address).filter(|_| remembered_failures) {
                 if failed_at.elapsed() < DIAL_FAILURE_MEMORY {
                     return Err(error.clone());
                 }
@@ -116,6 +128,7 @@ impl ConnectionPool {
                                 Ok(connection) => {
                                     state.failures.remove(&address);
                                     state.connections.insert(address.clone(), connection.clone());
+                                    tokio::spawn(close_when_silent(connection.clone()));
                                 }
                                 Err(error) => {
                                     state.failures.insert(address.clone(), (Instant::now(), error.clone()));
@@ -139,6 +152,21 @@ impl ConnectionPool {
                 });
             }
         }
+    }
+}
+
+/// Closes a pooled connection whose peer has sent nothing for the silence limit (a live peer
+/// answers a keep-alive at least every `KEEP_ALIVE_INTERVAL`), so that the next call dials
+/// afresh. A killed peer sends nothing, and one restarted at the same address does not know the
+/// old connection either: without this the pool handed out the dead connection until quinn's
+/// idle timeout, and each Raft call on it (a vote, in an election) timed out first.
+async fn close_when_silent(connection: quinn::Connection) {
+    tokio::select! {
+        () = super::stream::peer_goes_silent(&connection, super::stream::PEER_SILENCE_LIMIT) => {
+            tracing::info!(remote = %connection.remote_address(), "closing a connection whose peer went silent");
+            connection.close(0_u32.into(), b"peer silent");
+        }
+        _ = connection.closed() => {}
     }
 }
 
