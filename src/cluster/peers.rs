@@ -51,6 +51,37 @@ impl PeerClient {
         }
     }
 
+    /// Like [`PeerClient::call`], bounded by `deadline` rather than a duration: the time left is
+    /// measured once the connection is there, so a slow dial does not stretch the call past the
+    /// deadline (the peer gets what is left, in the stream header).
+    pub async fn call_until<Request: Serialize, Response: DeserializeOwned>(
+        &self,
+        address: &str,
+        kind: StreamKind,
+        request: &Request,
+        deadline: std::time::Instant,
+    ) -> Result<Response, WireError> {
+        let connection =
+            self.pool.get(address).await.map_err(|error| unavailable(format!("cannot reach {address}: {error}")))?;
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(WireError::new(
+                ErrorCode::DeadlineExceeded,
+                "the request's deadline passed before it was sent",
+            ));
+        }
+        let trace_context = crate::telemetry::current_traceparent();
+        match transport::call::<Request, Response>(&connection, kind, trace_context, request, left, self.frame_limit)
+            .await
+        {
+            Ok(answer) => answer,
+            Err(error) => {
+                self.pool.forget(address);
+                Err(unavailable(format!("{address} did not answer: {error}")))
+            }
+        }
+    }
+
     /// Like [`PeerClient::call`], to the node that must be `node_id`: the answer is only taken
     /// from a peer whose certificate names that node (an answer speaks for its sender).
     pub async fn call_node<Request: Serialize, Response: DeserializeOwned>(

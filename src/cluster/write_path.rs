@@ -18,9 +18,11 @@ use crate::raft::types::{BatchOutcome, IndexBatch};
 
 /// How long a write waits for a leader to appear before giving up.
 const LEADER_WAIT: Duration = Duration::from_secs(5);
-/// Tries of a write across leadership changes.
-const PROPOSE_ATTEMPTS: usize = 4;
-/// The longest pause between two tries of a write while the leader stays the same.
+/// Tries of a write across leadership changes, at most (the deadline ends them sooner).
+const PROPOSE_ATTEMPTS: usize = 64;
+/// The pause between two tries of a write while the leader stays the same. Tries go on until
+/// the deadline, so a leader whose dial failed is dialled again once the pool's one-second
+/// memory of that failure has passed.
 const RETRY_PAUSE: Duration = Duration::from_millis(300);
 
 fn outcome_to_result(outcome: BatchOutcome) -> ClusterResult<BatchOutcome> {
@@ -120,12 +122,7 @@ impl Cluster {
                 let forwarded = self
                     .inner
                     .peers
-                    .call::<_, RaftResponse>(
-                        &leader.address,
-                        StreamKind::Raft,
-                        &request,
-                        deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
-                    )
+                    .call_until::<_, RaftResponse>(&leader.address, StreamKind::Raft, &request, deadline)
                     .instrument(forward_span);
                 // A leader that died does not answer; as soon as Raft names another one, go there.
                 let answer = tokio::select! {

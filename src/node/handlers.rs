@@ -315,6 +315,11 @@ pub(crate) async fn handle_raft(
             if !rpc.entries.is_empty() {
                 state.check_disk_space()?;
             }
+            // openraft renews its leader lease when a current leader's message arrives, before
+            // the log is flushed; the election assist's silence must not count a slow flush.
+            if rpc.vote.is_committed() && rpc.vote.leader_id().term >= current_term {
+                state.election.heard_from_leader();
+            }
             let answer = state.raft.append_entries(rpc).await;
             if matches!(&answer, Ok(response) if !matches!(response, openraft::raft::AppendEntriesResponse::HigherVote(_)))
             {
@@ -326,6 +331,11 @@ pub(crate) async fn handle_raft(
             let request = rpc.clone();
             let answer = state.raft.vote(rpc).await;
             if let Ok(response) = &answer {
+                if response.vote_granted {
+                    // A granted vote renews openraft's timer too: the winner's first message
+                    // is due, not an election.
+                    state.election.heard_from_leader();
+                }
                 state.election.report(Hint::Answered { request, response: response.clone() });
             }
             RaftResponse::Vote(answer)

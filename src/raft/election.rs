@@ -22,8 +22,10 @@
 //!
 //! Starting an election is always safe in Raft (votes and logs decide who wins); these rules only
 //! change when one starts, never who may win. Each is counted in
-//! `bayard_election_assists_total{reason}`; at most one hinted election starts per term, and the
-//! silence rule retries no faster than once per election timeout.
+//! `bayard_election_assists_total{reason}`. [`paced`] keeps them at openraft's own pace: no
+//! election starts within the shortest election timeout of another (this node's, openraft's or
+//! a peer's), except the one immediate retry of a collision; and only a voter's vote request
+//! counts as a hint.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -125,6 +127,30 @@ pub fn silence_calls_for_election(
         && since_last_election.is_none_or(|elapsed| elapsed >= retry)
 }
 
+/// Whether an election `rule` calls for may start now. `since_last_assist` and `last_rule`
+/// describe the last election the assist started, `since_term_change` the last change of term
+/// this node saw (its own elections, openraft's, a vote granted), `min_gap` the shortest
+/// election timeout.
+///
+/// A collision is the second step of an election this node has just started, so it may follow
+/// any other rule at once, but not another collision within `min_gap` (a voter answering every
+/// vote with a same-term collision cannot make this node campaign faster than its timer would).
+/// The other rules wait until no election has started for `min_gap`: they must not cut short
+/// an election under way, this node's or another's.
+pub fn paced(
+    rule: Rule,
+    since_last_assist: Option<Duration>,
+    last_rule: Option<Rule>,
+    since_term_change: Duration,
+    min_gap: Duration,
+) -> bool {
+    let gap_since_last = since_last_assist.is_none_or(|elapsed| elapsed >= min_gap);
+    match rule {
+        Rule::Collision => last_rule != Some(Rule::Collision) || gap_since_last,
+        Rule::LongerLog | Rule::LeaderSilent => gap_since_last && since_term_change >= min_gap,
+    }
+}
+
 /// The handle the network (asked) and the Raft handler (answered) report vote exchanges to;
 /// cheap to clone.
 #[derive(Clone)]
@@ -202,10 +228,15 @@ pub async fn run(
     timing: Timing,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    // Each hinted election raises the term by one, and at most one starts per term this node
-    // observed: assists cannot feed each other faster than elections end.
+    // At most one hinted election per term this node observed, and all of them paced by
+    // `paced`: neither peers' hints nor the silence make elections faster than openraft's own
+    // timer would, except the one immediate retry of a collision.
     let mut last_assisted_term: Option<u64> = None;
-    let mut last_election: Option<Instant> = None;
+    let mut last_election: Option<(Instant, Rule)> = None;
+    // Silence counts from the start of this task, as openraft's timer counts from its start.
+    assist.heard_from_leader();
+    let mut last_term = raft.metrics().borrow().current_term;
+    let mut term_changed_at = Instant::now();
     let mut silence_wait = timing.lease() + timing.random_timeout();
     let mut ticker = tokio::time::interval(SILENCE_CHECK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -237,6 +268,27 @@ pub async fn run(
                 lease,
             }
         };
+        if observed.state == ServerState::Leader {
+            // A leader hears from itself: when it steps down, its silence counts from then, as
+            // openraft's timer does (the vote changes then).
+            assist.heard_from_leader();
+        }
+        if observed.current_term != last_term {
+            // A new term: a vote was granted or changed, an election started or ended. openraft
+            // counts its own timer from there; so does the silence.
+            last_term = observed.current_term;
+            term_changed_at = Instant::now();
+            assist.heard_from_leader();
+        }
+        if let Some(Hint::Answered { request, .. }) = &hint {
+            // Only a voter's candidacy says anything about this cluster's election.
+            let candidate = request.vote.leader_id().node_id;
+            let candidate_votes =
+                raft.metrics().borrow().membership_config.membership().voter_ids().any(|id| id == candidate);
+            if !candidate_votes {
+                continue;
+            }
+        }
         let rule = match &hint {
             None => {
                 if observed.leader_silence < lease {
@@ -244,8 +296,13 @@ pub async fn run(
                     silence_wait = lease + timing.random_timeout();
                     continue;
                 }
-                let since_last_election = last_election.map(|at| at.elapsed());
-                if !silence_calls_for_election(&observed, silence_wait, timing.random_timeout(), since_last_election) {
+                let since_last_election = last_election.map(|(at, _)| at.elapsed());
+                if !silence_calls_for_election(
+                    &observed,
+                    silence_wait,
+                    timing.election_timeout_max,
+                    since_last_election,
+                ) {
                     continue;
                 }
                 Rule::LeaderSilent
@@ -261,7 +318,12 @@ pub async fn run(
                 rule
             }
         };
-        last_election = Some(Instant::now());
+        let since_last_election = last_election.map(|(at, _)| at.elapsed());
+        let last_rule = last_election.map(|(_, rule)| rule);
+        if !paced(rule, since_last_election, last_rule, term_changed_at.elapsed(), timing.election_timeout_min) {
+            continue;
+        }
+        last_election = Some((Instant::now(), rule));
         crate::telemetry::metrics::record_election_assist(rule.name());
         tracing::info!(rule = rule.name(), term = observed.current_term, "starting an election before the timer");
         if let Err(error) = raft.trigger().elect().await {
@@ -385,6 +447,49 @@ mod tests {
         ];
         for (name, hint, observed, expected) in cases {
             assert_eq!(should_campaign(&hint, &observed), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn pacing() {
+        let gap = Duration::from_millis(200);
+        let ms = Duration::from_millis;
+        /// Name, rule, since the last assisted election and its rule, since the last term
+        /// change, expected.
+        type Case = (&'static str, Rule, Option<Duration>, Option<Rule>, Duration, bool);
+        let cases: Vec<Case> = vec![
+            ("first election, quiet terms", Rule::LongerLog, None, None, ms(5000), true),
+            (
+                "the collision right after this node's longer-log election",
+                Rule::Collision,
+                Some(ms(3)),
+                Some(Rule::LongerLog),
+                ms(3),
+                true,
+            ),
+            ("a second collision at once: no", Rule::Collision, Some(ms(3)), Some(Rule::Collision), ms(3), false),
+            (
+                "a collision an election timeout later",
+                Rule::Collision,
+                Some(ms(250)),
+                Some(Rule::Collision),
+                ms(5),
+                true,
+            ),
+            ("longer log while an election just started", Rule::LongerLog, None, None, ms(50), false),
+            (
+                "longer log soon after this node's last election",
+                Rule::LongerLog,
+                Some(ms(100)),
+                Some(Rule::LeaderSilent),
+                ms(5000),
+                false,
+            ),
+            ("silence soon after openraft's own election", Rule::LeaderSilent, None, None, ms(10), false),
+            ("silence, nothing for a while", Rule::LeaderSilent, Some(ms(900)), Some(Rule::Collision), ms(900), true),
+        ];
+        for (name, rule, since_last, last_rule, since_term_change, expected) in cases {
+            assert_eq!(paced(rule, since_last, last_rule, since_term_change, gap), expected, "{name}");
         }
     }
 

@@ -220,7 +220,8 @@ impl Metrics {
         registry.register(
             "election_assists",
             "Elections this node started before its own timer, by rule (longer_log: it refused a candidate with a \
-             shorter log; collision: a peer with a shorter log campaigned at the same term)",
+             shorter log; collision: a peer with a shorter log campaigned at the same term; leader_silent: no \
+             leader heard from for the lease and an election timeout)",
             election_assists.clone(),
         );
 

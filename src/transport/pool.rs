@@ -128,7 +128,11 @@ impl ConnectionPool {
                                 Ok(connection) => {
                                     state.failures.remove(&address);
                                     state.connections.insert(address.clone(), connection.clone());
-                                    tokio::spawn(close_when_silent(connection.clone()));
+                                    tokio::spawn(close_when_silent(
+                                        Arc::downgrade(&pool_state),
+                                        address.clone(),
+                                        connection.clone(),
+                                    ));
                                 }
                                 Err(error) => {
                                     state.failures.insert(address.clone(), (Instant::now(), error.clone()));
@@ -155,18 +159,47 @@ impl ConnectionPool {
     }
 }
 
+/// How often a pooled connection's traffic is looked at.
+const SILENCE_CHECK: Duration = Duration::from_millis(50);
+
 /// Closes a pooled connection whose peer has sent nothing for the silence limit (a live peer
 /// answers a keep-alive at least every `KEEP_ALIVE_INTERVAL`), so that the next call dials
 /// afresh. A killed peer sends nothing, and one restarted at the same address does not know the
 /// old connection either: without this the pool handed out the dead connection until quinn's
 /// idle timeout, and each Raft call on it (a vote, in an election) timed out first.
-async fn close_when_silent(connection: quinn::Connection) {
-    tokio::select! {
-        () = super::stream::peer_goes_silent(&connection, super::stream::PEER_SILENCE_LIMIT) => {
+///
+/// The watch ends as soon as the pool no longer holds this connection (forgotten or replaced):
+/// it must not keep a connection alive that nobody can use. A check that comes late (this
+/// process was starved of CPU) says nothing about the peer, so silence is counted again from it.
+async fn close_when_silent(pool: std::sync::Weak<Mutex<PoolState>>, address: String, connection: quinn::Connection) {
+    let mut received = connection.stats().udp_rx.datagrams;
+    let mut heard = Instant::now();
+    let mut last_check = Instant::now();
+    let mut ticker = tokio::time::interval(SILENCE_CHECK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = connection.closed() => return,
+        }
+        let still_pooled = pool.upgrade().is_some_and(|state| {
+            let state = state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            state.connections.get(&address).is_some_and(|pooled| pooled.stable_id() == connection.stable_id())
+        });
+        if !still_pooled {
+            return;
+        }
+        let now_received = connection.stats().udp_rx.datagrams;
+        let late = last_check.elapsed() > SILENCE_CHECK * 4;
+        last_check = Instant::now();
+        if now_received != received || late {
+            received = now_received;
+            heard = Instant::now();
+        } else if heard.elapsed() >= super::stream::PEER_SILENCE_LIMIT {
             tracing::info!(remote = %connection.remote_address(), "closing a connection whose peer went silent");
             connection.close(0_u32.into(), b"peer silent");
+            return;
         }
-        _ = connection.closed() => {}
     }
 }
 

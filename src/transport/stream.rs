@@ -208,7 +208,7 @@ pub const PEER_SILENCE_LIMIT: std::time::Duration = std::time::Duration::from_mi
 const SILENCE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Completes once nothing has been received on `connection` for `limit`.
-pub(crate) async fn peer_goes_silent(connection: &quinn::Connection, limit: std::time::Duration) {
+async fn peer_goes_silent(connection: &quinn::Connection, limit: std::time::Duration) {
     let mut received = connection.stats().udp_rx.datagrams;
     let mut heard = tokio::time::Instant::now();
     let mut ticker = tokio::time::interval(SILENCE_CHECK_INTERVAL);
