@@ -165,9 +165,18 @@ impl Cluster {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
         };
-        retry_while_changing(|| self.raft().change_membership(change.clone(), false))
-            .await
-            .map_err(|error| ClusterError::Unavailable(format!("cannot remove node {node_id}: {error}")))?;
+        match retry_while_changing(|| self.raft().change_membership(change.clone(), false)).await {
+            Ok(_) => {}
+            // openraft refused before proposing anything: leadership moved while the voters were
+            // probed. Nothing changed, so the new leader may decide (and checks again).
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                drop(_one_change_at_a_time);
+                return self.forward_admin_to_leader(&AdminRequest::Leave { node_id, force }).await;
+            }
+            Err(error) => {
+                return Err(ClusterError::Unavailable(format!("cannot remove node {node_id}: {error}")));
+            }
+        }
         tracing::info!(node_id, "removed a member");
         if node_id != self.node_id() {
             self.inner.table.forget(node_id);

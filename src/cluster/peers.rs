@@ -37,18 +37,8 @@ impl PeerClient {
         request: &Request,
         timeout: Duration,
     ) -> Result<Response, WireError> {
-        let connection =
-            self.pool.get(address).await.map_err(|error| unavailable(format!("cannot reach {address}: {error}")))?;
-        let trace_context = crate::telemetry::current_traceparent();
-        match transport::call::<Request, Response>(&connection, kind, trace_context, request, timeout, self.frame_limit)
-            .await
-        {
-            Ok(answer) => answer,
-            Err(error) => {
-                self.pool.forget(address);
-                Err(unavailable(format!("{address} did not answer: {error}")))
-            }
-        }
+        let connection = self.connection(address).await?;
+        self.send(&connection, address, kind, request, timeout).await
     }
 
     /// Like [`PeerClient::call`], bounded by `deadline` rather than a duration: the time left is
@@ -61,8 +51,7 @@ impl PeerClient {
         request: &Request,
         deadline: std::time::Instant,
     ) -> Result<Response, WireError> {
-        let connection =
-            self.pool.get(address).await.map_err(|error| unavailable(format!("cannot reach {address}: {error}")))?;
+        let connection = self.connection(address).await?;
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
             return Err(WireError::new(
@@ -70,8 +59,23 @@ impl PeerClient {
                 "the request's deadline passed before it was sent",
             ));
         }
+        self.send(&connection, address, kind, request, left).await
+    }
+
+    async fn connection(&self, address: &str) -> Result<quinn::Connection, WireError> {
+        self.pool.get(address).await.map_err(|error| unavailable(format!("cannot reach {address}: {error}")))
+    }
+
+    async fn send<Request: Serialize, Response: DeserializeOwned>(
+        &self,
+        connection: &quinn::Connection,
+        address: &str,
+        kind: StreamKind,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Response, WireError> {
         let trace_context = crate::telemetry::current_traceparent();
-        match transport::call::<Request, Response>(&connection, kind, trace_context, request, left, self.frame_limit)
+        match transport::call::<Request, Response>(connection, kind, trace_context, request, timeout, self.frame_limit)
             .await
         {
             Ok(answer) => answer,
@@ -92,14 +96,19 @@ impl PeerClient {
         request: &Request,
         timeout: Duration,
     ) -> Result<Response, WireError> {
-        self.verify_node_at(node_id, address).await?;
-        self.call(address, kind, request, timeout).await
+        // The answer comes over the very connection whose certificate was checked.
+        let connection = self.verified_connection(node_id, address).await?;
+        self.send(&connection, address, kind, request, timeout).await
     }
 
     /// Dials `address` and checks that the node there presents the certificate of `node_id`:
     /// a request forwarded by a member must not admit an impostor, and only the node the
     /// membership names may vouch.
     pub async fn verify_node_at(&self, node_id: u64, address: &str) -> Result<(), WireError> {
+        self.verified_connection(node_id, address).await.map(|_| ())
+    }
+
+    async fn verified_connection(&self, node_id: u64, address: &str) -> Result<quinn::Connection, WireError> {
         let connection = self
             .pool
             .get(address)
@@ -116,6 +125,6 @@ impl PeerClient {
                 ),
             ));
         }
-        Ok(())
+        Ok(connection)
     }
 }
