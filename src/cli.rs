@@ -11,11 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::certs::{self, CertificateAuthority, Validity};
-use crate::client::{Client, ClientError, ClientOptions, WriteReceipt};
+use crate::client::{receipt_json, status_json, Client, ClientError, ClientOptions};
 use crate::index::QueryLimits;
 use crate::index::{FacetRequest, SearchRequest, SortSpec, DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
 use crate::node::{self, NodeConfig, NodeLimits};
-use crate::protocol::{Consistency, DocumentInput, NodeStatus};
+use crate::protocol::{Consistency, DocumentInput};
 use crate::telemetry::{self, LogFormat, TelemetryConfig};
 use crate::transport::{self, Role, TlsFiles};
 
@@ -59,6 +59,43 @@ pub enum Command {
     Peers(ConnectionArguments),
     /// Remove a node from the cluster (admin certificate).
     Leave(LeaveArguments),
+    /// API keys for the HTTP API (admin certificate).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a key; prints its secret, the only time it is shown.
+    Create(CreateKeyArguments),
+    /// List the keys (never their secrets).
+    List(ConnectionArguments),
+    /// Revoke a key on every node.
+    Revoke(RevokeKeyArguments),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateKeyArguments {
+    #[command(flatten)]
+    pub connection: ConnectionArguments,
+    /// A name for the key (letters, digits, `-`, `_`, `.`).
+    #[arg(long)]
+    pub name: String,
+    /// client: documents and searches; admin: also cluster administration and keys.
+    #[arg(long, default_value = "client", value_parser = crate::access::KeyRole::parse)]
+    pub role: crate::access::KeyRole,
+    /// The key may only read (search, get, status).
+    #[arg(long)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeKeyArguments {
+    #[command(flatten)]
+    pub connection: ConnectionArguments,
+    /// The key's id (as `keys create` or `keys list` print it).
+    #[arg(long)]
+    pub id: String,
 }
 
 #[derive(Debug, Args)]
@@ -182,8 +219,36 @@ pub struct ServeArguments {
     /// Serve /metrics (Prometheus), /livez and /readyz over HTTP on this port of --host.
     #[arg(long, env = "BAYARD_METRICS_PORT")]
     pub metrics_port: Option<u16>,
+    /// TCP port of the HTTPS API (REST and the Elasticsearch subset): `same` (the QUIC port's
+    /// number), a number, or `off`.
+    #[arg(long, env = "BAYARD_HTTP_PORT", default_value = "same", value_parser = parse_http_port)]
+    pub http_port: node::HttpPort,
+    /// The index's name in HTTP paths (`/{index}/_search`).
+    #[arg(long, env = "BAYARD_INDEX_NAME", default_value = "bayard")]
+    pub index_name: String,
+    /// Open HTTPS connections, all callers together.
+    #[arg(long, env = "BAYARD_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub http_max_connections: usize,
+    /// Largest HTTP request body, in MiB (bulk bodies are written in chunks).
+    #[arg(long, env = "BAYARD_HTTP_MAX_BODY_MB", default_value_t = 64)]
+    pub http_max_body_mb: usize,
+    /// Longest an HTTP request may take.
+    #[arg(long, env = "BAYARD_HTTP_REQUEST_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub http_request_timeout: Duration,
     #[command(flatten)]
     pub limits: LimitArguments,
+}
+
+/// Parses `--http-port`: `same`, `off` or a port number.
+pub fn parse_http_port(text: &str) -> Result<node::HttpPort, String> {
+    match text.trim() {
+        "same" => Ok(node::HttpPort::SameAsQuic),
+        "off" => Ok(node::HttpPort::Off),
+        number => number
+            .parse::<u16>()
+            .map(node::HttpPort::Port)
+            .map_err(|_| format!("`{number}` is not a port; use same, off or a number")),
+    }
 }
 
 /// Limits on what callers may make the node hold (docs/security.md lists each with its refusal).
@@ -375,9 +440,20 @@ pub struct SearchArguments {
     /// local: this node; leader: the leader's index; linearizable: the leader after a read-index check.
     #[arg(long, env = "BAYARD_CONSISTENCY", default_value = "local", value_parser = parse_consistency)]
     pub consistency: Consistency,
+    /// A query in the JSON query language instead of the query string (Elasticsearch's Query
+    /// DSL: `{"bool": {"must": [{"match": {"body": "search"}}]}}`).
+    #[arg(long, conflicts_with = "query")]
+    pub query_json: Option<String>,
+    /// Aggregations, as Elasticsearch's `aggs` JSON (with --query-json or a query string).
+    #[arg(long)]
+    pub aggs_json: Option<String>,
+    /// Stored text fields to highlight matches in, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub highlight: Vec<String>,
     /// tantivy query syntax, e.g. 'title:hello AND body:world'; `*` (or an empty query) matches
     /// every document.
-    pub query: String,
+    #[arg(required_unless_present = "query_json")]
+    pub query: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -615,6 +691,11 @@ async fn serve_node(arguments: ServeArguments) -> anyhow::Result<()> {
     config.limits = arguments.limits.to_limits();
     config.join_timeout = arguments.join_timeout;
     config.max_concurrent_streams = arguments.limits.max_streams_per_connection;
+    config.http_port = arguments.http_port;
+    config.http.index_name = arguments.index_name.clone();
+    config.http.max_connections = arguments.http_max_connections.max(1);
+    config.http.max_body_bytes = arguments.http_max_body_mb.max(1) * 1024 * 1024;
+    config.http.request_timeout = arguments.http_request_timeout;
     node::run(config, shutdown_signal(), reload_signal()).await.map_err(|error| anyhow!(error))
 }
 
@@ -735,6 +816,43 @@ fn issue_leaf(
     Ok(certs::write_pair(&arguments.out_dir, stem, &pair, arguments.force)?)
 }
 
+/// The JSON search body of `search --query-json/--aggs-json/--highlight`: the query string (when
+/// no JSON query is given) becomes a `query_string` query; `--from`, `--limit`, `--sort` and
+/// `--exclude-count` carry over.
+fn json_search_body(arguments: &SearchArguments) -> anyhow::Result<serde_json::Value> {
+    if !arguments.facet_field.is_empty() {
+        bail!("--facet-field works with query strings; with JSON, use a terms aggregation in --aggs-json");
+    }
+    let parse = |flag: &str, text: &str| -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(text).with_context(|| format!("{flag} is not JSON"))
+    };
+    let query = match (&arguments.query_json, &arguments.query) {
+        (Some(text), _) => parse("--query-json", text)?,
+        (None, Some(text)) if !text.trim().is_empty() && text.trim() != "*" => json!({"query_string": {"query": text}}),
+        (None, _) => json!({"match_all": {}}),
+    };
+    let mut body = json!({"query": query, "from": arguments.from, "size": arguments.limit});
+    if let Some(aggs) = &arguments.aggs_json {
+        body["aggs"] = parse("--aggs-json", aggs)?;
+    }
+    if !arguments.highlight.is_empty() {
+        let fields: serde_json::Map<String, serde_json::Value> =
+            arguments.highlight.iter().map(|field| (field.clone(), json!({}))).collect();
+        body["highlight"] = json!({"fields": fields});
+    }
+    if let Some(sort) = &arguments.sort {
+        let sort = parse_sort(sort)?;
+        body["sort"] = json!([{sort.field: {"order": if sort.descending { "desc" } else { "asc" }}}]);
+    }
+    if arguments.exclude_count {
+        body["track_total_hits"] = json!(false);
+    }
+    if arguments.exclude_docs {
+        body["size"] = json!(0);
+    }
+    Ok(body)
+}
+
 fn print_json(value: &serde_json::Value) {
     println!("{value}");
 }
@@ -839,46 +957,6 @@ pub fn legacy_hint(arguments: &[String]) -> Option<String> {
         }
     }
     None
-}
-
-fn receipt_json(receipt: WriteReceipt) -> serde_json::Value {
-    let mut answer = json!({"status": "OK", "operations": receipt.operations, "applied_index": receipt.applied_index});
-    // Only when it happened: a retry whose first attempt had been applied, so nothing was twice.
-    if receipt.duplicate {
-        answer["duplicate"] = json!(true);
-    }
-    answer
-}
-
-fn status_json(status: &NodeStatus) -> serde_json::Value {
-    let nodes: Vec<serde_json::Value> = status
-        .members
-        .iter()
-        .map(|member| {
-            json!({
-                "id": member.node_id,
-                "address": member.address,
-                "role": member.role,
-                "applied_index": member.applied_index,
-                "lag": member.lag,
-                "state": member.state,
-            })
-        })
-        .collect();
-    json!({
-        "leader": status.leader,
-        "term": status.term,
-        "node_id": status.node_id,
-        "cluster_id": status.cluster_id,
-        "address": status.address,
-        "role": status.role,
-        "applied_index": status.applied_index,
-        "document_count": status.document_count,
-        "segment_count": status.segment_count,
-        "version": status.version,
-        "nodes": nodes,
-        "status": "OK",
-    })
 }
 
 /// Reads `path` (`-` or none: stdin) to a string.
@@ -1158,6 +1236,32 @@ async fn run_client_command(command: Command) -> anyhow::Result<()> {
             client.leave(node_id, arguments.force).await?;
             print_json(&json!({"status": "OK", "removed": node_id}));
         }
+        Command::Search(arguments)
+            if arguments.query_json.is_some() || arguments.aggs_json.is_some() || !arguments.highlight.is_empty() =>
+        {
+            let body = json_search_body(&arguments)?;
+            let client = connect(&arguments.connection)?;
+            print_json(&client.search_json(&body, arguments.consistency).await?);
+        }
+        Command::Keys(KeysCommand::Create(arguments)) => {
+            let client = connect(&arguments.connection)?;
+            let (record, secret) = client.create_key(&arguments.name, arguments.role, arguments.read_only).await?;
+            print_json(&crate::http::rest::key_created_json(
+                &record.id,
+                &record.name,
+                record.role,
+                record.read_only,
+                &secret,
+            ));
+        }
+        Command::Keys(KeysCommand::List(connection)) => {
+            let keys = connect(&connection)?.list_keys().await?;
+            print_json(&json!({"keys": keys}));
+        }
+        Command::Keys(KeysCommand::Revoke(arguments)) => {
+            let applied_index = connect(&arguments.connection)?.revoke_key(&arguments.id).await?;
+            print_json(&json!({"status": "OK", "revoked": arguments.id, "applied_index": applied_index}));
+        }
         Command::Search(arguments) => {
             let sort = arguments.sort.as_deref().map(parse_sort).transpose()?;
             let facets = arguments
@@ -1166,7 +1270,7 @@ async fn run_client_command(command: Command) -> anyhow::Result<()> {
                 .map(|field| FacetRequest { field: field.clone(), prefixes: arguments.facet_prefix.clone() })
                 .collect();
             let request = SearchRequest {
-                query: arguments.query.clone(),
+                query: arguments.query.clone().unwrap_or_default(),
                 from: arguments.from,
                 limit: arguments.limit,
                 exclude_count: arguments.exclude_count,

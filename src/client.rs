@@ -155,7 +155,7 @@ pub struct SearchResult {
 }
 
 impl SearchResult {
-    fn from_response(response: SearchResponse, node_id: u64, applied_index: u64) -> Self {
+    pub fn from_response(response: SearchResponse, node_id: u64, applied_index: u64) -> Self {
         let docs = response
             .docs
             .into_iter()
@@ -544,6 +544,72 @@ impl Client {
         }
     }
 
+    /// A search in the JSON query language (Elasticsearch's request body: `query`, `from`,
+    /// `size`, `sort`, `_source`, `highlight`, `aggs`, …); the answer is
+    /// `index::JsonSearchResponse` as JSON.
+    pub async fn search_json(
+        &self,
+        body: &serde_json::Value,
+        consistency: Consistency,
+    ) -> Result<serde_json::Value, ClientError> {
+        let request = ClientRequest::SearchJson { body_json: body.to_string(), consistency };
+        let (response, server) = self.call(StreamKind::Client, &request).await?;
+        match response {
+            ClientResponse::SearchJson { response_json, .. } => Ok(parse_json_or_string(&response_json)),
+            _ => Err(ClientError::UnexpectedResponse { server, request: "search_json" }),
+        }
+    }
+
+    /// How many documents match a JSON query (`None`: all of them).
+    pub async fn count_json(
+        &self,
+        query: Option<&serde_json::Value>,
+        consistency: Consistency,
+    ) -> Result<u64, ClientError> {
+        let request = ClientRequest::CountJson { query_json: query.map(ToString::to_string), consistency };
+        let (response, server) = self.call(StreamKind::Client, &request).await?;
+        match response {
+            ClientResponse::Count { count, .. } => Ok(count),
+            _ => Err(ClientError::UnexpectedResponse { server, request: "count_json" }),
+        }
+    }
+
+    /// Makes an API key here and registers its record (admin certificate): the secret never
+    /// leaves this process but in the answer. Returns the record and the secret.
+    pub async fn create_key(
+        &self,
+        name: &str,
+        role: crate::access::KeyRole,
+        read_only: bool,
+    ) -> Result<(crate::access::ApiKeyRecord, String), ClientError> {
+        let (record, secret) = crate::access::new_key(name, role, read_only).map_err(ClientError::InvalidArgument)?;
+        let request = AdminRequest::CreateKey { record: record.clone(), request_id: RequestId::random() };
+        let (response, server) = self.call_preferring(StreamKind::Admin, &request, self.known_leader()).await?;
+        match response {
+            AdminResponse::KeyChanged { .. } => Ok((record, secret)),
+            _ => Err(ClientError::UnexpectedResponse { server, request: "create_key" }),
+        }
+    }
+
+    /// The cluster's API keys (admin certificate).
+    pub async fn list_keys(&self) -> Result<Vec<crate::access::ApiKeyInfo>, ClientError> {
+        let (response, server) = self.call(StreamKind::Admin, &AdminRequest::ListKeys).await?;
+        match response {
+            AdminResponse::Keys(keys) => Ok(keys),
+            _ => Err(ClientError::UnexpectedResponse { server, request: "list_keys" }),
+        }
+    }
+
+    /// Revokes an API key on every node (admin certificate); the log index it was applied at.
+    pub async fn revoke_key(&self, id: &str) -> Result<u64, ClientError> {
+        let request = AdminRequest::RevokeKey { id: id.to_string(), request_id: RequestId::random() };
+        let (response, server) = self.call_preferring(StreamKind::Admin, &request, self.known_leader()).await?;
+        match response {
+            AdminResponse::KeyChanged { applied_index } => Ok(applied_index),
+            _ => Err(ClientError::UnexpectedResponse { server, request: "revoke_key" }),
+        }
+    }
+
     /// Sends a write request exactly as given (its request id included): tests retry one with
     /// the same id to see it applied once.
     pub async fn send_write(&self, request: ClientRequest) -> Result<WriteReceipt, ClientError> {
@@ -626,4 +692,47 @@ async fn raw_stream_call<Request: Serialize>(
         Ok(answer)
     };
     tokio::time::timeout(timeout, exchange).await.unwrap_or(Err(CallError::TimedOut(timeout)))
+}
+
+/// A write's receipt as the CLI prints it and the REST gateway answers it.
+pub fn receipt_json(receipt: WriteReceipt) -> serde_json::Value {
+    let mut answer =
+        serde_json::json!({"status": "OK", "operations": receipt.operations, "applied_index": receipt.applied_index});
+    // Only when it happened: a retry whose first attempt had been applied, so nothing was twice.
+    if receipt.duplicate {
+        answer["duplicate"] = serde_json::json!(true);
+    }
+    answer
+}
+
+/// A node's status as `bayard status` prints it and `GET /v1/status` answers it.
+pub fn status_json(status: &NodeStatus) -> serde_json::Value {
+    let nodes: Vec<serde_json::Value> = status
+        .members
+        .iter()
+        .map(|member| {
+            serde_json::json!({
+                "id": member.node_id,
+                "address": member.address,
+                "role": member.role,
+                "applied_index": member.applied_index,
+                "lag": member.lag,
+                "state": member.state,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "leader": status.leader,
+        "term": status.term,
+        "node_id": status.node_id,
+        "cluster_id": status.cluster_id,
+        "address": status.address,
+        "role": status.role,
+        "applied_index": status.applied_index,
+        "document_count": status.document_count,
+        "segment_count": status.segment_count,
+        "version": status.version,
+        "nodes": nodes,
+        "status": "OK",
+    })
 }

@@ -12,6 +12,9 @@
 //! - [`index`]: schema and analyzer files, tantivy writer and reader, search with facets, sort and
 //!   pagination. Synchronous and free of networking and Raft; callers run it on blocking threads.
 //! - [`client`]: the typed async client used by the CLI and the tests.
+//! - [`access`]: API keys: records, digests, the replicated key table.
+//! - [`http`]: the HTTPS door: Bayard's REST gateway and an Elasticsearch-compatible subset,
+//!   on top of the same handlers as QUIC (through `http::Backend`).
 //! - [`bounded`]: sequences whose length is bounded while they are decoded.
 //! - [`certs`]: certificate generation with rcgen (CA, node, client, admin roles).
 //! - [`cli`]: the `bayard` command line; the only place that uses `anyhow`.
@@ -22,11 +25,13 @@
 //!
 //! See `docs/architecture.md` for the invariants and the reasons behind them.
 
+pub mod access;
 pub mod bounded;
 pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod http;
 pub mod index;
 pub mod node;
 pub mod protocol;

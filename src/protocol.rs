@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::access::{ApiKeyInfo, ApiKeyRecord, KeyRole};
 use crate::index::{SearchRequest, SearchResponse, StoredDocument};
 pub use crate::raft::types::RequestId;
 /// The Raft stream's messages belong to `raft` (which knows openraft's types); they are part of
@@ -74,6 +75,18 @@ pub enum ClientRequest {
         consistency: Consistency,
     },
     Schema,
+    /// A search in the JSON query language (`index::JsonSearchRequest`: Elasticsearch's request
+    /// body), as JSON text: the language is JSON, and postcard cannot carry arbitrary JSON
+    /// values.
+    SearchJson {
+        body_json: String,
+        consistency: Consistency,
+    },
+    /// How many documents match a JSON query (`None`: all).
+    CountJson {
+        query_json: Option<String>,
+        consistency: Consistency,
+    },
 }
 
 impl ClientRequest {
@@ -87,6 +100,8 @@ impl ClientRequest {
             ClientRequest::Merge { .. } => "merge",
             ClientRequest::Search { .. } => "search",
             ClientRequest::Schema => "schema",
+            ClientRequest::SearchJson { .. } => "search_json",
+            ClientRequest::CountJson { .. } => "count_json",
         }
     }
 
@@ -103,7 +118,11 @@ impl ClientRequest {
             | ClientRequest::Commit { request_id }
             | ClientRequest::Rollback { request_id }
             | ClientRequest::Merge { request_id } => Some(*request_id),
-            ClientRequest::Get { .. } | ClientRequest::Search { .. } | ClientRequest::Schema => None,
+            ClientRequest::Get { .. }
+            | ClientRequest::Search { .. }
+            | ClientRequest::Schema
+            | ClientRequest::SearchJson { .. }
+            | ClientRequest::CountJson { .. } => None,
         }
     }
 }
@@ -132,6 +151,17 @@ pub enum ClientResponse {
     Schema {
         schema_json: String,
     },
+    /// The answer to `SearchJson`: `index::JsonSearchResponse` as JSON text.
+    SearchJson {
+        response_json: String,
+        node_id: u64,
+        applied_index: u64,
+    },
+    Count {
+        count: u64,
+        node_id: u64,
+        applied_index: u64,
+    },
 }
 
 /// Requests on an `Admin` stream. `Status` and `Peers` are read-only and open to client
@@ -159,6 +189,20 @@ pub enum AdminRequest {
         node_id: u64,
         incarnation: u64,
     },
+    /// Adds an API key (admin certificates or admin keys only). The caller makes the key and
+    /// keeps its secret: only the record, with the secret's digest, travels and is stored, and
+    /// a retry under the same request id adds the same key once.
+    CreateKey {
+        record: ApiKeyRecord,
+        request_id: RequestId,
+    },
+    /// The keys, without their digests (admin only).
+    ListKeys,
+    /// Revokes a key on every node (admin only).
+    RevokeKey {
+        id: String,
+        request_id: RequestId,
+    },
 }
 
 impl AdminRequest {
@@ -170,11 +214,20 @@ impl AdminRequest {
             AdminRequest::Join { .. } => "join",
             AdminRequest::Leave { .. } => "leave",
             AdminRequest::Removed { .. } => "removed",
+            AdminRequest::CreateKey { .. } => "create_key",
+            AdminRequest::ListKeys => "list_keys",
+            AdminRequest::RevokeKey { .. } => "revoke_key",
         }
     }
 
     pub fn is_read_only(&self) -> bool {
         matches!(self, AdminRequest::Status | AdminRequest::LocalStatus | AdminRequest::Peers)
+    }
+
+    /// Requests only admins may make (not even a node certificate: a node never needs them, and
+    /// the threat model counts node certificates of non-members among the hostile).
+    pub fn is_key_management(&self) -> bool {
+        matches!(self, AdminRequest::CreateKey { .. } | AdminRequest::ListKeys | AdminRequest::RevokeKey { .. })
     }
 }
 
@@ -222,6 +275,11 @@ pub enum AdminResponse {
         node_id: u64,
     },
     Acknowledged,
+    /// A key was added or revoked, at this log index.
+    KeyChanged {
+        applied_index: u64,
+    },
+    Keys(Vec<ApiKeyInfo>),
 }
 
 #[cfg(test)]

@@ -152,10 +152,7 @@ async fn raft_messages_from_a_node_that_never_joined_change_nothing() {
         prev_log_id: None,
         entries: vec![Entry {
             log_id: log_id(term_before + 1, 99, last + 1),
-            payload: EntryPayload::Normal(IndexBatch {
-                operations: vec![put, IndexOperation::Commit],
-                request_id: None,
-            }),
+            payload: EntryPayload::Normal(IndexBatch::internal(vec![put, IndexOperation::Commit])),
         }],
         leader_commit: Some(log_id(term_before + 1, 99, last + 1)),
     });
@@ -176,7 +173,7 @@ async fn raft_messages_from_a_node_that_never_joined_change_nothing() {
     refused_as_non_member(call_raw::<_, RaftResponse>(&attacker, StreamKind::Raft, &snapshot).await);
 
     // A proposal (writes forwarded by a follower) and a removal notice.
-    let propose = RaftRequest::Propose(IndexBatch { operations: vec![IndexOperation::Rollback], request_id: None });
+    let propose = RaftRequest::Propose(IndexBatch::internal(vec![IndexOperation::Rollback]));
     refused_as_non_member(call_raw::<_, RaftResponse>(&attacker, StreamKind::Raft, &propose).await);
     let incarnation =
         test.node.raft().metrics().borrow().membership_config.membership().get_node(&1).unwrap().incarnation;
@@ -419,10 +416,10 @@ async fn headers_are_small_and_versioned() {
     }
     // A header of another protocol version is named as such.
     let mut future = StreamHeader::new(StreamKind::Client, None, 5_000);
-    future.protocol_version = 7;
+    future.protocol_version = 8;
     let error = send_raw(&connection, &frame(&postcard::to_allocvec(&future).unwrap())).await.unwrap().unwrap_err();
     assert_eq!(error.code, ErrorCode::UnsupportedVersion);
-    assert!(error.message.contains("version 7") && error.message.contains("version 6"), "{}", error.message);
+    assert!(error.message.contains("version 8") && error.message.contains("version 7"), "{}", error.message);
     // A header of bayard before versions (it started with the stream kind).
     let old = send_raw(&connection, &frame(&[3, 0, 100])).await.unwrap().unwrap_err();
     assert_eq!(old.code, ErrorCode::UnsupportedVersion);

@@ -10,6 +10,7 @@ mod document;
 mod error;
 mod export;
 mod limits;
+mod query_dsl;
 mod schema;
 mod search;
 mod search_index;
@@ -25,6 +26,12 @@ pub use document::MAX_ID_BYTES;
 pub use error::IndexError;
 pub use export::{CommittedState, SharedIndex, META_FILE_NAME};
 pub use limits::{check_query_bounds, query_shape, QueryLimits, QueryShape, SearchBudget, HARD_MAX_QUERY_DEPTH};
+pub use query_dsl::{
+    parse_field_boosts, parse_json_query, HighlightEncoder, HighlightOptions, HighlightRequest, JsonHit,
+    JsonSearchRequest, JsonSearchResponse, JsonTotal, SortKey, SourceFilter, TotalRelation, TrackTotalHits,
+    DEFAULT_SEARCH_SIZE, DEFAULT_TRACK_TOTAL_HITS, SUPPORTED_AGGREGATION_TYPES, SUPPORTED_QUERY_TYPES,
+    SUPPORTED_REQUEST_KEYS,
+};
 pub use schema::{check_id_field, load_schema};
 pub use search::{
     FacetCounts, FacetRequest, SearchHit, SearchRequest, SearchResponse, SortSpec, MAX_SEARCH_LIMIT, MAX_SEARCH_OFFSET,

@@ -25,8 +25,19 @@ pub fn authorize_stream(role: &Role, kind: StreamKind) -> Result<(), WireError> 
     ))
 }
 
-/// Whether `role` may make this admin request (client certificates may only read).
+/// Whether `role` may make this admin request (client certificates may only read; API keys are
+/// managed by admins only).
 pub fn authorize_admin_request(role: &Role, request: &AdminRequest) -> Result<(), WireError> {
+    if request.is_key_management() && !matches!(role, Role::Admin { .. }) {
+        return Err(WireError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "permission denied: {} certificate may not run `{}`; API keys are managed with an admin certificate",
+                role.kind_name(),
+                request.name()
+            ),
+        ));
+    }
     if matches!(role, Role::Client { .. }) && !request.is_read_only() {
         return Err(WireError::new(
             ErrorCode::PermissionDenied,
@@ -60,5 +71,11 @@ mod tests {
         assert_eq!(error.message, "permission denied: client certificate may not open raft streams");
         assert!(authorize_admin_request(&client, &AdminRequest::Status).is_ok());
         assert!(authorize_admin_request(&client, &AdminRequest::Peers).is_ok());
+        // Keys: admins only, not even nodes.
+        assert!(authorize_admin_request(&admin, &AdminRequest::ListKeys).is_ok());
+        for role in [&node, &client] {
+            let error = authorize_admin_request(role, &AdminRequest::ListKeys).unwrap_err();
+            assert!(error.message.contains("admin certificate"), "{}", error.message);
+        }
     }
 }

@@ -93,7 +93,7 @@ async fn write(
     deadline: Instant,
 ) -> Result<ClientResponse, WireError> {
     let operation_count = operations.len() as u64;
-    let batch = IndexBatch { operations, request_id: Some(request_id) };
+    let batch = IndexBatch::of_request(operations, request_id);
     let (outcome, leader) = state.cluster.propose(batch, deadline).await?;
     Ok(ClientResponse::Written {
         operations: operation_count,
@@ -209,39 +209,166 @@ pub(crate) async fn handle_client(
             let document = blocking(state, move |index| index.get(&id)).await?;
             Ok(ClientResponse::Document { document })
         }
-        ClientRequest::Search { request, consistency } => match consistency {
-            Consistency::Local => search_here(state, request, deadline).await,
-            Consistency::Leader | Consistency::Linearizable if state.cluster.is_leader() => {
-                if consistency == Consistency::Linearizable {
-                    // Read index: confirm leadership with a quorum and wait until everything
-                    // committed before this moment is applied here.
-                    state.raft.ensure_linearizable().await.map_err(|error| {
-                        WireError::new(
-                            ErrorCode::Unavailable,
-                            format!("cannot confirm leadership for a linearizable read: {error}"),
-                        )
-                    })?;
-                }
-                search_here(state, request, deadline).await
+        ClientRequest::Search { request, consistency } => {
+            if !at_consistency(state, consistency, forwarded).await? {
+                return Ok(state.cluster.forward_to_leader(&ClientRequest::Search { request, consistency }).await?);
             }
-            Consistency::Leader | Consistency::Linearizable if forwarded => {
-                Err(WireError::new(ErrorCode::Unavailable, format!("node {} is no longer the leader", state.node_id()))
-                    .with_leader(state.cluster.known_leader()))
-            }
-            Consistency::Leader | Consistency::Linearizable => {
-                Ok(state.cluster.forward_to_leader(&ClientRequest::Search { request, consistency }).await?)
-            }
-        },
+            search_here(state, request, deadline).await
+        }
         ClientRequest::Schema => Ok(ClientResponse::Schema { schema_json: state.index.current().schema_json() }),
+        ClientRequest::SearchJson { body_json, consistency } => {
+            if !at_consistency(state, consistency, forwarded).await? {
+                let request = ClientRequest::SearchJson { body_json, consistency };
+                return Ok(state.cluster.forward_to_leader(&request).await?);
+            }
+            search_json_here(state, body_json, deadline).await
+        }
+        ClientRequest::CountJson { query_json, consistency } => {
+            if !at_consistency(state, consistency, forwarded).await? {
+                let request = ClientRequest::CountJson { query_json, consistency };
+                return Ok(state.cluster.forward_to_leader(&request).await?);
+            }
+            count_json_here(state, query_json, deadline).await
+        }
     }
+}
+
+/// Whether a read at `consistency` may be served here (after a read-index check when it must
+/// be linearizable); `false`: it goes to the leader.
+async fn at_consistency(state: &NodeState, consistency: Consistency, forwarded: bool) -> Result<bool, WireError> {
+    match consistency {
+        Consistency::Local => Ok(true),
+        Consistency::Leader | Consistency::Linearizable if state.cluster.is_leader() => {
+            if consistency == Consistency::Linearizable {
+                // Read index: confirm leadership with a quorum and wait until everything
+                // committed before this moment is applied here.
+                state.raft.ensure_linearizable().await.map_err(|error| {
+                    WireError::new(
+                        ErrorCode::Unavailable,
+                        format!("cannot confirm leadership for a linearizable read: {error}"),
+                    )
+                })?;
+            }
+            Ok(true)
+        }
+        Consistency::Leader | Consistency::Linearizable if forwarded => {
+            Err(WireError::new(ErrorCode::Unavailable, format!("node {} is no longer the leader", state.node_id()))
+                .with_leader(state.cluster.known_leader()))
+        }
+        Consistency::Leader | Consistency::Linearizable => Ok(false),
+    }
+}
+
+/// Most bytes of a JSON search body (its query is bounded again, clause by clause, by the query
+/// limits).
+fn check_json_bytes(state: &NodeState, json: &str) -> Result<serde_json::Value, WireError> {
+    let max_bytes = state.config.limits.query.max_query_bytes.saturating_mul(4);
+    if json.len() > max_bytes {
+        crate::telemetry::metrics::record_limit_refusal("query_size");
+        return Err(WireError::new(
+            ErrorCode::InvalidQuery,
+            format!(
+                "invalid query: the search body has {} bytes, over the limit of {max_bytes} (4 × --max-query-bytes)",
+                json.len()
+            ),
+        ));
+    }
+    serde_json::from_str(json).map_err(|error| {
+        WireError::new(ErrorCode::InvalidQuery, format!("invalid query: the body is not JSON: {error}"))
+    })
+}
+
+async fn search_json_here(
+    state: &NodeState,
+    body_json: String,
+    deadline: Instant,
+) -> Result<ClientResponse, WireError> {
+    let body = check_json_bytes(state, &body_json)?;
+    let request = crate::index::JsonSearchRequest::from_json(&body).map_err(index_error_to_wire)?;
+    let limits = state.config.limits.clone();
+    let slot = state.searches.enter(limits.max_queue_wait.min(remaining(deadline))).await?;
+    let applied_index = applied_index(state);
+    let budget = SearchBudget::until(deadline.min(Instant::now() + limits.search_timeout));
+    let response = blocking(state, move |index| {
+        let _slot = slot;
+        index.search_json(&request, &limits.query, budget)
+    })
+    .instrument(tracing::info_span!("bayard.search", applied_index))
+    .await
+    .inspect_err(count_search_timeout)?;
+    let response_json = serde_json::to_string(&response)
+        .map_err(|error| WireError::new(ErrorCode::Internal, format!("cannot encode the search answer: {error}")))?;
+    Ok(ClientResponse::SearchJson { response_json, node_id: state.node_id(), applied_index })
+}
+
+async fn count_json_here(
+    state: &NodeState,
+    query_json: Option<String>,
+    deadline: Instant,
+) -> Result<ClientResponse, WireError> {
+    let query = query_json.as_deref().map(|json| check_json_bytes(state, json)).transpose()?;
+    let limits = state.config.limits.clone();
+    let slot = state.searches.enter(limits.max_queue_wait.min(remaining(deadline))).await?;
+    let applied_index = applied_index(state);
+    let budget = SearchBudget::until(deadline.min(Instant::now() + limits.search_timeout));
+    let count = blocking(state, move |index| {
+        let _slot = slot;
+        index.count_json(query.as_ref(), &limits.query, budget)
+    })
+    .await
+    .inspect_err(count_search_timeout)?;
+    Ok(ClientResponse::Count { count, node_id: state.node_id(), applied_index })
+}
+
+fn count_search_timeout(error: &WireError) {
+    if error.code == ErrorCode::DeadlineExceeded {
+        crate::telemetry::metrics::record_limit_refusal("search_timeout");
+    }
+}
+
+/// Adds or revokes an API key through the log, under the request's id.
+async fn change_keys(
+    state: &NodeState,
+    change: crate::access::KeyChange,
+    request_id: RequestId,
+    deadline: Instant,
+) -> Result<AdminResponse, WireError> {
+    let _write_slot = admit_write(state, deadline).await?;
+    let batch = IndexBatch { operations: Vec::new(), request_id: Some(request_id), keys: Some(change) };
+    let (outcome, _leader) = state.cluster.propose(batch, deadline).await?;
+    Ok(AdminResponse::KeyChanged { applied_index: outcome.applied_index })
+}
+
+/// A key record as a caller made it: well-formed before it enters the log.
+fn check_key_record(record: &crate::access::ApiKeyRecord) -> Result<(), WireError> {
+    let invalid = |reason: String| WireError::new(ErrorCode::InvalidArgument, format!("invalid key: {reason}"));
+    crate::access::check_key_name(&record.name).map_err(invalid)?;
+    let hex = |text: &str, length: usize| text.len() == length && text.bytes().all(|byte| byte.is_ascii_hexdigit());
+    if !hex(&record.id, 20) {
+        return Err(invalid("the id must be 20 hex digits".to_string()));
+    }
+    if !hex(&record.secret_sha256, 64) {
+        return Err(invalid("the digest must be 64 hex digits (SHA-256)".to_string()));
+    }
+    Ok(())
 }
 
 pub(crate) async fn handle_admin(
     state: &Arc<NodeState>,
     role: &Role,
     request: AdminRequest,
+    deadline: Instant,
 ) -> Result<AdminResponse, WireError> {
     match request {
+        AdminRequest::CreateKey { record, request_id } => {
+            check_key_record(&record)?;
+            change_keys(state, crate::access::KeyChange::Create(record), request_id, deadline).await
+        }
+        AdminRequest::RevokeKey { id, request_id } => {
+            // An unknown id is refused by the state machine (here it may not be applied yet).
+            change_keys(state, crate::access::KeyChange::Revoke { id }, request_id, deadline).await
+        }
+        AdminRequest::ListKeys => Ok(AdminResponse::Keys(state.keys.current().list())),
         AdminRequest::Status => Ok(AdminResponse::Status(state.cluster.status())),
         AdminRequest::LocalStatus => Ok(AdminResponse::Status(state.cluster.local_status())),
         AdminRequest::Peers => Ok(AdminResponse::Peers(state.cluster.peer_addresses())),

@@ -9,6 +9,7 @@
 
 pub mod authorization;
 pub mod disk;
+mod front_door;
 mod handlers;
 pub mod limits;
 pub mod metadata;
@@ -75,6 +76,19 @@ pub struct NodeConfig {
     pub limits: NodeLimits,
     /// How long a new node keeps asking its seeds to join before it stops with the reason.
     pub join_timeout: Duration,
+    /// Where the HTTPS door (REST and the Elasticsearch subset) listens on TCP.
+    pub http_port: HttpPort,
+    /// Settings of the HTTPS door.
+    pub http: crate::http::HttpConfig,
+}
+
+/// The TCP port of the HTTPS door.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpPort {
+    /// The same number as the QUIC (UDP) port: one port number per node.
+    SameAsQuic,
+    Port(u16),
+    Off,
 }
 
 /// Raft settings an operator may tune.
@@ -139,6 +153,8 @@ impl NodeConfig {
             metrics_address: None,
             limits: NodeLimits::default(),
             join_timeout: Duration::from_secs(300),
+            http_port: HttpPort::Off,
+            http: crate::http::HttpConfig::new("bayard"),
         }
     }
 }
@@ -211,6 +227,8 @@ pub(crate) struct NodeState {
     pub refusal_log: limits::LogThrottle,
     /// Free space of the data directory's file system.
     pub disk: disk::DiskGuard,
+    /// The API keys as applied here.
+    pub keys: Arc<crate::access::KeyRing>,
 }
 
 impl NodeState {
@@ -278,6 +296,8 @@ pub struct RunningNode {
     max_concurrent_streams: u32,
     state: Arc<NodeState>,
     metrics_address: Option<SocketAddr>,
+    /// Where HTTPS is served, and its TLS configuration (replaced on reload).
+    http: Option<(SocketAddr, Arc<crate::http::HttpTls>, JoinHandle<()>)>,
     shutdown_sender: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -302,6 +322,11 @@ impl RunningNode {
         self.metrics_address
     }
 
+    /// Where the HTTPS door listens (TCP), when it is on.
+    pub fn http_address(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|(address, _, _)| *address)
+    }
+
     /// The node's Raft handle (metrics, for tests and tools).
     pub fn raft(&self) -> &Raft {
         &self.state.raft
@@ -313,7 +338,14 @@ impl RunningNode {
     pub fn reload_certificates(&self) -> Result<(), NodeError> {
         let material = TlsMaterial::load(&self.tls_files)?;
         let server_config = transport::tls::server_config(&material, self.max_concurrent_streams)?;
+        let http_config = match &self.http {
+            Some(_) => Some(crate::http::server::tls_config(&material)?),
+            None => None,
+        };
         self.endpoint.set_server_config(Some(server_config));
+        if let (Some((_, tls, _)), Some(http_config)) = (&self.http, http_config) {
+            tls.replace(http_config);
+        }
         tracing::info!(node_id = self.node_id, certificate = %self.tls_files.certificate.display(), "reloaded certificates");
         Ok(())
     }
@@ -342,6 +374,9 @@ impl RunningNode {
         let _ = self.shutdown_sender.send(true);
         if let Err(error) = self.task.await {
             tracing::error!(%error, "node task ended abnormally");
+        }
+        if let Some((_, _, http_task)) = self.http {
+            let _ = http_task.await;
         }
         if let Err(error) = self.state.raft.shutdown().await {
             tracing::warn!(%error, "raft did not stop cleanly");
@@ -465,7 +500,7 @@ impl Node {
 
         let material = TlsMaterial::load(&config.tls)?;
         check_own_certificate(&material, &config)?;
-        let endpoint = transport::bind_node_endpoint(config.listen_address, &material, config.max_concurrent_streams)?;
+        let (endpoint, http_listener) = bind_ports(&config, &material).await?;
         let local_address =
             endpoint.local_addr().map_err(|source| TransportError::Bind { address: config.listen_address, source })?;
         let address = config.advertise_address.clone().unwrap_or_else(|| local_address.to_string());
@@ -542,6 +577,7 @@ impl Node {
             peer_request_bytes: limits::ByteBudget::new(limits.max_inflight_request_bytes),
             refusal_log: limits::LogThrottle::new(Duration::from_secs(10)),
             disk,
+            keys: state_machine.key_ring(),
         });
         tracing::info!(node_id, %local_address, address = %state.address, fresh, "node listening");
 
@@ -564,6 +600,30 @@ impl Node {
             shutdown_receiver.clone(),
         ));
         let task = tokio::spawn(server::serve(state.clone(), endpoint.clone(), shutdown_receiver.clone()));
+        let http = match http_listener {
+            Some(listener) => {
+                let address = listener
+                    .local_addr()
+                    .map_err(|error| NodeError::Storage(format!("cannot read the HTTPS address: {error}")))?;
+                let tls = Arc::new(crate::http::HttpTls::new(crate::http::server::tls_config(&material)?));
+                let backend: Arc<dyn crate::http::Backend> = Arc::new(front_door::HttpBackend { state: state.clone() });
+                let mut http_config = state.config.http.clone();
+                http_config.trust_domain = state.config.trust_domain.clone();
+                http_config.max_frame_bytes = state.config.max_frame_bytes;
+                http_config.handshake_timeout = state.config.handshake_timeout;
+                http_config.drain_timeout = state.config.drain_timeout;
+                let http_task = tokio::spawn(crate::http::run(
+                    listener,
+                    tls.clone(),
+                    backend,
+                    http_config,
+                    shutdown_receiver.clone(),
+                ));
+                tracing::info!(node_id, %address, "HTTPS listening");
+                Some((address, tls, http_task))
+            }
+            None => None,
+        };
 
         tokio::spawn(handle_cluster_events(state.clone(), event_receiver, shutdown_receiver.clone()));
         if fresh && state.config.peers.is_empty() {
@@ -598,9 +658,49 @@ impl Node {
             max_concurrent_streams,
             state,
             metrics_address,
+            http,
             shutdown_sender,
             task,
         })
+    }
+}
+
+/// Binds the QUIC endpoint and, when HTTPS is on, its TCP listener. With the same port number
+/// for both and port 0 asked for, the number QUIC picked may be taken on TCP: then both are
+/// bound again (a few times) until one number is free for both.
+async fn bind_ports(
+    config: &NodeConfig,
+    material: &TlsMaterial,
+) -> Result<(quinn::Endpoint, Option<tokio::net::TcpListener>), NodeError> {
+    const ATTEMPTS: usize = 16;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let endpoint = transport::bind_node_endpoint(config.listen_address, material, config.max_concurrent_streams)?;
+        let quic_address =
+            endpoint.local_addr().map_err(|source| TransportError::Bind { address: config.listen_address, source })?;
+        let http_address = match config.http_port {
+            HttpPort::Off => return Ok((endpoint, None)),
+            HttpPort::SameAsQuic => quic_address,
+            HttpPort::Port(port) => SocketAddr::new(config.listen_address.ip(), port),
+        };
+        match tokio::net::TcpListener::bind(http_address).await {
+            Ok(listener) => return Ok((endpoint, Some(listener))),
+            Err(error)
+                if error.kind() == std::io::ErrorKind::AddrInUse
+                    && config.http_port == HttpPort::SameAsQuic
+                    && config.listen_address.port() == 0
+                    && attempt < ATTEMPTS =>
+            {
+                endpoint.close(0_u32.into(), b"rebinding");
+                continue;
+            }
+            Err(error) => {
+                return Err(NodeError::Storage(format!(
+                    "cannot listen for HTTPS on TCP {http_address}: {error} (--http-port moves it, --http-port off                      turns it off)"
+                )))
+            }
+        }
     }
 }
 

@@ -333,7 +333,7 @@ async fn serve_stream(
                 )
             };
             let answer = with_deadline(deadline, joined(work)).await;
-            log_outcome(&span, &peer, kind, request_name, started, &answer);
+            log_outcome(&span, &peer, kind.name(), request_name, started, &answer);
             reply(&mut send, &answer, max_frame_bytes).await;
         }
         StreamKind::Admin => {
@@ -352,10 +352,10 @@ async fn serve_stream(
             }
             let request_name = request.name();
             span.record("request", request_name);
-            let answer = with_deadline(deadline, handlers::handle_admin(&state, &peer.role, request))
+            let answer = with_deadline(deadline, handlers::handle_admin(&state, &peer.role, request, deadline_at))
                 .instrument(span.clone())
                 .await;
-            log_outcome(&span, &peer, kind, request_name, started, &answer);
+            log_outcome(&span, &peer, kind.name(), request_name, started, &answer);
             reply(&mut send, &answer, max_frame_bytes).await;
         }
         StreamKind::Raft => {
@@ -403,7 +403,7 @@ async fn serve_stream(
                 )
             };
             let answer = with_deadline(deadline, joined(work)).await;
-            log_outcome(&span, &peer, kind, request_name, started, &answer);
+            log_outcome(&span, &peer, kind.name(), request_name, started, &answer);
             reply(&mut send, &answer, raft_frame_bytes).await;
         }
         StreamKind::Membership => {
@@ -496,11 +496,11 @@ async fn read_request<T: serde::de::DeserializeOwned>(
 }
 
 /// The answer of a request task.
-async fn joined<T>(work: tokio::task::JoinHandle<Result<T, WireError>>) -> Result<T, WireError> {
+pub(super) async fn joined<T>(work: tokio::task::JoinHandle<Result<T, WireError>>) -> Result<T, WireError> {
     work.await.unwrap_or_else(|error| Err(WireError::new(ErrorCode::Internal, format!("request task failed: {error}"))))
 }
 
-async fn with_deadline<T>(
+pub(super) async fn with_deadline<T>(
     deadline: Duration,
     work: impl std::future::Future<Output = Result<T, WireError>>,
 ) -> Result<T, WireError> {
@@ -513,10 +513,10 @@ async fn with_deadline<T>(
     }
 }
 
-fn log_outcome<T>(
+pub(super) fn log_outcome<T>(
     span: &tracing::Span,
     peer: &Peer,
-    kind: StreamKind,
+    kind: &'static str,
     request: &'static str,
     started: std::time::Instant,
     answer: &Result<T, WireError>,
@@ -526,14 +526,14 @@ fn log_outcome<T>(
         Err(error) => error.code.name(),
     };
     span.record("outcome", outcome);
-    telemetry::record_request(kind.name(), request, outcome, started.elapsed());
+    telemetry::record_request(kind, request, outcome, started.elapsed());
     match answer {
-        Ok(_) => tracing::debug!(peer = %peer.role, kind = kind.name(), request, "request served"),
+        Ok(_) => tracing::debug!(peer = %peer.role, kind, request, "request served"),
         // The node's own trouble is worth a line; the caller's mistakes and refusals are counted
         // in bayard_requests_total{outcome} and logged at debug, so a flood of them costs no disk.
         Err(error) if !matches!(error.code, ErrorCode::Internal | ErrorCode::Unavailable) => tracing::debug!(
             peer = %peer.role,
-            kind = kind.name(),
+            kind,
             request,
             code = error.code.name(),
             error = %error.message,
@@ -541,7 +541,7 @@ fn log_outcome<T>(
         ),
         Err(error) => tracing::info!(
             peer = %peer.role,
-            kind = kind.name(),
+            kind,
             request,
             code = error.code.name(),
             error = %error.message,

@@ -48,9 +48,9 @@ fn settle_format(db: &Database) -> Result<(), Failure> {
         let recorded = meta.get(FORMAT_KEY)?.map(|value| value.value().to_vec());
         match recorded.as_deref() {
             Some([LOG_FORMAT_VERSION]) => return Ok(()),
-            // Format 1 differs only in its `Normal` entries, which `decode_entry` still reads:
-            // new values are written in the new format next to the old ones.
-            Some([FORMAT_WITHOUT_REQUEST_IDS]) => {
+            // Formats 1 and 2 differ only in their `Normal` entries, which `decode_entry` still
+            // reads: new values are written in the new format next to the old ones.
+            Some([FORMAT_WITHOUT_REQUEST_IDS | FORMAT_WITHOUT_KEYS]) => {
                 meta.insert(FORMAT_KEY, [LOG_FORMAT_VERSION].as_slice())?;
                 return Ok(());
             }
@@ -463,10 +463,23 @@ fn put_meta(db: &Database, key: &'static str, bytes: Option<Vec<u8>>) -> Result<
 /// - 1: the first format.
 /// - 2: `IndexBatch` ends with its request id. A format-1 `Normal` entry reads as format 2 with
 ///   `None` appended; every other value is unchanged.
-pub const LOG_FORMAT_VERSION: u8 = 2;
+/// - 3: `IndexBatch` ends with its key change (API keys). A format-2 `Normal` entry reads as
+///   format 3 with `None` appended (a format-1 one with two); every other value is unchanged.
+pub const LOG_FORMAT_VERSION: u8 = 3;
 
 /// Format 1, still read.
 const FORMAT_WITHOUT_REQUEST_IDS: u8 = 1;
+/// Format 2, still read.
+const FORMAT_WITHOUT_KEYS: u8 = 2;
+
+/// The `None`s a `Normal` entry of `format` lacks at its end, compared with today's format.
+fn missing_trailing_fields(format: u8) -> usize {
+    match format {
+        FORMAT_WITHOUT_REQUEST_IDS => 2,
+        FORMAT_WITHOUT_KEYS => 1,
+        _ => 0,
+    }
+}
 
 /// postcard's variant index of `EntryPayload::Normal` (after `Blank`).
 const NORMAL_PAYLOAD_VARIANT: u32 = 1;
@@ -479,7 +492,9 @@ fn versioned<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, postcard::Erro
 /// The format byte and the bytes after it, or `UnknownFormat`.
 fn split_format<'a>(bytes: &'a [u8], what: &dyn Fn() -> String) -> Result<(u8, &'a [u8]), Failure> {
     match bytes.split_first() {
-        Some((&format @ (LOG_FORMAT_VERSION | FORMAT_WITHOUT_REQUEST_IDS), rest)) => Ok((format, rest)),
+        Some((&format @ (LOG_FORMAT_VERSION | FORMAT_WITHOUT_KEYS | FORMAT_WITHOUT_REQUEST_IDS), rest)) => {
+            Ok((format, rest))
+        }
         Some((&found, _)) => Err(Failure::UnknownFormat { what: what(), found }),
         None => Err(Failure::UnknownFormat { what: what(), found: 0 }),
     }
@@ -511,11 +526,12 @@ fn decode_entry(key: u64, bytes: &[u8]) -> Result<Entry, Failure> {
     let (format, body) = split_format(bytes, &what)?;
     let decode_error = |error| Failure::Decode { what: what(), error };
     let upgraded;
-    let body = if format == FORMAT_WITHOUT_REQUEST_IDS && is_normal_payload(body) {
-        // The batch is the last thing in the entry: append its `request_id: None`.
-        let mut with_request_id = body.to_vec();
-        with_request_id.push(0);
-        upgraded = with_request_id;
+    let missing = missing_trailing_fields(format);
+    let body = if missing > 0 && is_normal_payload(body) {
+        // The batch is the last thing in the entry: append the `None`s of the fields it lacks.
+        let mut completed = body.to_vec();
+        completed.extend(std::iter::repeat_n(0, missing));
+        upgraded = completed;
         upgraded.as_slice()
     } else {
         body
@@ -597,6 +613,7 @@ mod tests {
                 IndexOperation::Commit,
             ],
             request_id: None,
+            keys: None,
         };
         Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(batch) }
     }
@@ -637,10 +654,15 @@ mod tests {
     }
 
     /// Format 2; term 1, leader 1, index 1; `Blank`.
-    const GOLDEN_BLANK: [u8; 5] = [2, 1, 1, 1, 0];
-    /// Format 2; term 3, leader 1, index 7; `Normal`; three operations: `Put` ("doc-7",
-    /// `{"_id":"doc-7"}`), `Delete` ("gone"), `Commit`; no request id.
-    const GOLDEN_NORMAL: [u8; 37] = [
+    const GOLDEN_BLANK: [u8; 5] = [3, 1, 1, 1, 0];
+    /// Format 3; term 3, leader 1, index 7; `Normal`; three operations: `Put` ("doc-7",
+    /// `{"_id":"doc-7"}`), `Delete` ("gone"), `Commit`; no request id; no key change.
+    const GOLDEN_NORMAL: [u8; 38] = [
+        3, 3, 1, 7, 1, 3, 0, 5, 100, 111, 99, 45, 55, 15, 123, 34, 95, 105, 100, 34, 58, 34, 100, 111, 99, 45, 55, 34,
+        125, 1, 4, 103, 111, 110, 101, 2, 0, 0,
+    ];
+    /// The same entry as format 2 wrote it: no key change at the end.
+    const GOLDEN_NORMAL_FORMAT_2: [u8; 37] = [
         2, 3, 1, 7, 1, 3, 0, 5, 100, 111, 99, 45, 55, 15, 123, 34, 95, 105, 100, 34, 58, 34, 100, 111, 99, 45, 55, 34,
         125, 1, 4, 103, 111, 110, 101, 2, 0,
     ];
@@ -659,9 +681,11 @@ mod tests {
             assert_eq!(encode_entry(&entry).unwrap(), golden, "entry {}", entry.log_id);
             assert_eq!(decode_entry(entry.log_id.index, golden).unwrap().log_id, entry.log_id);
         }
-        // Format 1 still reads, as the same entry.
+        // Formats 1 and 2 still read, as the same entry.
         assert!(decode_entry(7, &GOLDEN_NORMAL_FORMAT_1).unwrap().payload == normal(3, 7).payload);
+        assert!(decode_entry(7, &GOLDEN_NORMAL_FORMAT_2).unwrap().payload == normal(3, 7).payload);
         assert!(decode_entry(1, &[1, 1, 1, 1, 0]).unwrap().payload == EntryPayload::Blank);
+        assert!(decode_entry(1, &[2, 1, 1, 1, 0]).unwrap().payload == EntryPayload::Blank);
         // With a request id, it is the last thing in the entry.
         let mut with_id = normal(3, 7);
         if let EntryPayload::Normal(batch) = &mut with_id.payload {
@@ -669,9 +693,9 @@ mod tests {
         }
         let bytes = encode_entry(&with_id).unwrap();
         assert_eq!(&bytes[..36], &GOLDEN_NORMAL[..36]);
-        assert_eq!(&bytes[36..], &[1, 5]);
+        assert_eq!(&bytes[36..], &[1, 5, 0]);
         let error = decode_entry(1, &[9, 1, 1, 1, 0]).unwrap_err().to_string();
-        assert!(error.contains("log format 9") && error.contains("format 2"), "{error}");
+        assert!(error.contains("log format 9") && error.contains("format 3"), "{error}");
     }
 
     /// A log written before formats existed (no format key, no format bytes) opens, with its
@@ -686,9 +710,9 @@ mod tests {
             write_txn(&db, |txn| {
                 let mut entries = txn.open_table(ENTRIES)?;
                 for index in 1..=3 {
-                    // As bayard wrote them then: without the request id at the end.
+                    // As bayard wrote them then: without the request id and key change at the end.
                     let mut bytes = postcard::to_stdvec(&normal(1, index)).unwrap();
-                    bytes.pop();
+                    bytes.truncate(bytes.len() - 2);
                     entries.insert(index, bytes.as_slice())?;
                 }
                 let vote = postcard::to_stdvec(&Vote::new_committed(1, 1)).unwrap();

@@ -23,6 +23,7 @@ use tokio::sync::Mutex;
 use super::dedup::{AppliedRequests, RecordedOutcome};
 use super::snapshot;
 use super::types::{BatchOutcome, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use crate::access::{ApiKeyTable, KeyRing};
 use crate::index::{AnalyzerConfig, IndexError, IndexOperation, SearchIndex, SharedIndex};
 
 /// A log id for a log line: `T3-N1-120` (term, leader, index), or `none`.
@@ -41,6 +42,9 @@ pub struct IndexCommitMarker {
     /// markers of before request ids: none were known then.
     #[serde(default)]
     pub requests: AppliedRequests,
+    /// The API keys as of that entry (`access`). Absent in markers of before keys.
+    #[serde(default)]
+    pub keys: ApiKeyTable,
 }
 
 impl IndexCommitMarker {
@@ -130,6 +134,7 @@ struct AppliedState {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     requests: AppliedRequests,
+    keys: ApiKeyTable,
 }
 
 struct Shared {
@@ -144,6 +149,8 @@ struct Shared {
     /// The file the snapshot being received is written to; it becomes the current archive once
     /// installed.
     receiving: std::sync::Mutex<Option<PathBuf>>,
+    /// The API keys as applied, for the front doors.
+    key_ring: Arc<KeyRing>,
 }
 
 /// The state machine handed to openraft; clones share everything.
@@ -173,6 +180,8 @@ impl StateMachineStore {
             source,
         })?;
         tracing::info!(last_applied = %describe_log_id(marker.log_id), "state machine resumes from the index's last commit");
+        let key_ring = Arc::new(KeyRing::default());
+        key_ring.publish(marker.keys.clone());
         Ok(StateMachineStore {
             shared: Arc::new(Shared {
                 index,
@@ -182,15 +191,22 @@ impl StateMachineStore {
                     last_applied: marker.log_id,
                     membership: marker.membership,
                     requests: marker.requests,
+                    keys: marker.keys,
                 }),
                 current_snapshot: std::sync::Mutex::new(current_snapshot),
                 receiving: std::sync::Mutex::new(None),
+                key_ring,
             }),
         })
     }
 
     pub fn index(&self) -> &SharedIndex {
         &self.shared.index
+    }
+
+    /// The API keys as applied so far, replaced as entries change them.
+    pub fn key_ring(&self) -> Arc<KeyRing> {
+        self.shared.key_ring.clone()
     }
 
     /// The log id of the last applied entry.
@@ -231,8 +247,9 @@ fn apply_entries(
     index: &SearchIndex,
     mut state: AppliedState,
     entries: Vec<Entry>,
-) -> Result<(AppliedState, Vec<BatchOutcome>), Box<StorageError>> {
+) -> Result<(AppliedState, Vec<BatchOutcome>, bool), Box<StorageError>> {
     let mut outcomes = Vec::with_capacity(entries.len());
+    let mut keys_changed = false;
     for entry in entries {
         let log_id = entry.log_id;
         match entry.payload {
@@ -261,6 +278,18 @@ fn apply_entries(
                 if let Some(request_id) = batch.request_id {
                     state.requests.record(request_id, recorded(None));
                 }
+                // A key change is applied before the operations, for the same reason. A refused
+                // one (unknown id, table full) is refused alike on every replica.
+                let key_error = match &batch.keys {
+                    Some(change) => match state.keys.apply(change) {
+                        Ok(()) => {
+                            keys_changed = true;
+                            None
+                        }
+                        Err(message) => Some(message),
+                    },
+                    None => None,
+                };
                 // The marker (with the request table) is serialized only for batches that commit.
                 let commits = batch.operations.iter().any(|operation| matches!(operation, IndexOperation::Commit));
                 let payload = commits.then(|| {
@@ -268,6 +297,7 @@ fn apply_entries(
                         log_id: Some(log_id),
                         membership: state.membership.clone(),
                         requests: state.requests.clone(),
+                        keys: state.keys.clone(),
                     }
                     .to_payload()
                 });
@@ -286,6 +316,7 @@ fn apply_entries(
                     }
                     Err(error) => return Err(Box::new(StorageIOError::apply(log_id, &error).into())),
                 };
+                let error = error.or(key_error);
                 if let (Some(request_id), Some(message)) = (batch.request_id, &error) {
                     state.requests.record(request_id, recorded(Some(message.clone())));
                 }
@@ -294,7 +325,7 @@ fn apply_entries(
         }
         state.last_applied = Some(log_id);
     }
-    Ok((state, outcomes))
+    Ok((state, outcomes, keys_changed))
 }
 
 /// Extracts a received archive into `directory` and checks it is the index the metadata says:
@@ -344,10 +375,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let index = self.shared.index.current();
         // Taken, not cloned (the request table is large); a failure here stops the state machine.
         let before = std::mem::take(&mut *state);
-        let (after, outcomes) = tokio::task::spawn_blocking(move || apply_entries(&index, before, entries))
-            .await
-            .map_err(blocking_failure)?
-            .map_err(|error| *error)?;
+        let (after, outcomes, keys_changed) =
+            tokio::task::spawn_blocking(move || apply_entries(&index, before, entries))
+                .await
+                .map_err(blocking_failure)?
+                .map_err(|error| *error)?;
+        if keys_changed {
+            self.shared.key_ring.publish(after.keys.clone());
+        }
         *state = after;
         Ok(outcomes)
     }
@@ -382,8 +417,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let received_path = self.shared.receiving.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         let write_error =
             move |error: io::Error| StorageError::from(StorageIOError::write_snapshot(Some(signature.clone()), &error));
-        let (installed_meta, archive_path, requests) =
-            tokio::task::spawn_blocking(move || -> Result<(SnapshotMeta, PathBuf, AppliedRequests), io::Error> {
+        let (installed_meta, archive_path, marker) =
+            tokio::task::spawn_blocking(move || -> Result<(SnapshotMeta, PathBuf, IndexCommitMarker), io::Error> {
                 let paths = &shared.paths;
                 // The id names the archive file: it must be a plain name (the Raft door checks
                 // it too; this is the last line before the file system).
@@ -438,7 +473,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 // Keep the received archive as this node's current snapshot, once the index it
                 // describes is the one in place (its path was checked above).
                 fs::rename(&received_path, &archive_path)?;
-                Ok((meta, archive_path, marker.requests))
+                Ok((meta, archive_path, marker))
             })
             .await
             .map_err(blocking_failure)?
@@ -446,8 +481,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         *state = AppliedState {
             last_applied: installed_meta.last_log_id,
             membership: installed_meta.last_membership.clone(),
-            requests,
+            requests: marker.requests,
+            keys: marker.keys.clone(),
         };
+        self.shared.key_ring.publish(marker.keys);
         drop(state);
         tracing::info!(last_log_id = %describe_log_id(installed_meta.last_log_id), "installed a snapshot");
         self.set_current_snapshot(installed_meta, archive_path);

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::access::KeyChange;
 use crate::index::IndexOperation;
 
 /// The application data of one log entry.
@@ -18,12 +19,20 @@ pub struct IndexBatch {
     /// lost answer is not applied twice. Last, so that an entry of log format 1 (which ended with
     /// the operations) is this one with `None` appended.
     pub request_id: Option<RequestId>,
+    /// A change to the API keys (`access`), applied with the batch. Last, so that an entry of
+    /// log format 2 is this one with `None` appended.
+    pub keys: Option<KeyChange>,
 }
 
 impl IndexBatch {
     /// A batch no client asked for (automatic commits): never deduplicated.
     pub fn internal(operations: Vec<IndexOperation>) -> Self {
-        IndexBatch { operations, request_id: None }
+        IndexBatch { operations, request_id: None, keys: None }
+    }
+
+    /// The operations of one client request, applied at most once.
+    pub fn of_request(operations: Vec<IndexOperation>, request_id: RequestId) -> Self {
+        IndexBatch { operations, request_id: Some(request_id), keys: None }
     }
 }
 

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod https;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -140,6 +142,8 @@ pub struct TestCluster {
     pub nodes: std::collections::BTreeMap<u64, RunningNode>,
     pub data: std::collections::BTreeMap<u64, tempfile::TempDir>,
     pub timings: bayard::node::RaftTimings,
+    /// Start the nodes with their HTTPS door (same port number as QUIC).
+    pub http: bool,
 }
 
 impl TestCluster {
@@ -162,6 +166,7 @@ impl TestCluster {
             nodes: Default::default(),
             data: Default::default(),
             timings,
+            http: false,
         }
     }
 
@@ -184,6 +189,9 @@ impl TestCluster {
         let mut config = node_config(&self.certificates, node_id, data.path());
         config.peers = peers;
         config.raft = self.timings.clone();
+        if self.http {
+            config.http_port = bayard::node::HttpPort::SameAsQuic;
+        }
         config
     }
 
