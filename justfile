@@ -36,10 +36,13 @@ chaos ROUNDS="100" FAULTS="kill-leader,kill-follower,stop-leader,cut-leader,cut-
     BAYARD_CHAOS_ROUNDS={{ROUNDS}} BAYARD_CHAOS_FAULTS={{FAULTS}} BAYARD_NETNS_REQUIRED=1 cargo test --release --test chaos -- --nocapture
 
 # Benchmarks, each printing ratios against a baseline measured in the same run: bulk-put
-# throughput of a three-node cluster against a single node, and trace export on against off.
+# throughput of a three-node cluster against a single node, trace export on against off, and
+# search over QUIC, the REST gateway and the Elasticsearch door against tantivy in-process (the
+# search corpus is Debian's dict-gcide, fetched once with apt-get download).
 bench:
     cargo bench --bench bulk_put
     cargo bench --bench telemetry_overhead
+    cargo bench --bench search
 
 # A local three-node cluster on ports 5001-5003 with generated certificates; Ctrl-C stops it.
 cluster:

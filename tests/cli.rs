@@ -363,3 +363,55 @@ fn development_certificates_take_extra_names_and_logs_to_files_have_no_colour() 
         assert!(names.iter().any(|name| name == wanted), "{wanted} missing from {names:?}");
     }
 }
+
+#[test]
+fn api_keys_and_json_searches_from_the_command_line() {
+    let directory = tempfile::tempdir().unwrap();
+    let root = directory.path();
+    let server = serve(root, &["--commit-interval", "0s"]);
+    let servers = server.address.as_str();
+    let created = json(root, &["keys", "create", "--servers", servers, "--name", "web", "--read-only"], None);
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        (created["role"].clone(), created["read_only"].clone()),
+        (serde_json::json!("client"), serde_json::json!(true))
+    );
+    assert!(created["key"].as_str().is_some_and(|key| key.len() >= 40));
+    assert!(created["encoded"].is_string());
+    let listed = json(root, &["keys", "list", "--servers", servers], None);
+    assert_eq!(listed["keys"][0]["id"], id.as_str());
+    assert!(!listed.to_string().contains(created["key"].as_str().unwrap()), "the list shows no secret");
+
+    json(root, &["put", "--servers", servers, "--id", "1", r#"{"title":"Hello json","year":2024}"#], None);
+    json(root, &["put", "--servers", servers, "--id", "2", r#"{"title":"Other","year":2020}"#], None);
+    json(root, &["commit", "--servers", servers], None);
+    let found = json(
+        root,
+        &[
+            "search",
+            "--servers",
+            servers,
+            "--query-json",
+            r#"{"bool":{"should":[{"match":{"title":"hello"}},{"range":{"year":{"lte":2020}}}]}}"#,
+            "--aggs-json",
+            r#"{"years":{"terms":{"field":"year"}}}"#,
+            "--highlight",
+            "title",
+            "--sort",
+            "year:desc",
+        ],
+        None,
+    );
+    assert_eq!(found["total"]["value"], 2, "{found}");
+    assert_eq!(found["hits"][0]["id"], "1");
+    assert_eq!(found["hits"][0]["highlight"]["title"][0], "<em>Hello</em> json");
+    assert_eq!(found["aggregations"]["years"]["buckets"].as_array().unwrap().len(), 2);
+    let refused = failure(root, &["search", "--servers", servers, "--query-json", r#"{"geo_shape":{}}"#], None);
+    assert!(refused.contains("geo_shape"), "{refused}");
+
+    let revoked = json(root, &["keys", "revoke", "--servers", servers, "--id", &id], None);
+    assert_eq!(revoked["revoked"], id.as_str());
+    assert_eq!(json(root, &["keys", "list", "--servers", servers], None)["keys"], serde_json::json!([]));
+    let unknown = failure(root, &["keys", "revoke", "--servers", servers, "--id", &id], None);
+    assert!(unknown.contains("no key with id"), "{unknown}");
+}

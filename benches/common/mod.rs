@@ -1,0 +1,133 @@
+//! What the benchmarks share: certificates, a node on loopback, latency figures, an HTTPS
+//! client that keeps its connection.
+
+#![allow(dead_code)]
+
+pub mod corpus;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bayard::certs::{self, CertificateAuthority, Validity};
+use bayard::index::{DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
+use bayard::node::{Node, NodeConfig, RunningNode};
+use bayard::transport::{Role, TlsFiles};
+
+pub struct Certificates {
+    pub directory: tempfile::TempDir,
+    authority: CertificateAuthority,
+}
+
+impl Certificates {
+    pub fn new() -> Self {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let (authority, pair) = CertificateAuthority::generate("bench ca", Validity::days_from_now(1)).expect("ca");
+        certs::write_pair(directory.path(), "ca", &pair, false).expect("write ca");
+        Certificates { directory, authority }
+    }
+
+    pub fn files(&self, role: &Role, stem: &str) -> TlsFiles {
+        let names = match role {
+            Role::Node { .. } => certs::default_node_subject_alternative_names(),
+            _ => Vec::new(),
+        };
+        let pair = self.authority.issue(role, "bayard", &names, Validity::days_from_now(1)).expect("issue");
+        let (certificate, private_key) = certs::write_pair(self.directory.path(), stem, &pair, true).expect("write");
+        TlsFiles { ca_certificate: self.directory.path().join("ca.pem"), certificate, private_key }
+    }
+}
+
+/// A node on 127.0.0.1 (QUIC and HTTPS on one port number), committing only when asked.
+pub async fn start_node(certificates: &Certificates, data: &std::path::Path) -> RunningNode {
+    let mut config = NodeConfig::new(
+        1,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        data.to_path_buf(),
+        DEFAULT_SCHEMA_JSON.to_string(),
+        DEFAULT_TOKENIZER_JSON.to_string(),
+        certificates.files(&Role::Node { node_id: 1 }, "node-1"),
+    );
+    config.commit_interval = Duration::ZERO;
+    config.http_port = bayard::node::HttpPort::SameAsQuic;
+    Node::start(config).await.expect("node starts")
+}
+
+/// Latencies of one run: p50 and p99.
+pub struct Latencies(pub Vec<Duration>);
+
+impl Latencies {
+    pub fn percentile(&mut self, fraction: f64) -> Duration {
+        self.0.sort();
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        let position = ((self.0.len() as f64 - 1.0) * fraction).round() as usize;
+        self.0[position]
+    }
+}
+
+/// CPU time of this process so far (all threads: node and load generator alike).
+pub fn process_cpu() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        if libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) != 0 {
+            return Duration::ZERO;
+        }
+        usage.assume_init()
+    };
+    let seconds = |time: libc::timeval| Duration::new(time.tv_sec as u64, time.tv_usec as u32 * 1000);
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// An HTTPS/1.1 connection kept open, as a load generator or a pooled client keeps one.
+pub struct KeptConnection {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+}
+
+impl KeptConnection {
+    pub async fn open(address: SocketAddr, files: &TlsFiles) -> Self {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in rustls_pki_types::CertificateDer::pem_file_iter(&files.ca_certificate).expect("ca") {
+            roots.add(certificate.expect("pem")).expect("root");
+        }
+        let chain = rustls_pki_types::CertificateDer::pem_file_iter(&files.certificate)
+            .expect("certificate")
+            .map(|certificate| certificate.expect("pem"))
+            .collect();
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&files.private_key).expect("key");
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .expect("client certificate");
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(address).await.expect("connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp).await.expect("tls");
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.expect("http");
+        tokio::spawn(connection);
+        KeptConnection { sender }
+    }
+
+    /// Sends one request and reads the whole answer; panics on anything but 200.
+    pub async fn post(&mut self, path: &str, body: String) -> bytes::Bytes {
+        use http_body_util::BodyExt;
+        self.sender.ready().await.expect("connection ready");
+        let request = hyper::Request::post(path)
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .expect("request");
+        let response = self.sender.send_request(request).await.expect("answer");
+        let status = response.status();
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+        bytes
+    }
+}

@@ -1,0 +1,280 @@
+//! Search latency and throughput, in one run, over the same data: tantivy in-process (the
+//! baseline), then one node through its QUIC client, its REST gateway (`POST /v1/search`) and its
+//! Elasticsearch `_search` (the JSON query language), at concurrency 1, 8 and 32.
+//!
+//! `just bench` (or `cargo bench --bench search`). The corpus is real English text, the articles
+//! of the GCIDE dictionary (`benches/common/corpus.rs`, fetched with `apt-get download
+//! dict-gcide`); the queries are runs of 2–5 words from its articles. Every search asks for the
+//! top 10, the count of matches, and the stored documents. `BAYARD_BENCH_DOCUMENTS` (default
+//! 50000) and `BAYARD_BENCH_QUERIES` (default 1000) size it. Everything (node and load
+//! generator) shares this machine's cores: CPU per query is the whole process's.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bayard::client::{Client, ClientOptions};
+use bayard::index::{AnalyzerConfig, SearchRequest, DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
+use bayard::protocol::{Consistency, DocumentInput};
+use bayard::transport::Role;
+use common::{corpus, process_cpu, Certificates, KeptConnection, Latencies};
+use tantivy::collector::{Count, TopDocs};
+use tantivy::query::QueryParser;
+use tantivy::schema::document::Document as _;
+use tantivy::schema::Value;
+
+struct Figure {
+    name: String,
+    concurrency: usize,
+    queries_per_second: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu_per_query: Duration,
+}
+
+fn environment_number(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
+}
+
+/// Runs `total` searches over `concurrency` workers, each worker with its own state.
+async fn measure<State, Make, MakeFuture, Search, SearchFuture>(
+    name: &str,
+    concurrency: usize,
+    total: usize,
+    make: Make,
+    search: Search,
+) -> Figure
+where
+    State: Send + 'static,
+    Make: Fn(usize) -> MakeFuture,
+    MakeFuture: std::future::Future<Output = State>,
+    Search: Fn(State, usize) -> SearchFuture + Send + Sync + Clone + 'static,
+    SearchFuture: std::future::Future<Output = State> + Send,
+{
+    let mut states = Vec::new();
+    for worker in 0..concurrency {
+        states.push(make(worker).await);
+    }
+    let cpu_before = process_cpu();
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for (worker, mut state) in states.into_iter().enumerate() {
+        let search = search.clone();
+        workers.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut number = worker;
+            while number < total {
+                let began = Instant::now();
+                state = search(state, number).await;
+                latencies.push(began.elapsed());
+                number += concurrency;
+            }
+            latencies
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(done) = workers.join_next().await {
+        latencies.extend(done.expect("worker"));
+    }
+    let elapsed = started.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu_before);
+    let mut latencies = Latencies(latencies);
+    Figure {
+        name: name.to_string(),
+        concurrency,
+        queries_per_second: total as f64 / elapsed.as_secs_f64(),
+        p50: latencies.percentile(0.50),
+        p99: latencies.percentile(0.99),
+        cpu_per_query: cpu / total as u32,
+    }
+}
+
+/// tantivy alone, in this process: the same schema and analyzers, the same default fields, the
+/// same work per search (top 10, count, stored documents as JSON).
+struct RawTantivy {
+    reader: tantivy::IndexReader,
+    parser: QueryParser,
+    schema: tantivy::schema::Schema,
+}
+
+impl RawTantivy {
+    fn build(directory: &std::path::Path, articles: &[corpus::Article]) -> Self {
+        let schema = bayard::index::load_schema(DEFAULT_SCHEMA_JSON).expect("schema");
+        let index = tantivy::Index::create_in_dir(directory, schema.clone()).expect("index");
+        AnalyzerConfig::from_json(DEFAULT_TOKENIZER_JSON)
+            .expect("analyzers")
+            .register_into(index.tokenizers())
+            .expect("register");
+        let mut writer: tantivy::IndexWriter = index.writer_with_num_threads(2, 128 * 1024 * 1024).expect("writer");
+        for (number, article) in articles.iter().enumerate() {
+            let document =
+                tantivy::TantivyDocument::parse_json(&schema, &corpus::document_json(number, article)).expect("doc");
+            writer.add_document(document).expect("add");
+        }
+        writer.commit().expect("commit");
+        let fields = schema
+            .fields()
+            .filter(|(_, entry)| entry.is_indexed() && entry.name() != "_id")
+            .filter(|(_, entry)| matches!(entry.field_type(), tantivy::schema::FieldType::Str(_)))
+            .map(|(field, _)| field)
+            .collect();
+        let parser = QueryParser::for_index(&index, fields);
+        let reader = index.reader().expect("reader");
+        RawTantivy { reader, parser, schema }
+    }
+
+    fn search(&self, text: &str) -> usize {
+        let query = self.parser.parse_query(text).expect("query");
+        let searcher = self.reader.searcher();
+        let (top, count) = searcher.search(&query, &(TopDocs::with_limit(10).order_by_score(), Count)).expect("search");
+        let mut bytes = 0;
+        for (_, address) in top {
+            let document: tantivy::TantivyDocument = searcher.doc(address).expect("doc");
+            bytes += document.to_json(&self.schema).len();
+            bytes += document
+                .get_first(self.schema.get_field("title").expect("title"))
+                .and_then(|v| v.as_str())
+                .map_or(0, str::len);
+        }
+        bytes + count
+    }
+}
+
+fn print_table(figures: &[Figure]) {
+    println!("| path | c | QPS | p50 ms | p99 ms | CPU/query ms | QPS / in-process | QPS / QUIC |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for figure in figures {
+        let same = |name: &str| {
+            figures
+                .iter()
+                .find(|other| other.name == name && other.concurrency == figure.concurrency)
+                .map(|other| other.queries_per_second)
+        };
+        let ratio =
+            |base: Option<f64>| base.map_or("-".to_string(), |base| format!("{:.2}", figure.queries_per_second / base));
+        println!(
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} |",
+            figure.name,
+            figure.concurrency,
+            figure.queries_per_second,
+            figure.p50.as_secs_f64() * 1000.0,
+            figure.p99.as_secs_f64() * 1000.0,
+            figure.cpu_per_query.as_secs_f64() * 1000.0,
+            ratio(same("tantivy in-process")),
+            ratio(same("QUIC client")),
+        );
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let document_count = environment_number("BAYARD_BENCH_DOCUMENTS", 50_000);
+    let query_count = environment_number("BAYARD_BENCH_QUERIES", 1_000);
+    let articles = corpus::articles(document_count);
+    let queries = Arc::new(corpus::queries(&articles, query_count));
+    println!("corpus: {} GCIDE articles, {} queries (2–5 words from the articles)", articles.len(), queries.len());
+
+    let raw_directory = tempfile::tempdir().expect("temp dir");
+    let raw = Arc::new(RawTantivy::build(raw_directory.path(), &articles));
+
+    let certificates = Certificates::new();
+    let data = tempfile::tempdir().expect("temp dir");
+    let node = common::start_node(&certificates, data.path()).await;
+    let client_files = certificates.files(&Role::Client { name: "bench".into() }, "client-bench");
+    let client = Client::connect(ClientOptions::new(vec![node.local_address().to_string()], client_files.clone()))
+        .expect("client");
+    let loaded = Instant::now();
+    let documents = articles
+        .iter()
+        .enumerate()
+        .map(|(number, article)| DocumentInput { id: None, document_json: corpus::document_json(number, article) })
+        .collect();
+    client.bulk_put(documents, |_| {}).await.expect("load");
+    client.commit().await.expect("commit");
+    println!("loaded the node in {:.1} s", loaded.elapsed().as_secs_f64());
+    let http_address = node.http_address().expect("https");
+
+    let mut figures = Vec::new();
+    for concurrency in [1, 8, 32] {
+        let total = queries.len().max(concurrency * 100);
+        let in_process = {
+            let (raw, queries) = (raw.clone(), queries.clone());
+            measure(
+                "tantivy in-process",
+                concurrency,
+                total,
+                |_| async {},
+                move |(), number| {
+                    let (raw, queries) = (raw.clone(), queries.clone());
+                    async move {
+                        tokio::task::spawn_blocking(move || raw.search(&queries[number % queries.len()]))
+                            .await
+                            .expect("search");
+                    }
+                },
+            )
+            .await
+        };
+        figures.push(in_process);
+
+        let quic = {
+            let queries = queries.clone();
+            let files = client_files.clone();
+            let address = node.local_address().to_string();
+            measure(
+                "QUIC client",
+                concurrency,
+                total,
+                |_| {
+                    let options = ClientOptions::new(vec![address.clone()], files.clone());
+                    async move { Arc::new(Client::connect(options).expect("client")) }
+                },
+                move |client, number| {
+                    let queries = queries.clone();
+                    async move {
+                        let request = SearchRequest {
+                            query: queries[number % queries.len()].clone(),
+                            limit: 10,
+                            ..Default::default()
+                        };
+                        client.search(request, Consistency::Local).await.expect("search");
+                        client
+                    }
+                },
+            )
+            .await
+        };
+        figures.push(quic);
+
+        for (name, path) in
+            [("HTTPS /v1/search", "/v1/search?limit=10"), ("HTTPS _search (JSON DSL)", "/bayard/_search")]
+        {
+            let queries = queries.clone();
+            let files = client_files.clone();
+            let figure = measure(
+                name,
+                concurrency,
+                total,
+                |_| KeptConnection::open(http_address, &files),
+                move |mut connection, number| {
+                    let queries = queries.clone();
+                    async move {
+                        let text = &queries[number % queries.len()];
+                        let body = if path.starts_with("/v1") {
+                            text.clone()
+                        } else {
+                            serde_json::json!({"query": {"query_string": {"query": text}}, "size": 10}).to_string()
+                        };
+                        connection.post(path, body).await;
+                        connection
+                    }
+                },
+            )
+            .await;
+            figures.push(figure);
+        }
+    }
+    print_table(&figures);
+    node.shutdown().await;
+}
