@@ -132,6 +132,7 @@ impl ApiKeyTable {
     pub fn apply(&mut self, change: &KeyChange) -> Result<(), String> {
         match change {
             KeyChange::Create(record) => {
+                check_record(record)?;
                 if self.keys.len() >= MAX_KEYS {
                     return Err(format!("the cluster holds {MAX_KEYS} keys already; revoke some first"));
                 }
@@ -222,6 +223,22 @@ pub fn encode_api_key(id: &str, secret: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
 }
 
+/// A record as `new_key` makes it: a valid name, a 20-digit and a 64-digit lowercase hex id and
+/// digest (a digest of another form could never match a secret).
+pub fn check_record(record: &ApiKeyRecord) -> Result<(), String> {
+    check_key_name(&record.name)?;
+    let hex = |text: &str, length: usize| {
+        text.len() == length && text.bytes().all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte))
+    };
+    if !hex(&record.id, KEY_ID_HEX_CHARS) {
+        return Err(format!("the id must be {KEY_ID_HEX_CHARS} lowercase hex digits"));
+    }
+    if !hex(&record.secret_sha256, 64) {
+        return Err("the digest must be 64 lowercase hex digits (SHA-256)".to_string());
+    }
+    Ok(())
+}
+
 pub fn check_key_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_KEY_NAME_BYTES {
         return Err(format!("a key name has 1 to {MAX_KEY_NAME_BYTES} bytes"));
@@ -298,7 +315,14 @@ mod tests {
         assert!(table.verify_secret(&secret).is_none());
         assert!(table.apply(&KeyChange::Revoke { id: record.id.clone() }).unwrap_err().contains("no key"));
         assert!(table.apply(&KeyChange::Create(record.clone())).is_ok());
-        assert!(table.apply(&KeyChange::Create(record)).unwrap_err().contains("exists"));
+        assert!(table.apply(&KeyChange::Create(record.clone())).unwrap_err().contains("exists"));
+        // A record not made by `new_key` (from a hostile member's proposal, say) is refused.
+        let mut upper = record.clone();
+        upper.id = "ABCDEF0123456789ABCD".into();
+        assert!(table.apply(&KeyChange::Create(upper)).unwrap_err().contains("lowercase"));
+        let mut short = record;
+        short.secret_sha256 = "00".into();
+        assert!(table.apply(&KeyChange::Create(short)).unwrap_err().contains("digest"));
     }
 
     #[test]
@@ -336,7 +360,7 @@ mod tests {
         let mut table = ApiKeyTable::default();
         for number in 0..MAX_KEYS {
             let record = ApiKeyRecord {
-                id: format!("{number}"),
+                id: format!("{number:020}"),
                 name: "k".into(),
                 role: KeyRole::Client,
                 read_only: true,

@@ -223,12 +223,25 @@ pub struct ServeArguments {
     /// number), a number, or `off`.
     #[arg(long, env = "BAYARD_HTTP_PORT", default_value = "same", value_parser = parse_http_port)]
     pub http_port: node::HttpPort,
+    /// Fields searched by query terms that name none, with boosts: `title^2,body` (default: the
+    /// schema file's `default_search_fields`, else every indexed text field).
+    #[arg(long, env = "BAYARD_DEFAULT_SEARCH_FIELDS", value_parser = parse_default_search_fields)]
+    pub default_search_fields: Option<FieldBoosts>,
     /// The index's name in HTTP paths (`/{index}/_search`).
     #[arg(long, env = "BAYARD_INDEX_NAME", default_value = "bayard")]
     pub index_name: String,
     /// Open HTTPS connections, all callers together.
     #[arg(long, env = "BAYARD_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
     pub http_max_connections: usize,
+    /// Open HTTPS connections from one remote address.
+    #[arg(long, env = "BAYARD_HTTP_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 256)]
+    pub http_max_connections_per_address: usize,
+    /// An HTTPS connection with no request in progress for this long is closed.
+    #[arg(long, env = "BAYARD_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub http_idle_timeout: Duration,
+    /// Most actions in one `_bulk` body.
+    #[arg(long, env = "BAYARD_HTTP_MAX_BULK_ITEMS", default_value_t = 10_000)]
+    pub http_max_bulk_items: usize,
     /// Largest HTTP request body, in MiB (bulk bodies are written in chunks).
     #[arg(long, env = "BAYARD_HTTP_MAX_BODY_MB", default_value_t = 64)]
     pub http_max_body_mb: usize,
@@ -237,6 +250,15 @@ pub struct ServeArguments {
     pub http_request_timeout: Duration,
     #[command(flatten)]
     pub limits: LimitArguments,
+}
+
+/// Fields with boosts, from `--default-search-fields`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldBoosts(pub Vec<(String, f32)>);
+
+/// Parses `--default-search-fields`: `title^2,body`.
+fn parse_default_search_fields(text: &str) -> Result<FieldBoosts, String> {
+    crate::index::parse_field_boosts(text).map(FieldBoosts).map_err(|error| error.to_string())
 }
 
 /// Parses `--http-port`: `same`, `off` or a port number.
@@ -692,10 +714,14 @@ async fn serve_node(arguments: ServeArguments) -> anyhow::Result<()> {
     config.join_timeout = arguments.join_timeout;
     config.max_concurrent_streams = arguments.limits.max_streams_per_connection;
     config.http_port = arguments.http_port;
+    config.default_search_fields = arguments.default_search_fields.clone().map(|fields| fields.0);
     config.http.index_name = arguments.index_name.clone();
     config.http.max_connections = arguments.http_max_connections.max(1);
     config.http.max_body_bytes = arguments.http_max_body_mb.max(1) * 1024 * 1024;
     config.http.request_timeout = arguments.http_request_timeout;
+    config.http.max_connections_per_address = arguments.http_max_connections_per_address.max(1);
+    config.http.idle_timeout = arguments.http_idle_timeout.max(Duration::from_secs(1));
+    config.http.max_bulk_items = arguments.http_max_bulk_items.max(1);
     node::run(config, shutdown_signal(), reload_signal()).await.map_err(|error| anyhow!(error))
 }
 

@@ -605,7 +605,7 @@ impl Client {
         let request = AdminRequest::RevokeKey { id: id.to_string(), request_id: RequestId::random() };
         let (response, server) = self.call_preferring(StreamKind::Admin, &request, self.known_leader()).await?;
         match response {
-            AdminResponse::KeyChanged { applied_index } => Ok(applied_index),
+            AdminResponse::KeyChanged { applied_index, .. } => Ok(applied_index),
             _ => Err(ClientError::UnexpectedResponse { server, request: "revoke_key" }),
         }
     }

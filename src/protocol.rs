@@ -203,6 +203,11 @@ pub enum AdminRequest {
         id: String,
         request_id: RequestId,
     },
+    /// Answers once this node has applied the log up to `index` (node certificates of members
+    /// only): how a `refresh` makes a write visible on every member before it is acknowledged.
+    WaitApplied {
+        index: u64,
+    },
 }
 
 impl AdminRequest {
@@ -217,6 +222,7 @@ impl AdminRequest {
             AdminRequest::CreateKey { .. } => "create_key",
             AdminRequest::ListKeys => "list_keys",
             AdminRequest::RevokeKey { .. } => "revoke_key",
+            AdminRequest::WaitApplied { .. } => "wait_applied",
         }
     }
 
@@ -275,9 +281,11 @@ pub enum AdminResponse {
         node_id: u64,
     },
     Acknowledged,
-    /// A key was added or revoked, at this log index.
+    /// A key was added or revoked, at this log index; `duplicate`: by an earlier attempt of
+    /// this request (whose answer was lost).
     KeyChanged {
         applied_index: u64,
+        duplicate: bool,
     },
     Keys(Vec<ApiKeyInfo>),
 }

@@ -302,12 +302,15 @@ async fn hostile_http_callers_are_refused_and_the_honest_one_is_served() {
         config.http.max_body_bytes = 1024 * 1024;
         config.http.max_connections = 4;
         config.http.read_timeout = Duration::from_secs(1);
+        config.http.max_bulk_items = 100;
     })
     .await;
     let address = node.http_address().unwrap();
     let honest = Https::with_certificate(address, &certificates.client("app"));
     let served = |https: Https| async move {
-        https.json("PUT", "/v1/documents/honest", &[], &json!({"title": "still served"})).await.status == 200
+        let body = Some(json!({"title": "still served"}).to_string().into_bytes());
+        let answer = https.try_send("PUT", "/v1/documents/honest", &[], body).await;
+        matches!(answer, Ok(answer) if answer.status == 200)
     };
 
     // A body over --http-max-body-mb: 413, nothing written.
@@ -328,6 +331,25 @@ async fn hostile_http_callers_are_refused_and_the_honest_one_is_served() {
     let answer = honest.json("POST", "/bayard/_search", &[], &json!({"query": deep})).await;
     assert_eq!(answer.status, 400, "{:?}", answer.body);
 
+    // A bulk of more actions than --http-max-bulk-items is refused before anything is done.
+    let deletes = ndjson(&vec![json!({"delete": {"_index": "bayard", "_id": "x"}}); 101]);
+    let answer = honest.send("POST", "/_bulk", &[], Some(deletes)).await;
+    assert_eq!(answer.status, 400);
+    assert!(answer.body["error"]["reason"].as_str().unwrap().contains("--http-max-bulk-items"), "{:?}", answer.body);
+
+    // A retry under the same request id names the same document, and does not mint a second key.
+    let retry = [("x-bayard-request-id", "000000000000000000000000000000aa")];
+    let first = honest.json("POST", "/bayard/_doc", &retry, &json!({"title": "once"})).await;
+    let again = honest.json("POST", "/bayard/_doc", &retry, &json!({"title": "once"})).await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    assert_eq!(first.body["_id"], again.body["_id"]);
+    let admin = Https::with_certificate(address, &certificates.admin("ops"));
+    let key_retry = [("x-bayard-request-id", "000000000000000000000000000000bb")];
+    let made = admin.json("POST", "/v1/keys", &key_retry, &json!({"name": "once"})).await;
+    assert_eq!(made.status, 200, "{:?}", made.body);
+    let remade = admin.json("POST", "/v1/keys", &key_retry, &json!({"name": "once"})).await;
+    assert_eq!(remade.status, 409, "a retry must not show a secret that was never stored: {:?}", remade.body);
+
     // Connections that say nothing are closed at the read timeout.
     let idle = tokio::net::TcpStream::connect(address).await.unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(15), async {
@@ -343,6 +365,21 @@ async fn hostile_http_callers_are_refused_and_the_honest_one_is_served() {
     })
     .await;
     assert!(closed.is_ok(), "a silent connection was never closed");
+
+    // A connection that finished TLS and says nothing (no HTTP/1 request, no HTTP/2 preface) is
+    // closed at the read timeout: silent connections cannot hold the slots.
+    let mut silent = honest.open_silent().await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt;
+        let mut buffer = [0_u8; 64];
+        while let Ok(read) = silent.read(&mut buffer).await {
+            if read == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a silent TLS connection was never closed");
 
     // More connections than --http-max-connections: the extra ones are dropped.
     let mut holders = Vec::new();

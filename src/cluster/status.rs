@@ -2,6 +2,7 @@
 //! applied index and lag as the membership exchange reports them. No network call.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
 
 use openraft::ServerState;
 
@@ -45,6 +46,23 @@ impl Cluster {
         }
     }
 
+    /// Asks every other member to answer once it has applied the log up to `index` (each under
+    /// `deadline`); the number of members, this one included, that have. Nothing waits past the
+    /// deadline: a member that is down simply does not count.
+    pub async fn members_applied(&self, index: u64, deadline: Instant) -> usize {
+        let own = usize::from(self.raft().metrics().borrow().last_applied.map_or(0, |log_id| log_id.index) >= index);
+        let calls = self.members().into_iter().filter(|(node_id, _)| *node_id != self.node_id()).map(|(_, node)| {
+            let peers = self.inner.peers.clone();
+            async move {
+                let request = crate::protocol::AdminRequest::WaitApplied { index };
+                let answer: Result<crate::protocol::AdminResponse, _> =
+                    peers.call_until(&node.addr, crate::protocol::StreamKind::Admin, &request, deadline).await;
+                answer.is_ok()
+            }
+        });
+        own + futures_count(calls).await
+    }
+
     /// This node's state plus every member's.
     pub fn status(&self) -> NodeStatus {
         let mut status = self.local_status();
@@ -86,4 +104,17 @@ impl Cluster {
         }
         members
     }
+}
+
+/// How many of the calls answer `true`, all run at once.
+async fn futures_count(calls: impl Iterator<Item = impl std::future::Future<Output = bool> + Send + 'static>) -> usize {
+    let mut running = tokio::task::JoinSet::new();
+    for call in calls {
+        running.spawn(call);
+    }
+    let mut count = 0;
+    while let Some(answered) = running.join_next().await {
+        count += usize::from(answered.unwrap_or(false));
+    }
+    count
 }

@@ -26,13 +26,26 @@ pub enum Credentials {
 }
 
 /// An authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Caller {
     /// What it may do: a client or admin role (keys act as the role they were made with).
     pub role: Role,
     /// A read-only key: searches and gets only.
     pub read_only: bool,
     pub credentials: Credentials,
+    /// The caller's place among its requests in progress, held as long as the request.
+    pub slot: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Caller")
+            .field("role", &self.role)
+            .field("read_only", &self.read_only)
+            .field("credentials", &self.credentials)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Caller {
@@ -71,14 +84,21 @@ pub fn authenticate(
             KeyRole::Client => Role::Client { name },
             KeyRole::Admin => Role::Admin { name },
         };
-        return Ok(Caller { role, read_only: key.read_only, credentials: Credentials::ApiKey { id: key.id.clone() } });
+        return Ok(Caller {
+            role,
+            read_only: key.read_only,
+            credentials: Credentials::ApiKey { id: key.id.clone() },
+            slot: None,
+        });
     }
     match certificate {
         Some(Role::Node { node_id }) => Err(ApiError::forbidden(format!(
             "a node certificate (node {node_id}) may not use the HTTP API; use a client or admin certificate or an \
              API key"
         ))),
-        Some(role) => Ok(Caller { role: role.clone(), read_only: false, credentials: Credentials::Certificate }),
+        Some(role) => {
+            Ok(Caller { role: role.clone(), read_only: false, credentials: Credentials::Certificate, slot: None })
+        }
         None => {
             crate::telemetry::metrics::record_refused_connection("http_no_credentials");
             Err(ApiError::unauthenticated(
@@ -103,7 +123,10 @@ impl FromRequestParts<std::sync::Arc<super::HttpState>> for Caller {
             None => None,
         };
         let certificate = parts.extensions.get::<ConnectionCertificate>().and_then(|found| found.0.as_ref());
-        authenticate(authorization, certificate, &state.backend.api_keys())
+        let mut caller = authenticate(authorization, certificate, &state.backend.api_keys())?;
+        // Before the body is read: a caller's slow uploads count against its own requests.
+        caller.slot = Some(std::sync::Arc::from(state.backend.admit(&caller)?));
+        Ok(caller)
     }
 }
 

@@ -25,7 +25,10 @@ use serde_json::{json, Map, Value};
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::rest::{unexpected, write, CHUNK_DOCUMENTS};
-use super::{body_text, deadline, ndjson_lines, read_body, request_id, HttpState, ELASTICSEARCH_COMPATIBLE_VERSION};
+use super::{
+    body_text, deadline, derived_document_id, derived_request_id, ndjson_lines, read_body, request_id, HttpState,
+    ELASTICSEARCH_COMPATIBLE_VERSION,
+};
 use crate::client::WriteReceipt;
 use crate::index::ID_FIELD;
 use crate::protocol::{ClientRequest, ClientResponse, Consistency, DocumentInput, RequestId};
@@ -136,8 +139,17 @@ fn wants_refresh(parameters: &[(String, String)]) -> ApiResult<bool> {
     }
 }
 
-async fn commit(state: &HttpState, caller: &Caller) -> ApiResult<WriteReceipt> {
-    write(state, caller, ClientRequest::Commit { request_id: RequestId::random() }).await
+/// How long a refresh waits for the other members to apply its commit: a member that is down
+/// must not hold the answer for the whole request timeout.
+const REFRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A refresh: a commit, answered once every live member has applied it, so what was written is
+/// searchable on whichever node the caller asks next (as Elasticsearch refreshes every copy).
+/// Returns how many members show it.
+async fn commit(state: &HttpState, caller: &Caller) -> ApiResult<usize> {
+    let receipt = write(state, caller, ClientRequest::Commit { request_id: RequestId::random() }).await?;
+    let deadline = Instant::now() + REFRESH_WAIT.min(state.config.request_timeout);
+    Ok(state.backend.members_applied(receipt.applied_index, deadline).await)
 }
 
 async fn info(State(state): Shared, _caller: Caller) -> Json<Value> {
@@ -312,13 +324,11 @@ async fn put_source(
     caller: &Caller,
     id: &str,
     source: Map<String, Value>,
-    headers: &HeaderMap,
+    request_id: RequestId,
 ) -> ApiResult<WriteReceipt> {
     let document_json = Value::Object(source).to_string();
-    let request = ClientRequest::Put {
-        documents: vec![DocumentInput { id: Some(id.to_string()), document_json }],
-        request_id: request_id(headers)?,
-    };
+    let request =
+        ClientRequest::Put { documents: vec![DocumentInput { id: Some(id.to_string()), document_json }], request_id };
     write(state, caller, request).await.map_err(strip_document_position)
 }
 
@@ -352,7 +362,8 @@ async fn put_document(
         Some("create") => true,
         Some(other) => return Err(ApiError::bad_request(format!("op_type must be index or create, not [{other}]"))),
     };
-    index_document(&state, &caller, &id, create, &parameters, &headers, body).await
+    let write = DocumentWrite { id: &id, create, request_id: request_id(&headers)? };
+    index_document(&state, &caller, write, &parameters, &headers, body).await
 }
 
 async fn create_document(
@@ -365,7 +376,8 @@ async fn create_document(
 ) -> ApiResult<Response> {
     check_index(&state, &index)?;
     check_parameters(&parameters, &["refresh", "routing", "pipeline"])?;
-    index_document(&state, &caller, &id, true, &parameters, &headers, body).await
+    let write = DocumentWrite { id: &id, create: true, request_id: request_id(&headers)? };
+    index_document(&state, &caller, write, &parameters, &headers, body).await
 }
 
 /// `POST /{index}/_doc`: the node draws the id, as Elasticsearch does.
@@ -379,24 +391,30 @@ async fn put_new_document(
 ) -> ApiResult<Response> {
     check_index(&state, &index)?;
     check_parameters(&parameters, &["refresh", "routing", "pipeline", "op_type"])?;
-    let id = new_document_id();
-    index_document(&state, &caller, &id, false, &parameters, &headers, body).await
+    // Drawn from the request id, so a retry under the same `X-Bayard-Request-Id` names the
+    // document its first attempt wrote.
+    let request_id = request_id(&headers)?;
+    let id = derived_document_id(request_id, 0);
+    index_document(&state, &caller, DocumentWrite { id: &id, create: false, request_id }, &parameters, &headers, body)
+        .await
 }
 
-fn new_document_id() -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 15]>())
+/// One document to index: its id, whether an existing one is a conflict, the write's request id.
+struct DocumentWrite<'a> {
+    id: &'a str,
+    create: bool,
+    request_id: RequestId,
 }
 
 async fn index_document(
     state: &HttpState,
     caller: &Caller,
-    id: &str,
-    create: bool,
+    write: DocumentWrite<'_>,
     parameters: &[(String, String)],
     headers: &HeaderMap,
     body: axum::body::Body,
 ) -> ApiResult<Response> {
+    let DocumentWrite { id, create, request_id } = write;
     let refresh = wants_refresh(parameters)?;
     let (bytes, _permit) = read_body(state, headers, body).await?;
     let source = source_object(&bytes)?;
@@ -404,7 +422,7 @@ async fn index_document(
     if create && existed {
         return Err(ApiError::conflict(format!("[{id}]: version conflict, document already exists")));
     }
-    let receipt = put_source(state, caller, id, source, headers).await?;
+    let receipt = put_source(state, caller, id, source, request_id).await?;
     if refresh {
         commit(state, caller).await?;
     }
@@ -453,8 +471,9 @@ async fn delete_document(
 
 async fn refresh(State(state): Shared, caller: Caller, Path(index): Path<String>) -> ApiResult<Json<Value>> {
     check_index(&state, &index)?;
-    commit(&state, &caller).await?;
-    Ok(Json(json!({"_shards": {"total": member_count(&state), "successful": member_count(&state), "failed": 0}})))
+    let refreshed = commit(&state, &caller).await?;
+    let total = member_count(&state);
+    Ok(Json(json!({"_shards": {"total": total, "successful": refreshed, "failed": total.saturating_sub(refreshed)}})))
 }
 
 async fn refresh_all(State(state): Shared, caller: Caller) -> ApiResult<Json<Value>> {
@@ -482,10 +501,22 @@ struct BulkItem {
 
 /// Reads the action/source line pairs. A malformed action line refuses the whole body (as
 /// Elasticsearch does: the pairing is lost); a bad item only fails that item.
-fn parse_bulk(state: &HttpState, text: &str, default_index: Option<&str>) -> ApiResult<Vec<BulkItem>> {
+fn parse_bulk(
+    state: &HttpState,
+    text: &str,
+    default_index: Option<&str>,
+    request_id: RequestId,
+) -> ApiResult<Vec<BulkItem>> {
     let mut lines = ndjson_lines(text);
     let mut items = Vec::new();
+    let max_items = state.config.max_bulk_items;
     while let Some((line, action_line)) = lines.next() {
+        if items.len() >= max_items {
+            crate::telemetry::metrics::record_limit_refusal("bulk_items");
+            return Err(ApiError::bad_request(format!(
+                "the bulk body has more than {max_items} actions (--http-max-bulk-items); send it in parts"
+            )));
+        }
         let action: Value = serde_json::from_str(action_line)
             .map_err(|error| ApiError::bad_request(format!("line {line}: malformed action: {error}")))?;
         let Some((kind, metadata)) =
@@ -520,14 +551,25 @@ fn parse_bulk(state: &HttpState, text: &str, default_index: Option<&str>) -> Api
             Some(index) => check_index(state, index),
             None => Err(ApiError::bad_request(format!("line {line}: no _index in the action or the path"))),
         };
-        let item_id = id.clone().unwrap_or_default();
-        let action = index_check.and_then(|()| bulk_action(kind, id, source));
+        let metadata_id = id.clone().unwrap_or_default();
+        let position = items.len();
+        let action =
+            index_check.and_then(|()| bulk_action(kind, id, source, || derived_document_id(request_id, position)));
+        let item_id = match &action {
+            Ok(BulkAction::Index { id, .. } | BulkAction::Update { id, .. } | BulkAction::Delete { id }) => id.clone(),
+            Err(_) => metadata_id,
+        };
         items.push(BulkItem { kind, id: item_id, action });
     }
     Ok(items)
 }
 
-fn bulk_action(kind: &'static str, id: Option<String>, source: Option<&str>) -> ApiResult<BulkAction> {
+fn bulk_action(
+    kind: &'static str,
+    id: Option<String>,
+    source: Option<&str>,
+    new_id: impl FnOnce() -> String,
+) -> ApiResult<BulkAction> {
     let needs_id = || ApiError::bad_request(format!("the {kind} action needs an _id"));
     let object = |text: &str| -> ApiResult<Map<String, Value>> {
         match serde_json::from_str::<Value>(text) {
@@ -570,7 +612,7 @@ fn bulk_action(kind: &'static str, id: Option<String>, source: Option<&str>) -> 
             let create = kind == "create";
             let id = match id {
                 Some(id) => id,
-                None if !create => new_document_id(),
+                None if !create => new_id(),
                 None => return Err(needs_id()),
             };
             Ok(BulkAction::Index { id, source, create })
@@ -623,21 +665,15 @@ async fn run_bulk(
     check_parameters(parameters, &["refresh", "routing", "pipeline", "require_alias", "_source"])?;
     let refresh = wants_refresh(parameters)?;
     let (bytes, _permit) = read_body(state, headers, body).await?;
-    let items = parse_bulk(state, body_text(&bytes)?, default_index)?;
     let first_request_id = request_id(headers)?;
+    let items = parse_bulk(state, body_text(&bytes)?, default_index, first_request_id)?;
 
     // What the committed index holds for every id the body names, before any item; items then
     // see the effect of the items before them.
     let ids: Vec<String> = items.iter().filter(|item| item.action.is_ok()).map(|item| item.id.clone()).collect();
-    let mut current: HashMap<String, Option<Map<String, Value>>> = on_index(state, move |index| {
-        ids.into_iter()
-            .map(|id| {
-                let stored = index.get(&id).ok().flatten().map(|document| source_of(&document.fields_json));
-                (id, stored)
-            })
-            .collect()
-    })
-    .await?;
+    let stored = state.backend.stored_documents(ids.clone(), deadline(state)).await?;
+    let mut current: HashMap<String, Option<Map<String, Value>>> =
+        ids.into_iter().map(|id| (id.clone(), stored.get(&id).map(|fields| source_of(fields)))).collect();
 
     let mut results: Vec<ItemOutcome> = Vec::new();
     let mut runs: Vec<Run> = Vec::new();
@@ -689,15 +725,48 @@ async fn run_bulk(
         results.push((item.kind, item.id, outcome));
     }
 
-    // Send the runs in order. A run refused as a whole (a bad document, the node busy) fails its
-    // items; a bad document is found by its position and only it fails when the rest is resent.
+    // Every document is checked against the schema first (as the node will), so a bad one fails
+    // its item alone and is never sent.
+    let puts: Vec<(usize, DocumentInput)> = runs
+        .iter()
+        .filter_map(|run| match run {
+            Run::Puts(puts) => Some(puts.clone()),
+            Run::Deletes(_) => None,
+        })
+        .flatten()
+        .collect();
+    let refused: Vec<(usize, String)> = on_index(state, move |index| {
+        puts.into_iter()
+            .filter_map(|(position, document)| {
+                crate::index::validate_document(index.schema(), document.id.as_deref(), &document.document_json)
+                    .err()
+                    .map(|error| (position, error.to_string()))
+            })
+            .collect()
+    })
+    .await?;
+    for (position, reason) in &refused {
+        let mut error = ApiError::bad_request(reason.clone());
+        error.elastic_type = "document_parsing_exception";
+        results[*position].2 = Err(error);
+    }
+    let refused: std::collections::HashSet<usize> = refused.into_iter().map(|(position, _)| position).collect();
+    for run in &mut runs {
+        if let Run::Puts(puts) = run {
+            puts.retain(|(position, _)| !refused.contains(position));
+        }
+    }
+
+    // Send the runs in order. A run refused as a whole (the node busy, no leader) fails its items;
+    // a document the node still refuses (validation above makes it rare) is found by its
+    // position and only it fails when the rest is resent, a bounded number of times.
     let mut applied_index = 0;
-    let mut request_number = 0_u128;
+    let mut request_number = 0_u64;
     for run in runs {
         match run {
             Run::Deletes(deletes) => {
                 for chunk in deletes.chunks(crate::protocol::MAX_OPERATIONS_PER_REQUEST) {
-                    let request_id = RequestId(first_request_id.0.wrapping_add(request_number));
+                    let request_id = derived_request_id(first_request_id, request_number);
                     request_number += 1;
                     let ids = chunk.iter().map(|(_, id)| id.clone()).collect();
                     match write(state, caller, ClientRequest::Delete { ids, request_id }).await {
@@ -709,9 +778,10 @@ async fn run_bulk(
             Run::Puts(puts) => {
                 for chunk in chunk_puts(puts, state.config.max_frame_bytes / 2) {
                     let mut pending = chunk;
-                    // Each retry drops one refused document: bounded by the chunk's size.
+                    let mut attempts = 0;
                     while !pending.is_empty() {
-                        let request_id = RequestId(first_request_id.0.wrapping_add(request_number));
+                        attempts += 1;
+                        let request_id = derived_request_id(first_request_id, request_number);
                         request_number += 1;
                         let documents = pending.iter().map(|(_, document)| document.clone()).collect();
                         match write(state, caller, ClientRequest::Put { documents, request_id }).await {
@@ -719,7 +789,7 @@ async fn run_bulk(
                                 applied_index = receipt.applied_index;
                                 break;
                             }
-                            Err(error) => match refused_document(&error, pending.len()) {
+                            Err(error) => match refused_document(&error, pending.len()).filter(|_| attempts < 8) {
                                 Some(offset) => {
                                     let (position, _) = pending.remove(offset);
                                     results[position].2 = Err(strip_document_position(error));
@@ -1056,12 +1126,14 @@ async fn run_msearch(
     let total_hits_as_int = parameter(parameters, "rest_total_hits_as_int").is_some_and(|value| value != "false");
     let (bytes, _permit) = read_body(state, headers, body).await?;
     let text = body_text(&bytes)?;
+    // Counted before any search runs.
+    if ndjson_lines(text).count() > 2 * MAX_MSEARCH_SEARCHES {
+        crate::telemetry::metrics::record_limit_refusal("msearch_searches");
+        return Err(ApiError::bad_request(format!("_msearch carries at most {MAX_MSEARCH_SEARCHES} searches")));
+    }
     let mut lines = ndjson_lines(text);
     let mut responses = Vec::new();
     while let Some((line, header_line)) = lines.next() {
-        if responses.len() >= MAX_MSEARCH_SEARCHES {
-            return Err(ApiError::bad_request(format!("_msearch carries at most {MAX_MSEARCH_SEARCHES} searches")));
-        }
         let (_, body_line) = lines
             .next()
             .ok_or_else(|| ApiError::bad_request(format!("line {line}: a search header has no body line")))?;

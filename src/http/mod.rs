@@ -61,12 +61,28 @@ pub trait Backend: Send + Sync + 'static {
         request: AdminRequest,
         deadline: Instant,
     ) -> BoxFuture<'a, Result<AdminResponse, WireError>>;
-    /// Room for a request body in the node's byte budget of client requests, held until the
-    /// returned permit is dropped.
+    /// Room for a request body in the byte budget of HTTP bodies (apart from QUIC's, so slow
+    /// HTTP uploads cannot starve QUIC clients), held until the returned permit is dropped.
     fn reserve_request_bytes(
         &self,
         bytes: usize,
     ) -> BoxFuture<'_, Result<tokio::sync::OwnedSemaphorePermit, WireError>>;
+    /// A place among the caller's requests in progress (`--max-requests-per-identity`), taken
+    /// before its body is read and held for the whole request.
+    fn admit(&self, caller: &Caller) -> Result<Box<dyn std::any::Any + Send + Sync>, WireError>;
+    /// Waits (until `deadline`) for this node to have applied the log up to `index`, so that what
+    /// a caller just wrote through it is what it reads from it next.
+    fn wait_applied(&self, index: u64, deadline: Instant) -> BoxFuture<'_, Result<(), WireError>>;
+    /// How many members (this one included) have applied the log up to `index`, asking each to
+    /// wait for it until `deadline`: a `refresh` answers once every live member shows the write.
+    fn members_applied(&self, index: u64, deadline: Instant) -> BoxFuture<'_, usize>;
+    /// The stored fields (JSON text) of these ids in this node's committed index, under the
+    /// node's read slots.
+    fn stored_documents(
+        &self,
+        ids: Vec<String>,
+        deadline: Instant,
+    ) -> BoxFuture<'_, Result<std::collections::HashMap<String, String>, WireError>>;
 }
 
 /// Settings of the HTTP door (flags of `bayard serve`).
@@ -77,6 +93,12 @@ pub struct HttpConfig {
     pub trust_domain: String,
     /// Open HTTP connections, all callers together.
     pub max_connections: usize,
+    /// Open HTTP connections from one remote address.
+    pub max_connections_per_address: usize,
+    /// A connection with no request in progress for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most items in one `_bulk` body.
+    pub max_bulk_items: usize,
     /// Largest request body.
     pub max_body_bytes: usize,
     /// Time a caller has for the TLS handshake.
@@ -97,6 +119,9 @@ impl HttpConfig {
             index_name: index_name.into(),
             trust_domain: crate::transport::identity::DEFAULT_TRUST_DOMAIN.to_string(),
             max_connections: 1024,
+            max_connections_per_address: 256,
+            idle_timeout: Duration::from_secs(60),
+            max_bulk_items: 10_000,
             max_body_bytes: 64 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
@@ -137,6 +162,33 @@ pub(crate) fn request_id(headers: &axum::http::HeaderMap) -> Result<crate::proto
         .and_then(|text| u128::from_str_radix(text, 16).ok())
         .map(crate::protocol::RequestId)
         .ok_or_else(|| error::ApiError::bad_request(format!("{REQUEST_ID_HEADER} must be 32 hex digits")))
+}
+
+/// The request id of the `n`th write a request makes (its first is the request's own): derived,
+/// so a retried request makes the same ids again, and unrelated to `first + n`, so a caller
+/// numbering its requests in sequence cannot collide with another request's parts.
+pub(crate) fn derived_request_id(first: crate::protocol::RequestId, n: u64) -> crate::protocol::RequestId {
+    if n == 0 {
+        return first;
+    }
+    let mut input = first.0.to_le_bytes().to_vec();
+    input.extend_from_slice(&n.to_le_bytes());
+    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+    let mut bytes = [0_u8; 16];
+    bytes.copy_from_slice(&digest.as_ref()[..16]);
+    crate::protocol::RequestId(u128::from_le_bytes(bytes))
+}
+
+/// The id of a document a request asks the node to name (`POST /{index}/_doc`, a bulk `index`
+/// without `_id`): drawn from the request id and the item's position, so a retry names the
+/// same document.
+pub(crate) fn derived_document_id(request_id: crate::protocol::RequestId, position: usize) -> String {
+    use base64::Engine;
+    let mut input = request_id.0.to_le_bytes().to_vec();
+    input.extend_from_slice(&(position as u64).to_le_bytes());
+    input.extend_from_slice(b"document id");
+    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest.as_ref()[..15])
 }
 
 /// Reads a request body: its announced length is checked against `--http-max-body-mb`, room is

@@ -46,6 +46,8 @@ pub(crate) fn routes() -> Router<Arc<HttpState>> {
 pub(crate) async fn write(state: &HttpState, caller: &Caller, request: ClientRequest) -> ApiResult<WriteReceipt> {
     match state.backend.client(caller, request, deadline(state)).await? {
         ClientResponse::Written { operations, applied_index, duplicate, .. } => {
+            // What a caller wrote through this node is what it reads from it next.
+            state.backend.wait_applied(applied_index, deadline(state)).await?;
             Ok(WriteReceipt { operations, applied_index, duplicate })
         }
         other => Err(unexpected(&other)),
@@ -113,7 +115,7 @@ async fn put_in_chunks(
     let mut total = WriteReceipt { operations: 0, applied_index: 0, duplicate: false };
     let mut chunk: Vec<(usize, DocumentInput)> = Vec::new();
     let mut chunk_bytes = 0;
-    let mut chunk_number = 0_u128;
+    let mut chunk_number = 0_u64;
     let mut remaining = documents.into_iter().peekable();
     while let Some((line, document)) = remaining.next() {
         chunk_bytes += document.document_json.len() + 16;
@@ -122,7 +124,7 @@ async fn put_in_chunks(
         if chunk.len() >= CHUNK_DOCUMENTS || chunk_bytes + next_bytes > chunk_limit_bytes || remaining.peek().is_none()
         {
             let (lines, documents): (Vec<usize>, Vec<DocumentInput>) = std::mem::take(&mut chunk).into_iter().unzip();
-            let request_id = crate::protocol::RequestId(first_request_id.0.wrapping_add(chunk_number));
+            let request_id = super::derived_request_id(first_request_id, chunk_number);
             let receipt = write(state, caller, ClientRequest::Put { documents, request_id })
                 .await
                 .map_err(|error| name_the_line(error, &lines))?;
@@ -193,7 +195,7 @@ async fn bulk_delete(
     let first_request_id = request_id(&headers)?;
     let mut total = WriteReceipt { operations: 0, applied_index: 0, duplicate: false };
     for (number, chunk) in ids.chunks(crate::protocol::MAX_OPERATIONS_PER_REQUEST).enumerate() {
-        let request_id = crate::protocol::RequestId(first_request_id.0.wrapping_add(number as u128));
+        let request_id = super::derived_request_id(first_request_id, number as u64);
         let receipt = write(&state, &caller, ClientRequest::Delete { ids: chunk.to_vec(), request_id }).await?;
         total.operations += receipt.operations;
         total.applied_index = receipt.applied_index;
@@ -344,8 +346,16 @@ async fn create_key(
     let (record, secret) = crate::access::new_key(&new.name, role, new.read_only).map_err(ApiError::bad_request)?;
     let id = record.id.clone();
     let request = AdminRequest::CreateKey { record, request_id: request_id(&headers)? };
-    state.backend.admin(&caller, request, deadline(&state)).await?;
-    Ok(Json(key_created_json(&id, &new.name, role, new.read_only, &secret)))
+    match state.backend.admin(&caller, request, deadline(&state)).await? {
+        // A retry: its first attempt made a key (with a secret drawn then, and shown then); this
+        // attempt's secret was never stored, so it is not shown.
+        AdminResponse::KeyChanged { duplicate: true, .. } => Err(ApiError::conflict(
+            "an earlier attempt of this request (same X-Bayard-Request-Id) created the key; its secret was shown \
+             once, to that attempt: revoke it (GET /v1/keys lists it) if the answer was lost",
+        )),
+        AdminResponse::KeyChanged { .. } => Ok(Json(key_created_json(&id, &new.name, role, new.read_only, &secret))),
+        other => Err(ApiError::bad_request(format!("unexpected answer {other:?}"))),
+    }
 }
 
 /// What creating a key answers (the CLI prints the same).
@@ -368,7 +378,7 @@ async fn revoke_key(
 ) -> ApiResult<Json<Value>> {
     let request = AdminRequest::RevokeKey { id: id.clone(), request_id: request_id(&headers)? };
     match state.backend.admin(&caller, request, deadline(&state)).await? {
-        AdminResponse::KeyChanged { applied_index } => {
+        AdminResponse::KeyChanged { applied_index, .. } => {
             Ok(Json(json!({"status": "OK", "revoked": id, "applied_index": applied_index})))
         }
         other => Err(ApiError::bad_request(format!("unexpected answer {other:?}"))),

@@ -32,7 +32,7 @@ pub use query_dsl::{
     DEFAULT_SEARCH_SIZE, DEFAULT_TRACK_TOTAL_HITS, SUPPORTED_AGGREGATION_TYPES, SUPPORTED_QUERY_TYPES,
     SUPPORTED_REQUEST_KEYS,
 };
-pub use schema::{check_id_field, load_schema};
+pub use schema::{check_id_field, load_schema, load_schema_file, SchemaFile};
 pub use search::{
     FacetCounts, FacetRequest, SearchHit, SearchRequest, SearchResponse, SortSpec, MAX_SEARCH_LIMIT, MAX_SEARCH_OFFSET,
 };

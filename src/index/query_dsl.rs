@@ -2193,7 +2193,10 @@ impl<'a> QueryBuilder<'a> {
                     .index
                     .default_search_fields
                     .iter()
-                    .map(|field| (*field, self.index.schema.get_field_name(*field).to_string(), 1.0))
+                    .map(|field| {
+                        let boost = self.index.default_field_boosts.get(field).copied().unwrap_or(1.0);
+                        (*field, self.index.schema.get_field_name(*field).to_string(), boost)
+                    })
                     .collect())
             }
             Some(JsonValue::Array(items)) => items.iter().collect(),
@@ -2609,6 +2612,8 @@ impl<'a> QueryBuilder<'a> {
         pattern: &str,
     ) -> Result<Box<dyn Query>, IndexError> {
         self.require_indexed_text(entry, field_name, query_type)?;
+        check_automaton_cost(pattern)
+            .map_err(|reason| query_error(format!("`{query_type}` on `{field_name}`: {reason}")))?;
         let query = RegexQuery::from_pattern(pattern, field)
             .map_err(|error| query_error(format!("`{query_type}` on `{field_name}`: invalid pattern: {error}")))?;
         Ok(Box::new(query))
@@ -2786,4 +2791,53 @@ fn check_fuzzy_term(field_name: &str, text: &str) -> Result<(), IndexError> {
         )));
     }
     Ok(())
+}
+
+/// Most "automaton units" a pattern may cost (see [`automaton_cost`]). tantivy compiles a
+/// pattern into a DFA eagerly, and that work grows with the size of the pattern's expanded
+/// program times its states: 19 bytes like `(?s)(.{0,30}){0,30}` took seconds of CPU before the
+/// search's time budget could even start. Ordinary patterns (`colou?r`, `qu*ck`, `[a-z]+ing`)
+/// cost tens.
+pub const MAX_AUTOMATON_COST: u64 = 1_000;
+
+/// Refuses a pattern whose automaton would be expensive to build, before tantivy builds it.
+fn check_automaton_cost(pattern: &str) -> Result<(), String> {
+    let hir = regex_syntax::ParserBuilder::new()
+        .nest_limit(64)
+        .build()
+        .parse(pattern)
+        .map_err(|error| format!("invalid pattern: {error}"))?;
+    let cost = automaton_cost(&hir);
+    if cost > MAX_AUTOMATON_COST {
+        return Err(format!(
+            "the pattern would build an automaton of cost {cost}, over the limit of {MAX_AUTOMATON_COST}; use fewer \
+             or smaller repetitions and wildcards"
+        ));
+    }
+    Ok(())
+}
+
+/// The size of a pattern's program once repetitions are expanded (a counted repetition is
+/// that many copies; a class of any character costs what its UTF-8 ranges cost). Bounded
+/// recursion: the parser refuses nesting over 64.
+fn automaton_cost(hir: &regex_syntax::hir::Hir) -> u64 {
+    use regex_syntax::hir::{Class, HirKind};
+    match hir.kind() {
+        HirKind::Empty | HirKind::Look(_) => 1,
+        HirKind::Literal(literal) => literal.0.len() as u64,
+        HirKind::Class(Class::Unicode(class)) => class
+            .ranges()
+            .iter()
+            .map(|range| u64::from(range.end()).saturating_sub(u64::from(range.start())).min(6) + 1)
+            .sum(),
+        HirKind::Class(Class::Bytes(class)) => class.ranges().len() as u64,
+        HirKind::Repetition(repetition) => {
+            let copies = u64::from(repetition.max.unwrap_or(repetition.min).max(repetition.min).max(1));
+            copies.saturating_mul(automaton_cost(&repetition.sub)).saturating_add(1)
+        }
+        HirKind::Capture(capture) => automaton_cost(&capture.sub),
+        HirKind::Concat(parts) | HirKind::Alternation(parts) => {
+            parts.iter().map(automaton_cost).fold(0_u64, u64::saturating_add)
+        }
+    }
 }

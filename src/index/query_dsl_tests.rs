@@ -904,3 +904,20 @@ fn random_bodies_never_panic() {
     // The generator reaches both outcomes.
     assert!(accepted > 100 && refused > 100, "accepted {accepted}, refused {refused}");
 }
+
+#[test]
+fn patterns_whose_automaton_is_costly_are_refused_before_tantivy_builds_it() {
+    let (_directory, index) = books();
+    for pattern in ["(?s)(.{0,30}){0,30}", "(.{0,50}){0,50}", &"?".repeat(2000)] {
+        let query_type = if pattern.starts_with('?') { "wildcard" } else { "regexp" };
+        let body = serde_json::json!({"query": {query_type: {"title": pattern}}});
+        let started = std::time::Instant::now();
+        let error = search(&index, body).unwrap_err().to_string();
+        assert!(error.contains("automaton of cost"), "{pattern}: {error}");
+        assert!(started.elapsed() < std::time::Duration::from_millis(500), "{pattern} took {:?}", started.elapsed());
+    }
+    for pattern in ["hel+o", "[a-z]+ing", "colou?r", "(quick|brown).*"] {
+        let body = serde_json::json!({"query": {"regexp": {"title": pattern}}});
+        assert!(search(&index, body).is_ok(), "{pattern}");
+    }
+}

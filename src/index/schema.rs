@@ -7,13 +7,67 @@ use tantivy::tokenizer::RAW_TOKENIZER_NAME;
 
 use super::{IndexError, ID_FIELD};
 
-/// Parses a schema file: a JSON array of tantivy field entries, exactly what
-/// `serde_json::to_string(&schema)` produces. Adds the `_id` field (raw, indexed, stored) when
-/// the file does not declare it.
+/// A schema file's content: the schema, and the fields a query searches when it names none.
+#[derive(Debug, Clone)]
+pub struct SchemaFile {
+    pub schema: Schema,
+    /// Fields and boosts (`title^2`) searched by terms that name no field, when the file sets
+    /// them; otherwise every indexed text field but `_id`, unboosted.
+    pub default_search_fields: Option<Vec<(String, f32)>>,
+}
+
+/// Parses a schema file: either a JSON array of tantivy field entries (exactly what
+/// `serde_json::to_string(&schema)` produces), or an object
+/// `{"fields": [...], "default_search_fields": ["title^2", "body"]}` that also sets the default
+/// search fields and their boosts. Adds the `_id` field (raw, indexed, stored) when the file does
+/// not declare it.
+pub fn load_schema_file(json: &str) -> Result<SchemaFile, IndexError> {
+    let invalid = |error: serde_json::Error| IndexError::InvalidSchema(format!("cannot parse the schema: {error}"));
+    let value: serde_json::Value = serde_json::from_str(json).map_err(invalid)?;
+    let (fields, default_search_fields) = match value {
+        serde_json::Value::Object(mut object) => {
+            let fields = object.remove("fields").ok_or_else(|| {
+                IndexError::InvalidSchema("a schema object needs `fields`, the list of field entries".to_string())
+            })?;
+            let defaults = match object.remove("default_search_fields") {
+                None => None,
+                Some(serde_json::Value::Array(items)) => {
+                    let names: Option<Vec<&str>> = items.iter().map(serde_json::Value::as_str).collect();
+                    let names = names.ok_or_else(|| {
+                        IndexError::InvalidSchema("`default_search_fields` is a list of field names".to_string())
+                    })?;
+                    let parsed = super::parse_field_boosts(&names.join(","))
+                        .map_err(|error| IndexError::InvalidSchema(format!("`default_search_fields`: {error}")))?;
+                    Some(parsed)
+                }
+                Some(_) => {
+                    return Err(IndexError::InvalidSchema(
+                        "`default_search_fields` is a list of field names, e.g. [\"title^2\", \"body\"]".to_string(),
+                    ))
+                }
+            };
+            if let Some(key) = object.keys().next() {
+                return Err(IndexError::InvalidSchema(format!(
+                    "unknown key `{key}` in the schema object; it has `fields` and `default_search_fields`"
+                )));
+            }
+            (fields, defaults)
+        }
+        array => (array, None),
+    };
+    let schema = schema_from_entries(fields)?;
+    Ok(SchemaFile { schema, default_search_fields })
+}
+
+/// Parses a schema file and returns the schema alone (see [`load_schema_file`]).
 pub fn load_schema(json: &str) -> Result<Schema, IndexError> {
+    Ok(load_schema_file(json)?.schema)
+}
+
+fn schema_from_entries(fields: serde_json::Value) -> Result<Schema, IndexError> {
     // Deserialize the entries ourselves instead of `Schema` directly: tantivy's schema
     // builder panics on a duplicated field name, and a file must never be able to panic us.
-    let field_entries: Vec<FieldEntry> = serde_json::from_str(json)
+    let field_entries: Vec<FieldEntry> = serde_json::from_value(fields)
         .map_err(|error| IndexError::InvalidSchema(format!("cannot parse the schema: {error}")))?;
     if field_entries.is_empty() {
         return Err(IndexError::InvalidSchema("the schema declares no field".to_string()));

@@ -241,7 +241,10 @@ impl SearchIndex {
             return Ok(Box::new(AllQuery));
         }
         // Built per search: it is cheap, and it picks up the index's registered analyzers.
-        let query_parser = QueryParser::for_index(&self.index, self.default_search_fields.clone());
+        let mut query_parser = QueryParser::for_index(&self.index, self.default_search_fields.clone());
+        for (field, boost) in &self.default_field_boosts {
+            query_parser.set_field_boost(*field, *boost);
+        }
         query_parser.parse_query(trimmed_query).map_err(|error| IndexError::InvalidQuery(error.to_string()))
     }
 

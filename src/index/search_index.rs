@@ -67,8 +67,11 @@ pub struct SearchIndex {
     pub(crate) schema: Schema,
     pub(crate) schema_json: String,
     pub(crate) id_field: Field,
-    /// Fields searched when a query term names no field: every indexed text field but `_id`.
+    /// Fields searched when a query term names no field: every indexed text field but `_id`,
+    /// unless the schema file or `--default-search-fields` names them.
     pub(crate) default_search_fields: Vec<Field>,
+    /// Boosts of default fields (`title^2`); a field absent here has boost 1.
+    pub(crate) default_field_boosts: std::collections::HashMap<Field, f32>,
     pub(crate) writer: Mutex<IndexWriter>,
     pub(crate) reader: IndexReader,
     /// Set by puts and deletes, cleared by commit and rollback.
@@ -164,6 +167,7 @@ impl SearchIndex {
             schema_json,
             id_field,
             default_search_fields,
+            default_field_boosts: Default::default(),
             writer: Mutex::new(writer),
             reader,
             has_uncommitted_changes: AtomicBool::new(false),
@@ -279,6 +283,40 @@ impl SearchIndex {
     }
 
     /// The schema of the index, `_id` included.
+    /// Sets the fields (and boosts) searched by query terms that name no field. Each must be an
+    /// indexed text field; `_id` may not be one.
+    pub fn set_default_search_fields(&mut self, fields: &[(String, f32)]) -> Result<(), IndexError> {
+        if fields.is_empty() {
+            return Err(IndexError::InvalidSchema("the default search fields are empty".to_string()));
+        }
+        let mut chosen = Vec::new();
+        let mut boosts = std::collections::HashMap::new();
+        for (name, boost) in fields {
+            let field = self.schema.get_field(name).map_err(|_| {
+                IndexError::InvalidSchema(format!("default search field `{name}` is not in the schema"))
+            })?;
+            let indexed_text = matches!(self.schema.get_field_entry(field).field_type(), FieldType::Str(options)
+                if options.get_indexing_options().is_some());
+            if field == self.id_field || !indexed_text {
+                return Err(IndexError::InvalidSchema(format!(
+                    "default search field `{name}` must be an indexed text field other than `{ID_FIELD}`"
+                )));
+            }
+            if !boost.is_finite() || *boost <= 0.0 {
+                return Err(IndexError::InvalidSchema(format!("the boost of `{name}` must be a positive number")));
+            }
+            if !chosen.contains(&field) {
+                chosen.push(field);
+            }
+            if (*boost - 1.0).abs() > f32::EPSILON {
+                boosts.insert(field, *boost);
+            }
+        }
+        self.default_search_fields = chosen;
+        self.default_field_boosts = boosts;
+        Ok(())
+    }
+
     pub fn schema(&self) -> &Schema {
         &self.schema
     }

@@ -178,7 +178,9 @@ fn load_schema_rejects_bad_files() {
     assert!(message.starts_with("invalid schema: cannot parse the schema"), "{message}");
 
     let message = error_message(load_schema(r#"{"name": "title"}"#));
-    assert!(message.contains("cannot parse the schema"), "{message}");
+    assert!(message.contains("needs `fields`"), "{message}");
+    let message = error_message(load_schema(r#"{"fields": [], "boosts": {}}"#));
+    assert!(message.contains("unknown key `boosts`"), "{message}");
 
     let message = error_message(load_schema("[]"));
     assert!(message.contains("declares no field"), "{message}");
@@ -973,4 +975,27 @@ fn the_deepest_allowed_query_parses_on_a_small_stack() {
         assert!(parsed.is_ok() || matches!(parsed, Err(IndexError::InvalidQuery(_))), "{open}: {parsed:?}");
     }
     drop(directory);
+}
+
+#[test]
+fn the_schema_file_may_set_the_default_search_fields_and_their_boosts() {
+    let fields: serde_json::Value = serde_json::from_str(DEFAULT_SCHEMA_JSON).unwrap();
+    let file = serde_json::json!({"fields": fields, "default_search_fields": ["title^4", "body"]}).to_string();
+    let loaded = crate::index::load_schema_file(&file).unwrap();
+    assert_eq!(loaded.default_search_fields, Some(vec![("title".to_string(), 4.0), ("body".to_string(), 1.0)]));
+    let directory = tempfile::tempdir().unwrap();
+    let mut index =
+        SearchIndex::open_or_create(directory.path(), loaded.schema, &default_analyzers(), TEST_WRITER_MEMORY_BYTES)
+            .unwrap();
+    put(&index, "in-body", r#"{"title":"other","body":"lighthouse keeper"}"#);
+    put(&index, "in-title", r#"{"title":"lighthouse","body":"a keeper of lights and a long long story"}"#);
+    put(&index, "in-url", r#"{"title":"x","url":"lighthouse"}"#);
+    commit(&index);
+    // Every text field is searched by default, unboosted.
+    assert_eq!(search(&index, query("lighthouse", 10)).count, Some(3));
+    index.set_default_search_fields(&[("title".to_string(), 4.0), ("body".to_string(), 1.0)]).unwrap();
+    let found = search(&index, query("lighthouse", 10));
+    assert_eq!(hit_ids(&found), vec!["in-title", "in-body"], "the title match ranks first and url is not searched");
+    let refused = index.set_default_search_fields(&[("year".to_string(), 1.0)]).unwrap_err().to_string();
+    assert!(refused.contains("indexed text field"), "{refused}");
 }

@@ -55,7 +55,8 @@ impl Backend for HttpBackend {
     }
 
     fn local_status(&self) -> NodeStatus {
-        self.state.cluster.local_status()
+        // With every member (from the membership and the exchange; no remote call).
+        self.state.cluster.status()
     }
 
     fn index(&self) -> Arc<SearchIndex> {
@@ -80,7 +81,7 @@ impl Backend for HttpBackend {
                 if caller.read_only && request.is_write() {
                     return Err(read_only_refusal(name));
                 }
-                let _identity_slot = self.state.requests_per_identity.enter(&caller.identity())?;
+                // The caller's per-identity slot was taken when the request arrived (`admit`).
                 // As on QUIC: the work keeps its slots until it is really over, even when the
                 // caller stops waiting at its deadline.
                 let state = self.state.clone();
@@ -107,10 +108,14 @@ impl Backend for HttpBackend {
             let name = request.name();
             let span = self.span(caller, name);
             let answer = async {
-                // Joins and removal notices are between nodes; the HTTP door never carries them.
+                // Joins, removal notices and apply waits are between nodes; the HTTP door never
+                // carries them.
                 if matches!(
                     request,
-                    AdminRequest::Join { .. } | AdminRequest::Removed { .. } | AdminRequest::LocalStatus
+                    AdminRequest::Join { .. }
+                        | AdminRequest::Removed { .. }
+                        | AdminRequest::LocalStatus
+                        | AdminRequest::WaitApplied { .. }
                 ) {
                     return Err(WireError::new(
                         ErrorCode::PermissionDenied,
@@ -121,7 +126,6 @@ impl Backend for HttpBackend {
                 if caller.read_only && !request.is_read_only() {
                     return Err(read_only_refusal(name));
                 }
-                let _identity_slot = self.state.requests_per_identity.enter(&caller.identity())?;
                 let timeout = deadline.saturating_duration_since(Instant::now());
                 with_deadline(timeout, handlers::handle_admin(&self.state, &caller.role, request, deadline))
                     .instrument(span.clone())
@@ -137,6 +141,75 @@ impl Backend for HttpBackend {
         &self,
         bytes: usize,
     ) -> BoxFuture<'_, Result<tokio::sync::OwnedSemaphorePermit, WireError>> {
-        Box::pin(async move { self.state.request_bytes.reserve(bytes, self.state.config.limits.max_queue_wait).await })
+        Box::pin(
+            async move { self.state.http_request_bytes.reserve(bytes, self.state.config.limits.max_queue_wait).await },
+        )
+    }
+
+    fn admit(&self, caller: &Caller) -> Result<Box<dyn std::any::Any + Send + Sync>, WireError> {
+        let identity = caller.identity();
+        self.state.requests_per_identity.enter_detached(&identity)?;
+        Ok(Box::new(IdentitySlot { state: self.state.clone(), identity }))
+    }
+
+    fn wait_applied(&self, index: u64, deadline: Instant) -> BoxFuture<'_, Result<(), WireError>> {
+        Box::pin(async move {
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            self.state
+                .raft
+                .wait(Some(timeout))
+                .applied_index_at_least(Some(index), "the caller's write is applied here")
+                .await
+                .map(|_| ())
+                .map_err(|error| {
+                    WireError::new(
+                        ErrorCode::DeadlineExceeded,
+                        format!(
+                            "the write was committed, but node {} has not applied it yet: {error}",
+                            self.state.node_id()
+                        ),
+                    )
+                })
+        })
+    }
+
+    fn members_applied(&self, index: u64, deadline: Instant) -> BoxFuture<'_, usize> {
+        Box::pin(self.state.cluster.members_applied(index, deadline))
+    }
+
+    fn stored_documents(
+        &self,
+        ids: Vec<String>,
+        deadline: Instant,
+    ) -> BoxFuture<'_, Result<std::collections::HashMap<String, String>, WireError>> {
+        Box::pin(async move {
+            let wait = self.state.config.limits.max_queue_wait.min(deadline.saturating_duration_since(Instant::now()));
+            let slot = self.state.searches.enter(wait).await?;
+            let index = self.state.index.current();
+            tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                let mut found = std::collections::HashMap::new();
+                for id in ids {
+                    if let Some(document) = index.get(&id).map_err(handlers::index_error_to_wire)? {
+                        found.insert(id, document.fields_json);
+                    }
+                }
+                Ok(found)
+            })
+            .await
+            .map_err(|error| WireError::new(ErrorCode::Internal, format!("index worker failed: {error}")))?
+        })
+    }
+}
+
+/// A caller's place among its requests in progress, given back when the request ends.
+struct IdentitySlot {
+    state: Arc<NodeState>,
+    identity: String,
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        self.state.requests_per_identity.leave(&self.identity);
     }
 }

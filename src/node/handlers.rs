@@ -336,21 +336,14 @@ async fn change_keys(
     let _write_slot = admit_write(state, deadline).await?;
     let batch = IndexBatch { operations: Vec::new(), request_id: Some(request_id), keys: Some(change) };
     let (outcome, _leader) = state.cluster.propose(batch, deadline).await?;
-    Ok(AdminResponse::KeyChanged { applied_index: outcome.applied_index })
+    Ok(AdminResponse::KeyChanged { applied_index: outcome.applied_index, duplicate: outcome.duplicate })
 }
 
-/// A key record as a caller made it: well-formed before it enters the log.
+/// A key record as a caller made it: well-formed before it enters the log (the state machine
+/// checks again, for records that come another way).
 fn check_key_record(record: &crate::access::ApiKeyRecord) -> Result<(), WireError> {
-    let invalid = |reason: String| WireError::new(ErrorCode::InvalidArgument, format!("invalid key: {reason}"));
-    crate::access::check_key_name(&record.name).map_err(invalid)?;
-    let hex = |text: &str, length: usize| text.len() == length && text.bytes().all(|byte| byte.is_ascii_hexdigit());
-    if !hex(&record.id, 20) {
-        return Err(invalid("the id must be 20 hex digits".to_string()));
-    }
-    if !hex(&record.secret_sha256, 64) {
-        return Err(invalid("the digest must be 64 hex digits (SHA-256)".to_string()));
-    }
-    Ok(())
+    crate::access::check_record(record)
+        .map_err(|reason| WireError::new(ErrorCode::InvalidArgument, format!("invalid key: {reason}")))
 }
 
 pub(crate) async fn handle_admin(
@@ -369,6 +362,20 @@ pub(crate) async fn handle_admin(
             change_keys(state, crate::access::KeyChange::Revoke { id }, request_id, deadline).await
         }
         AdminRequest::ListKeys => Ok(AdminResponse::Keys(state.keys.current().list())),
+        AdminRequest::WaitApplied { index } => {
+            let Role::Node { node_id: sender } = role else {
+                return Err(WireError::new(ErrorCode::PermissionDenied, "permission denied: for members only"));
+            };
+            state.cluster.admit_raft_sender(*sender, "apply waits")?;
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            state
+                .raft
+                .wait(Some(timeout))
+                .applied_index_at_least(Some(index), "a refresh waits for this node")
+                .await
+                .map_err(|error| WireError::new(ErrorCode::DeadlineExceeded, format!("not applied in time: {error}")))?;
+            Ok(AdminResponse::Acknowledged)
+        }
         AdminRequest::Status => Ok(AdminResponse::Status(state.cluster.status())),
         AdminRequest::LocalStatus => Ok(AdminResponse::Status(state.cluster.local_status())),
         AdminRequest::Peers => Ok(AdminResponse::Peers(state.cluster.peer_addresses())),

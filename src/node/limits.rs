@@ -325,6 +325,19 @@ impl RequestsPerIdentity {
         *count += 1;
         Ok(RequestSlot { owner: self, identity: identity.to_string() })
     }
+
+    /// Like [`RequestsPerIdentity::enter`], for a slot whose owner lives elsewhere: the caller
+    /// must call [`RequestsPerIdentity::leave`] once.
+    pub fn enter_detached(&self, identity: &str) -> Result<(), WireError> {
+        let slot = self.enter(identity)?;
+        std::mem::forget(slot);
+        Ok(())
+    }
+
+    /// Gives back a slot taken with [`RequestsPerIdentity::enter_detached`].
+    pub fn leave(&self, identity: &str) {
+        drop(RequestSlot { owner: self, identity: identity.to_string() });
+    }
 }
 
 /// Lets through one log line per period and counts what it held back, so a flood of refusals

@@ -80,6 +80,9 @@ pub struct NodeConfig {
     pub http_port: HttpPort,
     /// Settings of the HTTPS door.
     pub http: crate::http::HttpConfig,
+    /// Fields and boosts searched by query terms that name no field, over the schema file's
+    /// `default_search_fields` (`None`: the file's, or every indexed text field).
+    pub default_search_fields: Option<Vec<(String, f32)>>,
 }
 
 /// The TCP port of the HTTPS door.
@@ -155,6 +158,7 @@ impl NodeConfig {
             join_timeout: Duration::from_secs(300),
             http_port: HttpPort::Off,
             http: crate::http::HttpConfig::new("bayard"),
+            default_search_fields: None,
         }
     }
 }
@@ -229,6 +233,9 @@ pub(crate) struct NodeState {
     pub disk: disk::DiskGuard,
     /// The API keys as applied here.
     pub keys: Arc<crate::access::KeyRing>,
+    /// Bodies of HTTP requests being read or handled: their own budget, so HTTP callers cannot
+    /// starve QUIC clients.
+    pub http_request_bytes: limits::ByteBudget,
 }
 
 impl NodeState {
@@ -471,10 +478,12 @@ impl Node {
         );
 
         let paths = StateMachinePaths::in_data_directory(&config.data_directory);
+        let schema_file = crate::index::load_schema_file(&config.schema_json)?;
         let opener = IndexOpener {
-            schema: crate::index::load_schema(&config.schema_json)?,
+            schema: schema_file.schema,
             analyzers: AnalyzerConfig::from_json(&config.tokenizer_json)?,
             writer_memory_bytes: config.writer_memory_bytes,
+            default_search_fields: config.default_search_fields.clone().or(schema_file.default_search_fields),
         };
         let log_path = config.data_directory.join("raft").join("log.redb");
         let (state_machine, log_store) = {
@@ -578,6 +587,7 @@ impl Node {
             refusal_log: limits::LogThrottle::new(Duration::from_secs(10)),
             disk,
             keys: state_machine.key_ring(),
+            http_request_bytes: limits::ByteBudget::new(limits.max_inflight_request_bytes),
         });
         tracing::info!(node_id, %local_address, address = %state.address, fresh, "node listening");
 

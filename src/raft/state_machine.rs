@@ -121,11 +121,18 @@ pub struct IndexOpener {
     pub schema: tantivy::schema::Schema,
     pub analyzers: AnalyzerConfig,
     pub writer_memory_bytes: usize,
+    /// Fields (and boosts) searched by query terms that name none; `None`: every text field.
+    pub default_search_fields: Option<Vec<(String, f32)>>,
 }
 
 impl IndexOpener {
     pub fn open(&self, directory: &Path) -> Result<SearchIndex, IndexError> {
-        SearchIndex::open_or_create(directory, self.schema.clone(), &self.analyzers, self.writer_memory_bytes)
+        let mut index =
+            SearchIndex::open_or_create(directory, self.schema.clone(), &self.analyzers, self.writer_memory_bytes)?;
+        if let Some(fields) = &self.default_search_fields {
+            index.set_default_search_fields(fields)?;
+        }
+        Ok(index)
     }
 }
 

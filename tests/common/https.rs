@@ -67,6 +67,13 @@ impl Https {
         self
     }
 
+    /// A TLS connection on which nothing is sent (what a slow or hostile caller holds).
+    pub async fn open_silent(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(self.address).await.expect("connect");
+        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        connector.connect(ServerName::try_from("localhost").expect("name"), tcp).await.expect("tls")
+    }
+
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Answer {
         self.send("GET", path, headers, None).await
     }
