@@ -8,36 +8,15 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bayard::certs::{self, CertificateAuthority, Validity};
+mod common;
+
+use common::Certificates;
+
 use bayard::client::{Client, ClientOptions};
 use bayard::index::{DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
 use bayard::node::{Node, NodeConfig, RunningNode};
 use bayard::protocol::DocumentInput;
-use bayard::transport::{Role, TlsFiles};
-
-struct Certificates {
-    directory: tempfile::TempDir,
-    authority: CertificateAuthority,
-}
-
-impl Certificates {
-    fn new() -> Self {
-        let directory = tempfile::tempdir().expect("temp dir");
-        let (authority, pair) = CertificateAuthority::generate("bench ca", Validity::days_from_now(1)).expect("ca");
-        certs::write_pair(directory.path(), "ca", &pair, false).expect("write ca");
-        Certificates { directory, authority }
-    }
-
-    fn files(&self, role: &Role, stem: &str) -> TlsFiles {
-        let names = match role {
-            Role::Node { .. } => certs::default_node_subject_alternative_names(),
-            _ => Vec::new(),
-        };
-        let pair = self.authority.issue(role, "bayard", &names, Validity::days_from_now(1)).expect("issue");
-        let (certificate, private_key) = certs::write_pair(self.directory.path(), stem, &pair, true).expect("write");
-        TlsFiles { ca_certificate: self.directory.path().join("ca.pem"), certificate, private_key }
-    }
-}
+use bayard::transport::Role;
 
 fn documents(count: usize) -> Vec<DocumentInput> {
     const WORDS: [&str; 12] = [

@@ -11,6 +11,8 @@
 
 use std::time::Instant;
 
+use tantivy::collector::{Collector, SegmentCollector};
+
 use super::IndexError;
 
 /// The bounds a node applies to every search (flags of `bayard serve`).
@@ -142,6 +144,76 @@ impl SearchBudget {
 
     pub fn expired(&self) -> bool {
         self.deadline.is_some_and(|deadline| Instant::now() >= deadline)
+    }
+}
+
+/// Runs the inner collector segment by segment, document by document, and stops with an error
+/// once the budget is spent: tantivy has no cancellation of its own, and a search that nobody
+/// waits for any more must not keep a core busy.
+pub(super) struct WithinBudget<C> {
+    pub inner: C,
+    pub budget: SearchBudget,
+}
+
+/// Documents between two looks at the clock.
+const DOCUMENTS_PER_BUDGET_CHECK: u32 = 4096;
+
+fn budget_spent() -> tantivy::TantivyError {
+    tantivy::TantivyError::InternalError("search time budget spent".to_string())
+}
+
+impl<C: Collector> Collector for WithinBudget<C> {
+    type Fruit = C::Fruit;
+    type Child = C::Child;
+
+    fn for_segment(&self, segment_ord: u32, reader: &tantivy::SegmentReader) -> tantivy::Result<Self::Child> {
+        self.inner.for_segment(segment_ord, reader)
+    }
+
+    fn requires_scoring(&self) -> bool {
+        self.inner.requires_scoring()
+    }
+
+    fn merge_fruits(
+        &self,
+        segment_fruits: Vec<<Self::Child as SegmentCollector>::Fruit>,
+    ) -> tantivy::Result<Self::Fruit> {
+        self.inner.merge_fruits(segment_fruits)
+    }
+
+    fn collect_segment(
+        &self,
+        weight: &dyn tantivy::query::Weight,
+        segment_ord: u32,
+        reader: &tantivy::SegmentReader,
+    ) -> tantivy::Result<<Self::Child as SegmentCollector>::Fruit> {
+        if self.budget.deadline.is_none() {
+            return self.inner.collect_segment(weight, segment_ord, reader);
+        }
+        if self.budget.expired() {
+            return Err(budget_spent());
+        }
+        let mut segment_collector = self.inner.for_segment(segment_ord, reader)?;
+        let mut scorer = weight.scorer(reader, 1.0)?;
+        let alive = reader.alive_bitset();
+        let scoring = self.inner.requires_scoring();
+        let mut since_check = 0_u32;
+        let mut document = tantivy::DocSet::doc(&scorer);
+        while document != tantivy::TERMINATED {
+            if alive.is_none_or(|alive| alive.is_alive(document)) {
+                let score = if scoring { tantivy::query::Scorer::score(&mut scorer) } else { 0.0 };
+                segment_collector.collect(document, score);
+            }
+            since_check += 1;
+            if since_check == DOCUMENTS_PER_BUDGET_CHECK {
+                since_check = 0;
+                if self.budget.expired() {
+                    return Err(budget_spent());
+                }
+            }
+            document = tantivy::DocSet::advance(&mut scorer);
+        }
+        Ok(segment_collector.harvest())
     }
 }
 

@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as JsonValue};
 use tantivy::aggregation::agg_req::{get_fast_field_names, Aggregations};
 use tantivy::aggregation::{AggContextParams, AggregationCollector, AggregationLimitsGuard};
-use tantivy::collector::{Collector, Count, FruitHandle, MultiCollector, MultiFruit, SegmentCollector, TopDocs};
+use tantivy::collector::{Count, FruitHandle, MultiCollector, MultiFruit, TopDocs};
 use tantivy::query::{
     AllQuery, BooleanQuery, BoostQuery, ConstScoreQuery, DisjunctionMaxQuery, EmptyQuery, ExistsQuery, FuzzyTermQuery,
     Occur, PhrasePrefixQuery, PhraseQuery, Query, QueryParser, RangeQuery, RegexQuery, TermQuery, TermSetQuery,
@@ -57,7 +57,8 @@ use tantivy::{DateTime, DocAddress, Order, Score, Searcher, TantivyDocument, Tan
 
 use super::document::{describe_json_value, owned_value_to_json};
 use super::limits::{
-    check_query_bounds, query_shape, QueryLimits, SearchBudget, HARD_MAX_QUERY_DEPTH, HARD_MAX_QUERY_TERMS,
+    check_query_bounds, query_shape, QueryLimits, SearchBudget, WithinBudget, HARD_MAX_QUERY_DEPTH,
+    HARD_MAX_QUERY_TERMS,
 };
 use super::search::{MAX_SEARCH_LIMIT, MAX_SEARCH_OFFSET};
 use super::{IndexError, SearchIndex, ID_FIELD};
@@ -1322,7 +1323,7 @@ fn run_within_budget(
     collectors: MultiCollector<'_>,
     budget: SearchBudget,
 ) -> Result<MultiFruit, IndexError> {
-    let collector = Budgeted { inner: collectors, budget };
+    let collector = WithinBudget { inner: collectors, budget };
     match searcher.search(query, &collector) {
         Ok(fruits) => Ok(fruits),
         Err(_) if budget.expired() => Err(IndexError::DeadlineExceeded),
@@ -1334,77 +1335,6 @@ fn run_within_budget(
         }
         Err(TantivyError::FieldNotFound(field)) => Err(request_error(format!("unknown field `{field}`"))),
         Err(error) => Err(error.into()),
-    }
-}
-
-/// Runs the inner collector segment by segment, document by document, and stops with an error
-/// once the budget is spent: tantivy has no cancellation of its own, and a search that nobody
-/// waits for any more must not keep a core busy. (The same as `search.rs`'s collector, generic
-/// over the collector.)
-struct Budgeted<C> {
-    inner: C,
-    budget: SearchBudget,
-}
-
-/// Documents between two looks at the clock.
-const DOCUMENTS_PER_BUDGET_CHECK: u32 = 4096;
-
-fn budget_spent() -> TantivyError {
-    TantivyError::InternalError("search time budget spent".to_string())
-}
-
-impl<C: Collector> Collector for Budgeted<C> {
-    type Fruit = C::Fruit;
-    type Child = C::Child;
-
-    fn for_segment(&self, segment_ord: u32, reader: &tantivy::SegmentReader) -> tantivy::Result<Self::Child> {
-        self.inner.for_segment(segment_ord, reader)
-    }
-
-    fn requires_scoring(&self) -> bool {
-        self.inner.requires_scoring()
-    }
-
-    fn merge_fruits(
-        &self,
-        segment_fruits: Vec<<Self::Child as SegmentCollector>::Fruit>,
-    ) -> tantivy::Result<Self::Fruit> {
-        self.inner.merge_fruits(segment_fruits)
-    }
-
-    fn collect_segment(
-        &self,
-        weight: &dyn tantivy::query::Weight,
-        segment_ord: u32,
-        reader: &tantivy::SegmentReader,
-    ) -> tantivy::Result<<Self::Child as SegmentCollector>::Fruit> {
-        if self.budget.deadline.is_none() {
-            return self.inner.collect_segment(weight, segment_ord, reader);
-        }
-        if self.budget.expired() {
-            return Err(budget_spent());
-        }
-        let mut segment_collector = self.inner.for_segment(segment_ord, reader)?;
-        let mut scorer = weight.scorer(reader, 1.0)?;
-        let alive = reader.alive_bitset();
-        let scoring = self.inner.requires_scoring();
-        let mut since_check = 0_u32;
-        let mut document = tantivy::DocSet::doc(&scorer);
-        while document != tantivy::TERMINATED {
-            if alive.is_none_or(|alive| alive.is_alive(document)) {
-                let score = if scoring { tantivy::query::Scorer::score(&mut scorer) } else { 0.0 };
-                segment_collector.collect(document, score);
-            }
-            since_check += 1;
-            if since_check == DOCUMENTS_PER_BUDGET_CHECK {
-                since_check = 0;
-                if self.budget.expired() {
-                    return Err(budget_spent());
-                }
-            }
-            document = tantivy::DocSet::advance(&mut scorer);
-        }
-        Ok(segment_collector.harvest())
     }
 }
 

@@ -1,13 +1,13 @@
 //! Search requests: query, pagination, facet counts and sorting by a fast field.
 
 use serde::{Deserialize, Serialize};
-use tantivy::collector::{Collector, Count, FacetCollector, FruitHandle, MultiCollector, SegmentCollector, TopDocs};
+use tantivy::collector::{Count, FacetCollector, FruitHandle, MultiCollector, TopDocs};
 use tantivy::query::{AllQuery, Query, QueryParser};
 use tantivy::schema::{Facet, FieldType, OwnedValue};
 use tantivy::{DateTime, DocAddress, Order, Score, Searcher, TantivyDocument};
 
 use super::document::{owned_value_to_json, render_stored_document};
-use super::limits::{check_query_bounds, QueryLimits, SearchBudget};
+use super::limits::{check_query_bounds, QueryLimits, SearchBudget, WithinBudget};
 use super::{IndexError, SearchIndex};
 
 /// Most facet fields one request may name (bounded while it is decoded).
@@ -387,75 +387,5 @@ fn extract_ranked_documents(handle: TopDocsHandle, fruits: &mut tantivy::collect
         TopDocsHandle::ByU64(handle) => sorted_by_value(handle.extract(fruits), OwnedValue::U64),
         TopDocsHandle::ByF64(handle) => sorted_by_value(handle.extract(fruits), OwnedValue::F64),
         TopDocsHandle::ByDate(handle) => sorted_by_value(handle.extract(fruits), OwnedValue::Date),
-    }
-}
-
-/// Runs the inner collector segment by segment, document by document, and stops with an error
-/// once the budget is spent: tantivy has no cancellation of its own, and a search that nobody
-/// waits for any more must not keep a core busy.
-struct WithinBudget<'a> {
-    inner: MultiCollector<'a>,
-    budget: SearchBudget,
-}
-
-/// Documents between two looks at the clock.
-const DOCUMENTS_PER_BUDGET_CHECK: u32 = 4096;
-
-fn budget_spent() -> tantivy::TantivyError {
-    tantivy::TantivyError::InternalError("search time budget spent".to_string())
-}
-
-impl Collector for WithinBudget<'_> {
-    type Fruit = <MultiCollector<'static> as Collector>::Fruit;
-    type Child = <MultiCollector<'static> as Collector>::Child;
-
-    fn for_segment(&self, segment_ord: u32, reader: &tantivy::SegmentReader) -> tantivy::Result<Self::Child> {
-        self.inner.for_segment(segment_ord, reader)
-    }
-
-    fn requires_scoring(&self) -> bool {
-        self.inner.requires_scoring()
-    }
-
-    fn merge_fruits(
-        &self,
-        segment_fruits: Vec<<Self::Child as SegmentCollector>::Fruit>,
-    ) -> tantivy::Result<Self::Fruit> {
-        self.inner.merge_fruits(segment_fruits)
-    }
-
-    fn collect_segment(
-        &self,
-        weight: &dyn tantivy::query::Weight,
-        segment_ord: u32,
-        reader: &tantivy::SegmentReader,
-    ) -> tantivy::Result<<Self::Child as SegmentCollector>::Fruit> {
-        if self.budget.deadline.is_none() {
-            return self.inner.collect_segment(weight, segment_ord, reader);
-        }
-        if self.budget.expired() {
-            return Err(budget_spent());
-        }
-        let mut segment_collector = self.inner.for_segment(segment_ord, reader)?;
-        let mut scorer = weight.scorer(reader, 1.0)?;
-        let alive = reader.alive_bitset();
-        let scoring = self.inner.requires_scoring();
-        let mut since_check = 0_u32;
-        let mut document = tantivy::DocSet::doc(&scorer);
-        while document != tantivy::TERMINATED {
-            if alive.is_none_or(|alive| alive.is_alive(document)) {
-                let score = if scoring { tantivy::query::Scorer::score(&mut scorer) } else { 0.0 };
-                segment_collector.collect(document, score);
-            }
-            since_check += 1;
-            if since_check == DOCUMENTS_PER_BUDGET_CHECK {
-                since_check = 0;
-                if self.budget.expired() {
-                    return Err(budget_spent());
-                }
-            }
-            document = tantivy::DocSet::advance(&mut scorer);
-        }
-        Ok(segment_collector.harvest())
     }
 }
