@@ -93,8 +93,7 @@ impl RaftStateMachine<TypeConfig> for TestStateMachine {
         let mut outcomes = Vec::new();
         for entry in entries {
             inner.applied.last_applied = Some(entry.log_id);
-            let mut outcome =
-                BatchOutcome { applied_index: entry.log_id.index, operations: 0, error: None, duplicate: false };
+            let mut outcome = BatchOutcome { applied_index: entry.log_id.index, ..Default::default() };
             match entry.payload {
                 EntryPayload::Blank => {}
                 EntryPayload::Normal(batch) => outcome.operations = batch.operations.len() as u64,

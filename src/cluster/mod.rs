@@ -22,6 +22,7 @@
 //! - [`changes`]: join (both sides) and leave.
 //! - [`removal`]: noticing that this node was removed; removing members that stay down.
 //! - [`write_path`]: proposing writes, forwarding them and leader reads, automatic commits.
+//! - [`group_commit`]: the leader's queue that lets concurrent writes share one Raft entry.
 //! - [`status`]: what `status` and `peers` report.
 //! - [`admission`]: which senders of Raft messages are let through (members, and vouched ones).
 //! - [`peers`]: calls to other nodes.
@@ -30,6 +31,7 @@ pub mod admission;
 mod changes;
 pub mod decisions;
 mod exchange;
+pub mod group_commit;
 pub mod membership;
 mod peers;
 mod removal;
@@ -167,6 +169,7 @@ pub struct Cluster {
 struct Inner {
     config: ClusterConfig,
     raft: Raft,
+    group_commit: group_commit::GroupCommit,
     peers: PeerClient,
     index: SharedIndex,
     table: MembershipTable,
@@ -203,10 +206,15 @@ impl Cluster {
             leader: None,
         });
         let peers = PeerClient::new(pool, config.max_frame_bytes, config.trust_domain.clone());
+        let group_commit = group_commit::GroupCommit::start(
+            raft.clone(),
+            group_commit::GroupLimits::for_frame_limit(config.max_frame_bytes),
+        );
         Cluster {
             inner: Arc::new(Inner {
                 config,
                 raft,
+                group_commit,
                 peers,
                 index,
                 table,

@@ -5,7 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use openraft::error::{ClientWriteError, RaftError};
 use tracing::Instrument;
 
 use super::{Cluster, ClusterError, ClusterResult};
@@ -63,18 +62,20 @@ impl Cluster {
             return Err(ClusterError::NotLeader { node_id: self.node_id(), leader: self.known_leader() });
         }
         self.check_leader_quorum()?;
-        let span = tracing::info_span!("bayard.raft_write", operations = batch.operations.len());
-        match self.raft().client_write(batch).instrument(span).await {
-            Ok(response) => outcome_to_result(response.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+        // Groups are made here, by the leader; a forwarded write is one request.
+        if !batch.grouped.is_empty() {
+            return Err(ClusterError::Refused("a proposed write must carry one request, not a group".into()));
+        }
+        // Through the group commit: concurrent writes share one entry and one fsync.
+        match self.inner.group_commit.propose(batch, deadline).await {
+            Ok(outcome) => outcome_to_result(outcome),
+            Err(ClusterError::NotLeader { .. }) => {
                 Err(ClusterError::NotLeader { node_id: self.node_id(), leader: self.known_leader() })
             }
-            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(error))) => {
-                Err(ClusterError::Internal(error.to_string()))
+            Err(ClusterError::Unavailable(message)) => {
+                Err(ClusterError::Unavailable(format!("on node {}: {message}", self.node_id())))
             }
-            Err(RaftError::Fatal(fatal)) => {
-                Err(ClusterError::Unavailable(format!("raft stopped on node {}: {fatal}", self.node_id())))
-            }
+            Err(error) => Err(error),
         }
     }
 

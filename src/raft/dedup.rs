@@ -51,6 +51,7 @@ impl AppliedRequests {
             operations: recorded.operations,
             error: recorded.error.clone(),
             duplicate: true,
+            grouped: Vec::new(),
         })
     }
 

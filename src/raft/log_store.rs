@@ -9,9 +9,11 @@
 //!   payload, which may be a bulk batch of many megabytes.
 //! - table `raft_log_meta`: `"vote"`, `"committed"` and `"last_purged"`, each a postcard value.
 //!
-//! Every write (append, vote, truncate, purge, committed) is one redb write transaction committed
-//! with immediate durability, i.e. fsynced before the call returns: Raft's safety depends on a
-//! node never forgetting a vote it cast or an entry it acknowledged. redb calls block, so each one
+//! Every write (append, vote, truncate, purge) is one redb write transaction committed with
+//! immediate durability, i.e. fsynced before the call returns: Raft's safety depends on a node
+//! never forgetting a vote it cast or an entry it acknowledged. The committed log id is the one
+//! exception: it is a hint openraft may lose (see `save_committed`), written without an fsync and
+//! made durable by the next durable transaction. redb calls block, so each one
 //! runs on tokio's blocking pool and the async methods only await its result.
 
 use std::fmt;
@@ -48,9 +50,9 @@ fn settle_format(db: &Database) -> Result<(), Failure> {
         let recorded = meta.get(FORMAT_KEY)?.map(|value| value.value().to_vec());
         match recorded.as_deref() {
             Some([LOG_FORMAT_VERSION]) => return Ok(()),
-            // Formats 1 and 2 differ only in their `Normal` entries, which `decode_entry` still
+            // Formats 1 to 3 differ only in their `Normal` entries, which `decode_entry` still
             // reads: new values are written in the new format next to the old ones.
-            Some([FORMAT_WITHOUT_REQUEST_IDS | FORMAT_WITHOUT_KEYS]) => {
+            Some([FORMAT_WITHOUT_REQUEST_IDS | FORMAT_WITHOUT_KEYS | FORMAT_WITHOUT_GROUPS]) => {
                 meta.insert(FORMAT_KEY, [LOG_FORMAT_VERSION].as_slice())?;
                 return Ok(());
             }
@@ -333,7 +335,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map(|log_id| encode(&log_id, "committed log id"))
             .transpose()
             .map_err(|failure| failure.into_storage_error(ErrorSubject::Store, ErrorVerb::Write))?;
-        self.run(ErrorSubject::Store, ErrorVerb::Write, move |db| put_meta(db, COMMITTED_KEY, bytes)).await?;
+        // Not fsynced: it reaches the disk with the next append (or vote, truncate, purge), whose
+        // durable commit carries every earlier one. Losing the last few to a crash is harmless:
+        // openraft treats the committed id as a hint, re-learns it from the leader (or, alone, by
+        // committing again) and re-applies nothing the index already holds. Each commit of an
+        // entry cost a second fsync before, as much as the append itself.
+        self.run(ErrorSubject::Store, ErrorVerb::Write, move |db| {
+            put_meta_with(db, Durability::None, COMMITTED_KEY, bytes)
+        })
+        .await?;
         let stored = committed.map(|log_id| log_id.index + 1).unwrap_or(0);
         self.committed_index.store(stored, std::sync::atomic::Ordering::Release);
         Ok(())
@@ -405,9 +415,17 @@ fn create_tables(db: &Database) -> Result<(), Box<redb::Error>> {
 /// Runs `work` in a write transaction committed with immediate durability (fsync on commit).
 /// When `work` fails the transaction is dropped, which aborts it.
 fn write_txn<T>(db: &Database, work: impl FnOnce(&WriteTransaction) -> Result<T, Failure>) -> Result<T, Failure> {
-    let mut txn = db.begin_write()?;
     // Immediate is redb's default today; set it anyway because correctness depends on it.
-    txn.set_durability(Durability::Immediate);
+    write_txn_with(db, Durability::Immediate, work)
+}
+
+fn write_txn_with<T>(
+    db: &Database,
+    durability: Durability,
+    work: impl FnOnce(&WriteTransaction) -> Result<T, Failure>,
+) -> Result<T, Failure> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(durability);
     let value = work(&txn)?;
     txn.commit()?;
     Ok(value)
@@ -443,9 +461,18 @@ fn get_meta<T: DeserializeOwned>(db: &Database, key: &'static str) -> Result<Opt
     })
 }
 
-/// Stores `bytes` under `key`, or removes `key` when `bytes` is `None`.
+/// Stores `bytes` under `key` durably, or removes `key` when `bytes` is `None`.
 fn put_meta(db: &Database, key: &'static str, bytes: Option<Vec<u8>>) -> Result<(), Failure> {
-    write_txn(db, |txn| {
+    put_meta_with(db, Durability::Immediate, key, bytes)
+}
+
+fn put_meta_with(
+    db: &Database,
+    durability: Durability,
+    key: &'static str,
+    bytes: Option<Vec<u8>>,
+) -> Result<(), Failure> {
+    write_txn_with(db, durability, |txn| {
         let mut meta = txn.open_table(META)?;
         match bytes {
             Some(bytes) => meta.insert(key, bytes.as_slice())?,
@@ -465,18 +492,24 @@ fn put_meta(db: &Database, key: &'static str, bytes: Option<Vec<u8>>) -> Result<
 ///   `None` appended; every other value is unchanged.
 /// - 3: `IndexBatch` ends with its key change (API keys). A format-2 `Normal` entry reads as
 ///   format 3 with `None` appended (a format-1 one with two); every other value is unchanged.
-pub const LOG_FORMAT_VERSION: u8 = 3;
+/// - 4: `IndexBatch` ends with its grouped requests (group commit). A format-3 `Normal` entry
+///   reads as format 4 with an empty list appended (postcard writes an empty list as one zero
+///   byte, like `None`); every other value is unchanged.
+pub const LOG_FORMAT_VERSION: u8 = 4;
 
 /// Format 1, still read.
 const FORMAT_WITHOUT_REQUEST_IDS: u8 = 1;
 /// Format 2, still read.
 const FORMAT_WITHOUT_KEYS: u8 = 2;
+/// Format 3, still read.
+const FORMAT_WITHOUT_GROUPS: u8 = 3;
 
 /// The `None`s a `Normal` entry of `format` lacks at its end, compared with today's format.
 fn missing_trailing_fields(format: u8) -> usize {
     match format {
-        FORMAT_WITHOUT_REQUEST_IDS => 2,
-        FORMAT_WITHOUT_KEYS => 1,
+        FORMAT_WITHOUT_REQUEST_IDS => 3,
+        FORMAT_WITHOUT_KEYS => 2,
+        FORMAT_WITHOUT_GROUPS => 1,
         _ => 0,
     }
 }
@@ -492,9 +525,10 @@ fn versioned<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, postcard::Erro
 /// The format byte and the bytes after it, or `UnknownFormat`.
 fn split_format<'a>(bytes: &'a [u8], what: &dyn Fn() -> String) -> Result<(u8, &'a [u8]), Failure> {
     match bytes.split_first() {
-        Some((&format @ (LOG_FORMAT_VERSION | FORMAT_WITHOUT_KEYS | FORMAT_WITHOUT_REQUEST_IDS), rest)) => {
-            Ok((format, rest))
-        }
+        Some((
+            &format @ (LOG_FORMAT_VERSION | FORMAT_WITHOUT_GROUPS | FORMAT_WITHOUT_KEYS | FORMAT_WITHOUT_REQUEST_IDS),
+            rest,
+        )) => Ok((format, rest)),
         Some((&found, _)) => Err(Failure::UnknownFormat { what: what(), found }),
         None => Err(Failure::UnknownFormat { what: what(), found: 0 }),
     }
@@ -614,6 +648,7 @@ mod tests {
             ],
             request_id: None,
             keys: None,
+            grouped: Vec::new(),
         };
         Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(batch) }
     }
@@ -653,11 +688,17 @@ mod tests {
         }
     }
 
-    /// Format 2; term 1, leader 1, index 1; `Blank`.
-    const GOLDEN_BLANK: [u8; 5] = [3, 1, 1, 1, 0];
-    /// Format 3; term 3, leader 1, index 7; `Normal`; three operations: `Put` ("doc-7",
-    /// `{"_id":"doc-7"}`), `Delete` ("gone"), `Commit`; no request id; no key change.
-    const GOLDEN_NORMAL: [u8; 38] = [
+    /// Format 4; term 1, leader 1, index 1; `Blank`.
+    const GOLDEN_BLANK: [u8; 5] = [4, 1, 1, 1, 0];
+    /// Format 4; term 3, leader 1, index 7; `Normal`; three operations: `Put` ("doc-7",
+    /// `{"_id":"doc-7"}`), `Delete` ("gone"), `Commit`; no request id; no key change; no
+    /// grouped requests.
+    const GOLDEN_NORMAL: [u8; 39] = [
+        4, 3, 1, 7, 1, 3, 0, 5, 100, 111, 99, 45, 55, 15, 123, 34, 95, 105, 100, 34, 58, 34, 100, 111, 99, 45, 55, 34,
+        125, 1, 4, 103, 111, 110, 101, 2, 0, 0, 0,
+    ];
+    /// The same entry as format 3 wrote it: no grouped requests at the end.
+    const GOLDEN_NORMAL_FORMAT_3: [u8; 38] = [
         3, 3, 1, 7, 1, 3, 0, 5, 100, 111, 99, 45, 55, 15, 123, 34, 95, 105, 100, 34, 58, 34, 100, 111, 99, 45, 55, 34,
         125, 1, 4, 103, 111, 110, 101, 2, 0, 0,
     ];
@@ -681,8 +722,10 @@ mod tests {
             assert_eq!(encode_entry(&entry).unwrap(), golden, "entry {}", entry.log_id);
             assert_eq!(decode_entry(entry.log_id.index, golden).unwrap().log_id, entry.log_id);
         }
-        // Formats 1 and 2 still read, as the same entry.
+        // Formats 1, 2 and 3 still read, as the same entry.
         assert!(decode_entry(7, &GOLDEN_NORMAL_FORMAT_1).unwrap().payload == normal(3, 7).payload);
+        assert!(decode_entry(7, &GOLDEN_NORMAL_FORMAT_3).unwrap().payload == normal(3, 7).payload);
+        assert!(decode_entry(1, &[3, 1, 1, 1, 0]).unwrap().payload == EntryPayload::Blank);
         assert!(decode_entry(7, &GOLDEN_NORMAL_FORMAT_2).unwrap().payload == normal(3, 7).payload);
         assert!(decode_entry(1, &[1, 1, 1, 1, 0]).unwrap().payload == EntryPayload::Blank);
         assert!(decode_entry(1, &[2, 1, 1, 1, 0]).unwrap().payload == EntryPayload::Blank);
@@ -693,9 +736,19 @@ mod tests {
         }
         let bytes = encode_entry(&with_id).unwrap();
         assert_eq!(&bytes[..36], &GOLDEN_NORMAL[..36]);
-        assert_eq!(&bytes[36..], &[1, 5, 0]);
+        assert_eq!(&bytes[36..], &[1, 5, 0, 0]);
+        // Grouped requests come after it.
+        if let EntryPayload::Normal(batch) = &mut with_id.payload {
+            batch.grouped = vec![crate::raft::types::GroupedRequest {
+                operations: vec![IndexOperation::Delete { id: "x".to_string() }],
+                request_id: crate::raft::types::RequestId(6),
+            }];
+        }
+        let bytes = encode_entry(&with_id).unwrap();
+        assert_eq!(&bytes[36..], &[1, 5, 0, 1, 1, 1, 1, b'x', 6]);
+        assert!(decode_entry(7, &bytes).unwrap().payload == with_id.payload);
         let error = decode_entry(1, &[9, 1, 1, 1, 0]).unwrap_err().to_string();
-        assert!(error.contains("log format 9") && error.contains("format 3"), "{error}");
+        assert!(error.contains("log format 9") && error.contains("format 4"), "{error}");
     }
 
     /// A log written before formats existed (no format key, no format bytes) opens, with its

@@ -266,73 +266,119 @@ fn apply_entries(
                 outcomes.push(BatchOutcome { applied_index: log_id.index, ..Default::default() });
             }
             EntryPayload::Normal(batch) => {
-                if let Some(first) = batch.request_id.and_then(|id| state.requests.duplicate_outcome(id)) {
-                    // A retried request that was applied before: it changes nothing.
-                    tracing::info!(
-                        log_index = log_id.index,
-                        first_index = first.applied_index,
-                        "skipped a retried request applied before"
-                    );
-                    crate::telemetry::metrics::record_duplicate_request();
-                    outcomes.push(first);
-                    state.last_applied = Some(log_id);
-                    continue;
+                let grouped = !batch.grouped.is_empty();
+                let head = Request { operations: batch.operations, request_id: batch.request_id, keys: batch.keys };
+                let mut outcome = apply_request(index, &mut state, log_id, head, grouped, &mut keys_changed)?;
+                for request in batch.grouped {
+                    let request =
+                        Request { operations: request.operations, request_id: Some(request.request_id), keys: None };
+                    let grouped_outcome = apply_request(index, &mut state, log_id, request, true, &mut keys_changed)?;
+                    outcome.grouped.push(grouped_outcome);
                 }
-                let operations = batch.operations.len() as u64;
-                let recorded =
-                    |error: Option<String>| RecordedOutcome { applied_index: log_id.index, operations, error };
-                // Recorded before applying, so that a commit inside this batch stores it too.
-                if let Some(request_id) = batch.request_id {
-                    state.requests.record(request_id, recorded(None));
-                }
-                // A key change is applied before the operations, for the same reason. A refused
-                // one (unknown id, table full) is refused alike on every replica.
-                let key_error = match &batch.keys {
-                    Some(change) => match state.keys.apply(change) {
-                        Ok(()) => {
-                            keys_changed = true;
-                            None
-                        }
-                        Err(message) => Some(message),
-                    },
-                    None => None,
-                };
-                // The marker (with the request table) is serialized only for batches that commit.
-                let commits = batch.operations.iter().any(|operation| matches!(operation, IndexOperation::Commit));
-                let payload = commits.then(|| {
-                    IndexCommitMarker {
-                        log_id: Some(log_id),
-                        membership: state.membership.clone(),
-                        requests: state.requests.clone(),
-                        keys: state.keys.clone(),
-                    }
-                    .to_payload()
-                });
-                let _span = tracing::info_span!("bayard.apply", log_index = log_id.index, operations).entered();
-                let started = std::time::Instant::now();
-                let error = match index.apply(&batch.operations, payload.as_deref()) {
-                    Ok(outcome) => {
-                        if outcome.committed {
-                            crate::telemetry::metrics::record_index_commit(started.elapsed());
-                        }
-                        None
-                    }
-                    Err(IndexError::InvalidDocument(message) | IndexError::InvalidRequest(message)) => {
-                        tracing::error!(log_index = log_id.index, %message, "skipped a batch the index refused");
-                        Some(message)
-                    }
-                    Err(error) => return Err(Box::new(StorageIOError::apply(log_id, &error).into())),
-                };
-                let error = error.or(key_error);
-                if let (Some(request_id), Some(message)) = (batch.request_id, &error) {
-                    state.requests.record(request_id, recorded(Some(message.clone())));
-                }
-                outcomes.push(BatchOutcome { applied_index: log_id.index, operations, error, duplicate: false });
+                outcomes.push(outcome);
             }
         }
         state.last_applied = Some(log_id);
     }
     Ok((state, outcomes, keys_changed))
+}
+
+/// One client request of a log entry: the entry's own, or one grouped with it.
+struct Request {
+    operations: Vec<IndexOperation>,
+    request_id: Option<crate::raft::types::RequestId>,
+    keys: Option<crate::access::KeyChange>,
+}
+
+/// Whether a request may share its log entry with others: puts and deletes only, no key change.
+/// A commit (or rollback, merge) inside a group would record the entry's log id in its marker
+/// while the requests after it are not yet applied, and a restart would then skip them.
+pub fn groupable_operations(operations: &[IndexOperation]) -> bool {
+    operations.iter().all(|operation| matches!(operation, IndexOperation::Put { .. } | IndexOperation::Delete { .. }))
+}
+
+/// Applies one request of the entry at `log_id`: at most once per request id, its key change
+/// first, then its operations. In a group (`grouped`), a request that is not plain is refused,
+/// alike on every replica (the leader never groups one).
+fn apply_request(
+    index: &SearchIndex,
+    state: &mut AppliedState,
+    log_id: LogId,
+    request: Request,
+    grouped: bool,
+    keys_changed: &mut bool,
+) -> Result<BatchOutcome, Box<StorageError>> {
+    if let Some(first) = request.request_id.and_then(|id| state.requests.duplicate_outcome(id)) {
+        // A retried request that was applied before: it changes nothing.
+        tracing::info!(
+            log_index = log_id.index,
+            first_index = first.applied_index,
+            "skipped a retried request applied before"
+        );
+        crate::telemetry::metrics::record_duplicate_request();
+        return Ok(first);
+    }
+    let operations = request.operations.len() as u64;
+    let recorded = |error: Option<String>| RecordedOutcome { applied_index: log_id.index, operations, error };
+    if grouped && (request.keys.is_some() || !groupable_operations(&request.operations)) {
+        let message = "a request grouped with others may only put and delete documents".to_string();
+        if let Some(request_id) = request.request_id {
+            state.requests.record(request_id, recorded(Some(message.clone())));
+        }
+        return Ok(BatchOutcome {
+            applied_index: log_id.index,
+            operations,
+            error: Some(message),
+            ..Default::default()
+        });
+    }
+    // Recorded before applying, so that a commit inside this request stores it too.
+    if let Some(request_id) = request.request_id {
+        state.requests.record(request_id, recorded(None));
+    }
+    // A key change is applied before the operations, for the same reason. A refused one
+    // (unknown id, table full) is refused alike on every replica.
+    let key_error = match &request.keys {
+        Some(change) => match state.keys.apply(change) {
+            Ok(()) => {
+                *keys_changed = true;
+                None
+            }
+            Err(message) => Some(message),
+        },
+        None => None,
+    };
+    // The marker (with the request table) is serialized only for requests that commit.
+    let commits = request.operations.iter().any(|operation| matches!(operation, IndexOperation::Commit));
+    let payload = commits.then(|| {
+        IndexCommitMarker {
+            log_id: Some(log_id),
+            membership: state.membership.clone(),
+            requests: state.requests.clone(),
+            keys: state.keys.clone(),
+        }
+        .to_payload()
+    });
+    let _span = tracing::info_span!("bayard.apply", log_index = log_id.index, operations).entered();
+    let started = std::time::Instant::now();
+    let error = match index.apply(&request.operations, payload.as_deref()) {
+        Ok(outcome) => {
+            if outcome.committed {
+                crate::telemetry::metrics::record_index_commit(started.elapsed());
+            }
+            None
+        }
+        Err(IndexError::InvalidDocument(message) | IndexError::InvalidRequest(message)) => {
+            tracing::error!(log_index = log_id.index, %message, "skipped a request the index refused");
+            Some(message)
+        }
+        Err(error) => return Err(Box::new(StorageIOError::apply(log_id, &error).into())),
+    };
+    let error = error.or(key_error);
+    if let (Some(request_id), Some(message)) = (request.request_id, &error) {
+        state.requests.record(request_id, recorded(Some(message.clone())));
+    }
+    Ok(BatchOutcome { applied_index: log_id.index, operations, error, duplicate: false, grouped: Vec::new() })
 }
 
 /// Extracts a received archive into `directory` and checks it is the index the metadata says:

@@ -19,20 +19,33 @@ pub struct IndexBatch {
     /// lost answer is not applied twice. Last, so that an entry of log format 1 (which ended with
     /// the operations) is this one with `None` appended.
     pub request_id: Option<RequestId>,
-    /// A change to the API keys (`access`), applied with the batch. Last, so that an entry of
-    /// log format 2 is this one with `None` appended.
+    /// A change to the API keys (`access`), applied with the batch. An entry of log format 2
+    /// is this one with `None` appended.
     pub keys: Option<KeyChange>,
+    /// More client requests carried by the same log entry (group commit, `cluster::group_commit`),
+    /// applied after this one, in order, each with its own request id and outcome. Only plain
+    /// requests are grouped (puts and deletes, no key change): a commit inside a group would
+    /// record a log id whose later requests it does not contain. Last, so that an entry of log
+    /// format 3 is this one with an empty list appended.
+    pub grouped: Vec<GroupedRequest>,
+}
+
+/// A client request riding in another's log entry: puts and deletes only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupedRequest {
+    pub operations: Vec<IndexOperation>,
+    pub request_id: RequestId,
 }
 
 impl IndexBatch {
     /// A batch no client asked for (automatic commits): never deduplicated.
     pub fn internal(operations: Vec<IndexOperation>) -> Self {
-        IndexBatch { operations, request_id: None, keys: None }
+        IndexBatch { operations, request_id: None, keys: None, grouped: Vec::new() }
     }
 
     /// The operations of one client request, applied at most once.
     pub fn of_request(operations: Vec<IndexOperation>, request_id: RequestId) -> Self {
-        IndexBatch { operations, request_id: Some(request_id), keys: None }
+        IndexBatch { operations, request_id: Some(request_id), keys: None, grouped: Vec::new() }
     }
 }
 
@@ -65,6 +78,10 @@ pub struct BatchOutcome {
     /// The batch's request id had been applied before (at `applied_index`): this entry changed
     /// nothing, and the outcome is the first one's.
     pub duplicate: bool,
+    /// The outcomes of the entry's grouped requests (`IndexBatch::grouped`), in order. Never on
+    /// the wire: the leader hands each proposer its own outcome.
+    #[serde(skip)]
+    pub grouped: Vec<BatchOutcome>,
 }
 
 pub type NodeId = u64;

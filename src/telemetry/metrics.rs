@@ -114,6 +114,7 @@ struct Metrics {
     refused_raft_messages: Family<ReasonLabels, Counter>,
     disk_full: Gauge,
     duplicate_requests: Counter,
+    write_group_requests: Histogram,
     election_assists: Family<ReasonLabels, Counter>,
     /// Followers each node last reported a lag for, so that series of followers that left (or of
     /// a node that lost leadership) disappear instead of freezing at their last value.
@@ -216,6 +217,13 @@ impl Metrics {
             duplicate_requests.clone(),
         );
 
+        let write_group_requests = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0]);
+        registry.register(
+            "write_group_requests",
+            "Client requests carried by one Raft entry the leader proposed (group commit)",
+            write_group_requests.clone(),
+        );
+
         let election_assists = Family::default();
         registry.register(
             "election_assists",
@@ -255,6 +263,7 @@ impl Metrics {
             refused_raft_messages,
             disk_full,
             duplicate_requests,
+            write_group_requests,
             election_assists,
             lag_followers: Mutex::new(HashMap::new()),
         }
@@ -390,6 +399,11 @@ pub fn record_election_assist(rule: &str) {
 /// One log entry skipped because its request id had been applied before.
 pub fn record_duplicate_request() {
     metrics().duplicate_requests.inc();
+}
+
+/// One Raft entry proposed by the leader's group commit, carrying `requests` client requests.
+pub fn record_write_group(requests: usize) {
+    metrics().write_group_requests.observe(requests as f64);
 }
 
 /// One stream accepted, by stream kind (`client`, `admin`, `raft`).
