@@ -35,11 +35,13 @@ certs:
 chaos ROUNDS="100" FAULTS="kill-leader,kill-follower,stop-leader,cut-leader,cut-follower,rolling-restart":
     BAYARD_CHAOS_ROUNDS={{ROUNDS}} BAYARD_CHAOS_FAULTS={{FAULTS}} BAYARD_NETNS_REQUIRED=1 cargo test --release --test chaos -- --nocapture
 
-# Benchmarks, each printing ratios against a baseline measured in the same run: bulk-put
-# throughput of a three-node cluster against a single node, trace export on against off, and
-# search over QUIC, the REST gateway and the Elasticsearch door against tantivy in-process (the
-# search corpus is Debian's dict-gcide, fetched once with apt-get download).
+# Benchmarks, each printing ratios against a baseline measured in the same run: single puts
+# against the disk's fsync, bulk ingest through the CLI against tantivy in-process, trace export
+# on against off, and search over QUIC, the REST gateway and the Elasticsearch door against
+# tantivy in-process (the corpus is Debian's dict-gcide, fetched once with apt-get download).
+# Figures: docs/performance.md.
 bench:
+    cargo bench --bench puts
     cargo bench --bench bulk_put
     cargo bench --bench telemetry_overhead
     cargo bench --bench search

@@ -1,61 +1,40 @@
-//! Bulk-put throughput: one node versus a three-node cluster, in the same run, on loopback.
+//! Bulk ingest: the CLI loading an NDJSON file (`bayard put --bulk --file`, then `bayard commit`)
+//! into one node and into three nodes, against tantivy in-process indexing the same documents
+//! with the same schema, analyzers, threads and memory, in the same run.
 //!
-//! `just bench` (or `cargo bench --bench bulk_put`). Every node is in this process but talks over
-//! real QUIC + mutual TLS on 127.0.0.1; documents go through the client library in bulk requests,
-//! then one commit. Prints documents per second for each setup and the ratio cluster / single.
-//! Sizes: `BAYARD_BENCH_DOCUMENTS` (default 50000) documents of about 300 bytes.
+//! `just bench` (or `cargo bench --bench bulk_put`). The nodes run in this process and talk real
+//! QUIC + mutual TLS on 127.0.0.1; the CLI is the real binary, a child process. Documents are
+//! GCIDE dictionary articles (`benches/common/corpus.rs`): `BAYARD_BENCH_DOCUMENTS` of them
+//! (default 90000). Prints documents per second, the ratio to tantivy, the CLI's peak memory,
+//! and the sizes of the Raft log and the index.
 
+use std::io::Write;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::Certificates;
+use common::{corpus, Certificates};
 
-use bayard::client::{Client, ClientOptions};
-use bayard::index::{DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
+use bayard::index::{AnalyzerConfig, DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
 use bayard::node::{Node, NodeConfig, RunningNode};
-use bayard::protocol::DocumentInput;
-use bayard::transport::Role;
+use bayard::transport::{Role, TlsFiles};
 
-fn documents(count: usize) -> Vec<DocumentInput> {
-    const WORDS: [&str; 12] = [
-        "search", "engine", "raft", "quic", "index", "segment", "replica", "leader", "shard", "token", "query", "facet",
-    ];
-    (0..count)
-        .map(|number| {
-            let title: Vec<&str> = (0..6).map(|offset| WORDS[(number * 7 + offset * 5) % WORDS.len()]).collect();
-            let body: Vec<&str> = (0..30).map(|offset| WORDS[(number * 3 + offset * 11) % WORDS.len()]).collect();
-            let category = ["/lang/rust", "/lang/go", "/tool/editor"][number % 3];
-            DocumentInput {
-                id: None,
-                document_json: format!(
-                    r#"{{"_id":"d{number}","title":"{}","body":"{}","year":{},"category":"{category}"}}"#,
-                    title.join(" "),
-                    body.join(" "),
-                    1990 + number % 35
-                ),
-            }
-        })
-        .collect()
-}
+const WRITER_MEMORY_BYTES: usize = 128 * 1024 * 1024;
 
-async fn start(
-    certificates: &Certificates,
-    node_id: u64,
-    data: &tempfile::TempDir,
-    seed: Option<String>,
-) -> RunningNode {
+async fn start(certificates: &Certificates, node_id: u64, data: &Path, seed: Option<String>) -> RunningNode {
     let mut config = NodeConfig::new(
         node_id,
         SocketAddr::from(([127, 0, 0, 1], 0)),
-        data.path().to_path_buf(),
+        data.to_path_buf(),
         DEFAULT_SCHEMA_JSON.to_string(),
         DEFAULT_TOKENIZER_JSON.to_string(),
         certificates.files(&Role::Node { node_id }, &format!("node-{node_id}")),
     );
     config.commit_interval = Duration::ZERO;
-    config.writer_memory_bytes = 64 * 1024 * 1024;
+    config.writer_memory_bytes = WRITER_MEMORY_BYTES;
     if let Some(seed) = seed {
         config.peers = vec![(1, seed)];
     }
@@ -77,60 +56,166 @@ async fn wait_for_voters(node: &RunningNode, voters: usize) {
         .expect("cluster forms");
 }
 
-/// Loads `documents` through `servers` and returns documents per second (commit included).
-async fn load(certificates: &Certificates, servers: Vec<String>, documents: Vec<DocumentInput>) -> f64 {
-    let options = ClientOptions::new(servers, certificates.files(&Role::Client { name: "bench".into() }, "client"));
-    let client = Client::connect(options).expect("client");
-    let count = documents.len();
+/// tantivy alone: parse every line, add it, commit; documents per second.
+fn raw_tantivy(file: &Path, directory: &Path) -> f64 {
+    let schema = bayard::index::load_schema(DEFAULT_SCHEMA_JSON).expect("schema");
+    let index = tantivy::Index::create_in_dir(directory, schema.clone()).expect("index");
+    AnalyzerConfig::from_json(DEFAULT_TOKENIZER_JSON)
+        .expect("analyzers")
+        .register_into(index.tokenizers())
+        .expect("register");
     let started = Instant::now();
-    client.bulk_put(documents, |_| {}).await.expect("bulk put");
-    client.commit().await.expect("commit");
-    let elapsed = started.elapsed();
+    let text = std::fs::read_to_string(file).expect("read the file");
+    let mut writer: tantivy::IndexWriter = index.writer_with_num_threads(2, WRITER_MEMORY_BYTES).expect("writer");
+    let mut count = 0;
+    for line in text.lines() {
+        writer.add_document(tantivy::TantivyDocument::parse_json(&schema, line).expect("document")).expect("add");
+        count += 1;
+    }
+    writer.commit().expect("commit");
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+struct Load {
+    documents_per_second: f64,
+    cli_peak_rss_mb: f64,
+}
+
+/// Runs the CLI and returns its peak resident memory in MB: the last `VmHWM` read from
+/// `/proc/<pid>/status` before it exits. (The first reads, before exec, are this large process's
+/// own; `getrusage` of children counts those too.)
+fn cli(files: &TlsFiles, server: &str, arguments: &[&str]) -> f64 {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bayard"))
+        .args(arguments)
+        .env("BAYARD_SERVERS", server)
+        .env("BAYARD_CA", &files.ca_certificate)
+        .env("BAYARD_CERT", &files.certificate)
+        .env("BAYARD_KEY", &files.private_key)
+        .env("BAYARD_TIMEOUT", "120s")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the CLI");
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kb = 0_u64;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let status = loop {
+        if let Ok(text) = std::fs::read_to_string(&status_path) {
+            let high_water = text
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+            peak_kb = high_water.unwrap_or(peak_kb);
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the CLI ran for over 10 minutes");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+    }
+    assert!(status.success(), "bayard {arguments:?}: {stderr}");
+    peak_kb as f64 / 1024.0
+}
+
+/// `put --bulk --file` then `commit`, both through the CLI, timed together.
+async fn load(certificates: &Certificates, server: String, file: &Path, count: usize) -> Load {
+    let files = certificates.files(&Role::Client { name: "bench".into() }, "client");
+    let file = file.to_path_buf();
+    let started = Instant::now();
+    let (elapsed, cli_peak_rss_mb, files, server) = tokio::task::spawn_blocking(move || {
+        let peak = cli(&files, &server, &["put", "--bulk", "--file", &file.to_string_lossy()]);
+        cli(&files, &server, &["commit"]);
+        (started.elapsed(), peak, files, server)
+    })
+    .await
+    .expect("cli");
+    let options = bayard::client::ClientOptions::new(vec![server], files);
+    let client = bayard::client::Client::connect(options).expect("client");
     let status = client.status().await.expect("status");
     assert_eq!(status.document_count, count as u64, "every document is indexed");
-    count as f64 / elapsed.as_secs_f64()
+    Load { documents_per_second: count as f64 / elapsed.as_secs_f64(), cli_peak_rss_mb }
 }
 
-async fn single_node(count: usize) -> f64 {
-    let certificates = Certificates::new();
-    let data = tempfile::tempdir().expect("temp dir");
-    let node = start(&certificates, 1, &data, None).await;
-    wait_for_voters(&node, 1).await;
-    let rate = load(&certificates, vec![node.local_address().to_string()], documents(count)).await;
-    node.shutdown().await;
-    rate
-}
-
-async fn three_nodes(count: usize) -> f64 {
-    let certificates = Certificates::new();
-    let directories: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("temp dir")).collect();
-    let first = start(&certificates, 1, &directories[0], None).await;
-    wait_for_voters(&first, 1).await;
-    let seed = first.local_address().to_string();
-    let second = start(&certificates, 2, &directories[1], Some(seed.clone())).await;
-    wait_for_voters(&first, 2).await;
-    let third = start(&certificates, 3, &directories[2], Some(seed.clone())).await;
-    wait_for_voters(&first, 3).await;
-    // Through the leader, as a client that found it would.
-    let rate = load(&certificates, vec![seed], documents(count)).await;
-    for node in [third, second, first] {
-        node.shutdown().await;
+fn directory_mb(path: &Path) -> f64 {
+    fn walk(path: &Path) -> u64 {
+        match std::fs::read_dir(path) {
+            Ok(entries) => entries.filter_map(Result::ok).map(|entry| walk(&entry.path())).sum(),
+            Err(_) => std::fs::metadata(path).map(|metadata| metadata.len()).unwrap_or(0),
+        }
     }
-    rate
+    walk(path) as f64 / 1e6
 }
 
 fn main() {
-    let count: usize =
-        std::env::var("BAYARD_BENCH_DOCUMENTS").ok().and_then(|value| value.parse().ok()).unwrap_or(50_000);
+    let count = std::env::var("BAYARD_BENCH_DOCUMENTS").ok().and_then(|value| value.parse().ok()).unwrap_or(90_000);
+    let articles = corpus::articles(count);
+    let count = articles.len();
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let file = scratch.path().join("corpus.ndjson");
+    {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&file).expect("ndjson"));
+        for (number, article) in articles.iter().enumerate() {
+            writeln!(out, "{}", corpus::document_json(number, article)).expect("write");
+        }
+    }
+    drop(articles);
+    let file_mb = std::fs::metadata(&file).expect("ndjson").len() as f64 / 1e6;
+
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
-        // Warm-up: page cache, allocator, TLS session setup.
-        single_node(count / 10).await;
-        let single = single_node(count).await;
-        let cluster = three_nodes(count).await;
-        println!("bulk put of {count} documents, bulk requests of up to 1000 documents, then one commit");
-        println!("single node:       {single:>10.0} documents/s");
-        println!("three-node cluster:{cluster:>10.0} documents/s");
-        println!("ratio cluster / single: {:.2}", cluster / single);
+        let certificates = Certificates::new();
+        // Warm-up of the page cache and the allocator, not reported.
+        raw_tantivy(&file, tempfile::tempdir().expect("temp dir").path());
+        let raw = raw_tantivy(&file, tempfile::tempdir().expect("temp dir").path());
+
+        let data = tempfile::tempdir().expect("temp dir");
+        let node = start(&certificates, 1, data.path(), None).await;
+        wait_for_voters(&node, 1).await;
+        let single = load(&certificates, node.local_address().to_string(), &file, count).await;
+        node.shutdown().await;
+        let single_log_mb = directory_mb(&data.path().join("raft"));
+        let single_index_mb = directory_mb(&data.path().join("index"));
+
+        let directories: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("temp dir")).collect();
+        let first = start(&certificates, 1, directories[0].path(), None).await;
+        wait_for_voters(&first, 1).await;
+        let seed = first.local_address().to_string();
+        let second = start(&certificates, 2, directories[1].path(), Some(seed.clone())).await;
+        wait_for_voters(&first, 2).await;
+        let third = start(&certificates, 3, directories[2].path(), Some(seed.clone())).await;
+        wait_for_voters(&first, 3).await;
+        // Through the leader, as a client that found it would.
+        let cluster = load(&certificates, seed, &file, count).await;
+        for node in [third, second, first] {
+            node.shutdown().await;
+        }
+
+        println!(
+            "bulk ingest of {count} GCIDE articles ({file_mb:.1} MB of NDJSON), then one commit; tantivy with 2 \
+             threads and {} MB",
+            WRITER_MEMORY_BYTES >> 20
+        );
+        println!("| setup | documents/s | ratio to tantivy | CLI peak RSS MB |");
+        println!("|---|---|---|---|");
+        println!("| tantivy in-process | {raw:.0} | 1.00 | - |");
+        println!(
+            "| one node, `bayard put --bulk --file` + `commit` | {:.0} | {:.2} | {:.0} |",
+            single.documents_per_second,
+            single.documents_per_second / raw,
+            single.cli_peak_rss_mb
+        );
+        println!(
+            "| three nodes on this host, via the leader | {:.0} | {:.2} | {:.0} |",
+            cluster.documents_per_second,
+            cluster.documents_per_second / raw,
+            cluster.cli_peak_rss_mb
+        );
+        println!(
+            "one node's data directory after the load: raft log {single_log_mb:.1} MB, index {single_index_mb:.1} MB"
+        );
     });
 }

@@ -1011,29 +1011,6 @@ fn ndjson_lines(text: &str) -> Vec<(usize, &str)> {
         .collect()
 }
 
-/// Validates NDJSON documents locally (JSON syntax, object, "_id") so errors name the line.
-fn parse_bulk_documents(text: &str) -> anyhow::Result<(Vec<DocumentInput>, Vec<usize>)> {
-    let mut documents = Vec::new();
-    let mut line_numbers = Vec::new();
-    for (line_number, line) in ndjson_lines(text) {
-        let value: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("line {line_number}: malformed JSON"))?;
-        let Some(object) = value.as_object() else {
-            bail!("line {line_number}: expected a JSON object");
-        };
-        match object.get("_id") {
-            Some(serde_json::Value::String(id)) if !id.is_empty() => {}
-            _ => bail!("line {line_number}: the document has no \"_id\" string"),
-        }
-        documents.push(DocumentInput { id: None, document_json: line.to_string() });
-        line_numbers.push(line_number);
-    }
-    if documents.is_empty() {
-        bail!("no documents in the input");
-    }
-    Ok((documents, line_numbers))
-}
-
 /// Bulk ids: each line is a JSON string, an object with "_id", or a bare id.
 fn parse_bulk_ids(text: &str) -> anyhow::Result<Vec<String>> {
     let mut ids = Vec::new();
@@ -1071,19 +1048,14 @@ fn progress_bar(total: usize) -> indicatif::ProgressBar {
     bar
 }
 
-/// Rewrites "document K" in a node's error into "line L" of the input.
-fn name_the_line(error: ClientError, line_numbers: &[usize]) -> anyhow::Error {
+/// Rewrites "document L" in a bulk load's error (the client names documents by their tags,
+/// here line numbers) into "line L".
+fn name_the_line(error: ClientError) -> anyhow::Error {
     if let ClientError::Remote { message, .. } = &error {
         if let Some(rest) = message.strip_prefix("document ") {
             let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            // Positions count from 1, as lines do.
-            let line_number = digits
-                .parse::<usize>()
-                .ok()
-                .and_then(|position| position.checked_sub(1))
-                .and_then(|index| line_numbers.get(index));
-            if let Some(line_number) = line_number {
-                return anyhow!("line {line_number}{}", &rest[digits.len()..]);
+            if !digits.is_empty() {
+                return anyhow!("line {digits}{}", &rest[digits.len()..]);
             }
         }
     }
@@ -1093,29 +1065,89 @@ fn name_the_line(error: ClientError, line_numbers: &[usize]) -> anyhow::Error {
 /// Most invalid lines listed when a bulk file is refused.
 const MAX_LISTED_INVALID_LINES: usize = 10;
 
-/// Checks every document against the schema the node reports, before anything is sent: a file
-/// with one bad line is refused whole, so a bulk load is never applied in part because of its
-/// content.
-fn validate_bulk_documents(
-    schema_json: &str,
-    documents: &[DocumentInput],
-    line_numbers: &[usize],
-) -> anyhow::Result<()> {
+/// A bulk input read twice, line by line (once to check it, once to send it): the file itself, or
+/// stdin copied to a temporary file, removed when this is dropped. Memory stays independent of
+/// the input's size.
+struct BulkInput {
+    path: std::path::PathBuf,
+    remove_on_drop: bool,
+}
+
+impl BulkInput {
+    fn open(file: Option<&Path>) -> anyhow::Result<BulkInput> {
+        match file {
+            Some(path) if path != Path::new("-") => {
+                std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+                Ok(BulkInput { path: path.to_path_buf(), remove_on_drop: false })
+            }
+            _ => {
+                if std::io::stdin().is_terminal() {
+                    eprintln!("reading from stdin (end with Ctrl-D)");
+                }
+                let path = std::env::temp_dir().join(format!(
+                    "bayard-bulk-{}-{:016x}.ndjson",
+                    std::process::id(),
+                    rand::random::<u64>()
+                ));
+                let mut spool = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .with_context(|| format!("cannot create {}", path.display()))?;
+                let input = BulkInput { path, remove_on_drop: true };
+                std::io::copy(&mut std::io::stdin().lock(), &mut spool).context("cannot read stdin")?;
+                Ok(input)
+            }
+        }
+    }
+
+    /// Non-blank lines with their 1-based numbers, read as they are needed.
+    fn lines(&self) -> anyhow::Result<impl Iterator<Item = anyhow::Result<(usize, String)>>> {
+        use std::io::BufRead;
+        let file = std::fs::File::open(&self.path).with_context(|| format!("cannot read {}", self.path.display()))?;
+        let reader = std::io::BufReader::with_capacity(1 << 20, file);
+        Ok(reader
+            .lines()
+            .enumerate()
+            .map(|(number, line)| {
+                let line = line.with_context(|| format!("line {}: cannot read (not UTF-8?)", number + 1))?;
+                Ok((number + 1, line))
+            })
+            .filter(|line| !matches!(line, Ok((_, text)) if text.trim().is_empty())))
+    }
+}
+
+impl Drop for BulkInput {
+    fn drop(&mut self) {
+        if self.remove_on_drop {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Checks every line of a bulk input (JSON object with an "_id", matching the node's schema)
+/// before anything is sent: a file with one bad line is refused whole, so a load is never
+/// applied in part because of its content. Returns the number of documents.
+fn check_bulk_input(input: &BulkInput, schema_json: &str) -> anyhow::Result<usize> {
     let schema = crate::index::load_schema(schema_json).context("the node reported a schema that does not load")?;
     let mut invalid = Vec::new();
     let mut invalid_count = 0_usize;
-    for (document, line_number) in documents.iter().zip(line_numbers) {
-        if let Err(error) = crate::index::validate_document(&schema, document.id.as_deref(), &document.document_json) {
+    let mut count = 0_usize;
+    for line in input.lines()? {
+        let (line_number, line) = line?;
+        count += 1;
+        if let Err(reason) = check_bulk_line(&schema, line.trim()) {
             invalid_count += 1;
             if invalid.len() < MAX_LISTED_INVALID_LINES {
-                let reason = error.to_string();
-                let reason = reason.strip_prefix("invalid document: ").unwrap_or(&reason).to_string();
                 invalid.push(format!("line {line_number}: {reason}"));
             }
         }
     }
+    if count == 0 {
+        bail!("no documents in the input");
+    }
     if invalid_count == 0 {
-        return Ok(());
+        return Ok(count);
     }
     let more = if invalid_count > invalid.len() {
         format!("\n({} more invalid lines not shown)", invalid_count - invalid.len())
@@ -1123,49 +1155,84 @@ fn validate_bulk_documents(
         String::new()
     };
     bail!(
-        "{}{more}\nnothing was written: {invalid_count} of {} lines do not match the node's schema; fix them and \
-         load the file again",
+        "{}{more}\nnothing was written: {invalid_count} of {count} lines are not valid documents for the node's \
+         schema; fix them and load the file again",
         invalid.join("\n"),
-        documents.len()
     )
 }
 
+/// Why one NDJSON line is not a document the node would take.
+fn check_bulk_line(schema: &tantivy::schema::Schema, line: &str) -> Result<String, String> {
+    // The common case, a valid line, costs one parse; the reasons below only for a bad one.
+    if let Ok(id) = crate::index::validate_document(schema, None, line) {
+        return Ok(id);
+    }
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|error| format!("malformed JSON ({error})"))?;
+    let Some(object) = value.as_object() else {
+        return Err("expected a JSON object".into());
+    };
+    match object.get("_id") {
+        Some(serde_json::Value::String(id)) if !id.is_empty() => {}
+        _ => return Err("the document has no \"_id\" string".into()),
+    }
+    crate::index::validate_document(schema, None, line).map_err(|error| {
+        let reason = error.to_string();
+        reason.strip_prefix("invalid document: ").unwrap_or(&reason).to_string()
+    })
+}
+
+/// "1-1000, 3001-4000": ranges of lines.
+fn describe_line_ranges(ranges: &[(usize, usize)]) -> String {
+    let parts: Vec<String> = ranges
+        .iter()
+        .map(|(first, last)| if first == last { first.to_string() } else { format!("{first}-{last}") })
+        .collect();
+    parts.join(", ")
+}
+
 async fn bulk_put(connection: &ConnectionArguments, file: Option<&Path>) -> anyhow::Result<()> {
-    let text = read_input(file)?;
-    let (documents, line_numbers) = parse_bulk_documents(&text)?;
-    drop(text);
+    let input = BulkInput::open(file)?;
     let client = connect(connection)?;
     let schema_json = serde_json::to_string(&client.schema().await?)?;
-    validate_bulk_documents(&schema_json, &documents, &line_numbers)?;
-    let bar = progress_bar(documents.len());
-    let written = std::sync::atomic::AtomicUsize::new(0);
-    let outcome = client
-        .bulk_put(documents, |count| {
-            written.store(count, std::sync::atomic::Ordering::SeqCst);
-            bar.set_position(count as u64)
-        })
-        .await;
+    let count = check_bulk_input(&input, &schema_json)?;
+    let bar = progress_bar(count);
+    // Checked above; a line that changed since is refused by the node, by its line number.
+    let items = input.lines()?.map(|line| {
+        let (line_number, line) = line.map_err(|error| ClientError::InvalidArgument(format!("{error:#}")))?;
+        let line = line.trim().to_string();
+        // Checked above: only its id is read again (a line changed since is refused by the
+        // node, by its line number).
+        let id = crate::client::document_id_of(&line);
+        Ok::<_, ClientError>(bayard_item(id, line, line_number))
+    });
+    let outcome = client.bulk_put_stream(items, |written| bar.set_position(written as u64)).await;
     bar.finish_and_clear();
     match outcome {
         Ok(receipt) => {
             print_json(&receipt_json(receipt));
             Ok(())
         }
-        Err(error) => {
+        Err(failure) => {
             // The node refused a request or none answered: say exactly what was applied.
-            let applied = written.load(std::sync::atomic::Ordering::SeqCst);
-            let error = name_the_line(error, &line_numbers);
-            if applied == 0 {
-                Err(error.context("nothing was written"))
+            let error = name_the_line(failure.error);
+            let failed = failure
+                .failed_tags
+                .map(|(first, last)| format!("; the request of lines {first}-{last} failed"))
+                .unwrap_or_default();
+            if failure.written_tags.is_empty() {
+                Err(error.context(format!("nothing was written{failed}")))
             } else {
-                let last_line = line_numbers.get(applied - 1).copied().unwrap_or(0);
                 Err(error.context(format!(
-                    "the documents of lines 1-{last_line} ({applied} documents) were written before this failure; \
-                     the rest were not"
+                    "the documents of lines {} were written before this failure{failed}; the rest were not",
+                    describe_line_ranges(&failure.written_tags)
                 )))
             }
         }
     }
+}
+
+fn bayard_item(id: String, line: String, line_number: usize) -> crate::client::BulkItem {
+    crate::client::BulkItem { id, document: DocumentInput { id: None, document_json: line }, tag: line_number }
 }
 
 async fn bulk_delete(connection: &ConnectionArguments, file: Option<&Path>) -> anyhow::Result<()> {
@@ -1409,13 +1476,26 @@ mod tests {
 
     #[test]
     fn ndjson_errors_name_the_line() {
-        let error = parse_bulk_documents("{\"_id\":\"1\"}\n\n{oops}\n").unwrap_err();
-        assert!(error.to_string().starts_with("line 3"), "{error}");
-        let error = parse_bulk_documents("{\"title\":\"x\"}").unwrap_err();
+        let directory = std::env::temp_dir().join(format!("bayard-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = directory.join(name);
+            std::fs::write(&path, text).unwrap();
+            BulkInput::open(Some(&path)).unwrap()
+        };
+        let schema = crate::index::DEFAULT_SCHEMA_JSON;
+        let error = check_bulk_input(&write("broken", "{\"_id\":\"1\"}\n\n{oops}\n"), schema).unwrap_err();
+        assert!(error.to_string().starts_with("line 3: malformed JSON"), "{error}");
+        let error = check_bulk_input(&write("no-id", "{\"title\":\"x\"}"), schema).unwrap_err();
         assert!(error.to_string().contains("no \"_id\""), "{error}");
-        let (documents, lines) = parse_bulk_documents("{\"_id\":\"1\"}\n\n{\"_id\":\"2\"}").unwrap();
-        assert_eq!(documents.len(), 2);
+        let error = check_bulk_input(&write("empty", "\n\n"), schema).unwrap_err();
+        assert!(error.to_string().contains("no documents"), "{error}");
+        let good = write("good", "{\"_id\":\"1\"}\n\n{\"_id\":\"2\"}");
+        assert_eq!(check_bulk_input(&good, schema).unwrap(), 2);
+        let lines: Vec<usize> = good.lines().unwrap().map(|line| line.unwrap().0).collect();
         assert_eq!(lines, vec![1, 3]);
+        assert_eq!(describe_line_ranges(&[(1, 1000), (3001, 3001)]), "1-1000, 3001");
         assert_eq!(parse_bulk_ids("\"a\"\n{\"_id\":\"b\"}\nc\n7").unwrap(), vec!["a", "b", "c", "7"]);
+        std::fs::remove_dir_all(&directory).unwrap();
     }
 }

@@ -45,6 +45,39 @@ use crate::transport::{self, CallError, TlsFiles, TlsMaterial};
 
 /// Documents per bulk request, at most; requests are also kept under half the frame limit.
 pub const BULK_CHUNK_DOCUMENTS: usize = 1_000;
+/// Bulk requests one load keeps in flight: enough that the node validates, replicates and
+/// applies one while the next crosses the network.
+pub const BULK_CHUNKS_IN_FLIGHT: usize = 4;
+
+/// One document of a bulk load: its id (for ordering), and a tag of the caller's (a line
+/// number, a position) that errors name it by.
+#[derive(Debug, Clone)]
+pub struct BulkItem {
+    pub id: String,
+    pub document: DocumentInput,
+    pub tag: usize,
+}
+
+/// Why a bulk load stopped, and exactly what it wrote before.
+#[derive(Debug)]
+pub struct BulkPutFailure {
+    /// What failed; a node's "document K" is rewritten to the document's tag.
+    pub error: ClientError,
+    /// Ranges of tags (first, last) whose chunks were applied, in the order of the input.
+    pub written_tags: Vec<(usize, usize)>,
+    /// The tags of the chunk that failed (none when the input itself failed).
+    pub failed_tags: Option<(usize, usize)>,
+}
+
+/// The `_id` of a document's JSON, or empty (the node then refuses the document by name).
+pub fn document_id_of(document_json: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct OnlyId {
+        #[serde(rename = "_id")]
+        id: Option<String>,
+    }
+    serde_json::from_str::<OnlyId>(document_json).ok().and_then(|only| only.id).unwrap_or_default()
+}
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -419,46 +452,163 @@ impl Client {
         self.write(ClientRequest::Put { documents, request_id: RequestId::random() }).await
     }
 
-    /// Upserts any number of documents, split into requests under the frame limit, in order.
-    /// `on_progress` is told how many documents have been written so far.
+    /// Upserts any number of documents, split into requests under the frame limit, with up to
+    /// [`BULK_CHUNKS_IN_FLIGHT`] requests at once (see [`Client::bulk_put_stream`]).
+    /// `on_progress` is told how many documents have been written so far, counted from the
+    /// start. An error names its document by its position in `documents` (from 1).
     pub async fn bulk_put(
         &self,
         documents: Vec<DocumentInput>,
-        mut on_progress: impl FnMut(usize),
+        on_progress: impl FnMut(usize),
     ) -> Result<WriteReceipt, ClientError> {
+        let items = documents.into_iter().enumerate().map(|(position, document)| {
+            let id = document.id.clone().unwrap_or_else(|| document_id_of(&document.document_json));
+            Ok::<_, ClientError>(BulkItem { id, document, tag: position + 1 })
+        });
+        match self.bulk_put_stream(items, on_progress).await {
+            Ok(receipt) => Ok(receipt),
+            Err(failure) => Err(failure.error),
+        }
+    }
+
+    /// Upserts documents as they come from `items` (a file being read, say), in requests of up
+    /// to [`BULK_CHUNK_DOCUMENTS`] documents under the frame limit, with up to
+    /// [`BULK_CHUNKS_IN_FLIGHT`] requests at once, so that the node is never idle waiting for the
+    /// next chunk. Memory is the chunks in flight, whatever the input's size.
+    ///
+    /// Order is kept where it matters: a document whose id is in a chunk still in flight waits
+    /// for that chunk to be answered, so the last line of an id always wins, as it would one
+    /// chunk at a time. `on_progress` is told how many documents have been written from the start
+    /// without a gap. On failure nothing more is sent, the chunks in flight are waited for, and
+    /// the error says which tags were written.
+    pub async fn bulk_put_stream<E: Into<ClientError>>(
+        &self,
+        items: impl Iterator<Item = Result<BulkItem, E>>,
+        mut on_progress: impl FnMut(usize),
+    ) -> Result<WriteReceipt, BulkPutFailure> {
+        use futures_util::stream::{FuturesOrdered, StreamExt};
+
         let chunk_limit_bytes = self.options.max_frame_bytes / 2;
+        let mut in_flight = FuturesOrdered::new();
+        // Ids in the chunks in flight, with how many of those chunks hold them.
+        let mut ids_in_flight: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         let mut written = 0_usize;
-        let mut last_receipt = WriteReceipt { operations: 0, applied_index: 0, duplicate: false };
-        let mut chunk: Vec<DocumentInput> = Vec::new();
+        let mut written_tags: Vec<(usize, usize)> = Vec::new();
+        let mut last_applied_index = 0_u64;
+        let mut chunk: Vec<BulkItem> = Vec::new();
         let mut chunk_bytes = 0_usize;
-        let mut remaining = documents.into_iter().peekable();
-        while let Some(document) = remaining.next() {
-            let document_bytes = document.document_json.len() + document.id.as_ref().map_or(0, String::len) + 16;
-            if document_bytes > self.options.max_frame_bytes {
-                return Err(ClientError::InvalidArgument(format!(
-                    "document {} is {document_bytes} bytes, over the frame limit of {} bytes",
-                    written + chunk.len() + 1,
-                    self.options.max_frame_bytes
-                )));
+        let mut failure: Option<(ClientError, Option<(usize, usize)>)> = None;
+        let mut items = items.peekable();
+
+        // Sends one chunk: its ids are marked in flight until its answer is taken.
+        let send = |chunk: Vec<BulkItem>, ids_in_flight: &mut std::collections::HashMap<String, usize>| {
+            let ids: Vec<String> = chunk.iter().map(|item| item.id.clone()).collect();
+            for id in &ids {
+                *ids_in_flight.entry(id.clone()).or_default() += 1;
             }
-            chunk_bytes += document_bytes;
-            chunk.push(document);
-            let next_bytes = remaining.peek().map_or(0, |next| next.document_json.len() + 16);
+            let tags: Vec<usize> = chunk.iter().map(|item| item.tag).collect();
+            let documents: Vec<DocumentInput> = chunk.into_iter().map(|item| item.document).collect();
+            async move {
+                let result = self.put_documents(documents).await;
+                (result, ids, tags)
+            }
+        };
+        // Takes the oldest answer; false when the load must stop.
+        macro_rules! take_answer {
+            () => {
+                let answer: Option<(Result<WriteReceipt, ClientError>, Vec<String>, Vec<usize>)> =
+                    in_flight.next().await;
+                if let Some((result, ids, tags)) = answer {
+                    for id in &ids {
+                        if let Some(count) = ids_in_flight.get_mut(id) {
+                            *count -= 1;
+                            if *count == 0 {
+                                ids_in_flight.remove(id);
+                            }
+                        }
+                    }
+                    let span = (tags.first().copied().unwrap_or(0), tags.last().copied().unwrap_or(0));
+                    match result {
+                        Ok(receipt) => {
+                            match written_tags.last_mut() {
+                                Some(last) if failure.is_none() && tags.first().copied() == Some(last.1 + 1) => {
+                                    last.1 = span.1
+                                }
+                                _ => written_tags.push(span),
+                            }
+                            if failure.is_none() {
+                                written += tags.len();
+                                on_progress(written);
+                            }
+                            last_applied_index = last_applied_index.max(receipt.applied_index);
+                        }
+                        Err(error) if failure.is_none() => {
+                            failure = Some((name_the_tag(error, &tags), Some(span)));
+                        }
+                        Err(_) => {}
+                    }
+                }
+            };
+        }
+
+        loop {
+            if failure.is_some() {
+                break;
+            }
+            let Some(next) = items.next() else { break };
+            let item = match next {
+                Ok(item) => item,
+                Err(error) => {
+                    failure = Some((error.into(), None));
+                    break;
+                }
+            };
+            let item_bytes = item.document.document_json.len() + item.id.len() + 16;
+            if item_bytes > self.options.max_frame_bytes {
+                failure = Some((
+                    ClientError::InvalidArgument(format!(
+                        "document {} is {item_bytes} bytes, over the frame limit of {} bytes",
+                        item.tag, self.options.max_frame_bytes
+                    )),
+                    None,
+                ));
+                break;
+            }
+            // An id still in flight: everything in flight is answered first, so the order of
+            // this id's lines is kept.
+            let repeats_in_chunk = chunk.iter().any(|queued| queued.id == item.id);
+            if ids_in_flight.contains_key(&item.id) && !repeats_in_chunk {
+                while !in_flight.is_empty() && ids_in_flight.contains_key(&item.id) {
+                    take_answer!();
+                }
+            }
+            chunk_bytes += item_bytes;
+            chunk.push(item);
+            let next_bytes = match items.peek() {
+                Some(Ok(next)) => next.document.document_json.len() + next.id.len() + 16,
+                _ => 0,
+            };
             let full = chunk.len() >= BULK_CHUNK_DOCUMENTS || chunk_bytes + next_bytes > chunk_limit_bytes;
-            if full || remaining.peek().is_none() {
-                let count = chunk.len();
-                let receipt = self
-                    .put_documents(std::mem::take(&mut chunk))
-                    .await
-                    .map_err(|error| offset_document_positions(error, written))?;
-                written += count;
+            if full || items.peek().is_none() {
+                while in_flight.len() >= BULK_CHUNKS_IN_FLIGHT {
+                    take_answer!();
+                }
+                if failure.is_some() {
+                    break;
+                }
+                in_flight.push_back(send(std::mem::take(&mut chunk), &mut ids_in_flight));
                 chunk_bytes = 0;
-                last_receipt =
-                    WriteReceipt { operations: written as u64, applied_index: receipt.applied_index, duplicate: false };
-                on_progress(written);
             }
         }
-        Ok(last_receipt)
+        while !in_flight.is_empty() {
+            take_answer!();
+        }
+        match failure {
+            None => {
+                Ok(WriteReceipt { operations: written as u64, applied_index: last_applied_index, duplicate: false })
+            }
+            Some((error, failed_tags)) => Err(BulkPutFailure { error, written_tags, failed_tags }),
+        }
     }
 
     pub async fn delete(&self, id: &str) -> Result<WriteReceipt, ClientError> {
@@ -646,17 +796,18 @@ impl Client {
     }
 }
 
-/// Error messages from a bulk chunk count documents from the chunk start; make them count from
-/// the start of the whole load.
-fn offset_document_positions(error: ClientError, offset: usize) -> ClientError {
+/// Rewrites a node's "document K" (K counted from 1 within one request) into the tag of that
+/// document, which the caller gave it (its position in the whole load, a line number).
+fn name_the_tag(error: ClientError, tags: &[usize]) -> ClientError {
     match error {
-        ClientError::Remote { code, message, server } if offset > 0 => {
+        ClientError::Remote { code, message, server } => {
             let message = match message.strip_prefix("document ") {
                 Some(rest) => {
                     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-                    match digits.parse::<usize>() {
-                        Ok(position) => format!("document {}{}", position + offset, &rest[digits.len()..]),
-                        Err(_) => message,
+                    let tag = digits.parse::<usize>().ok().and_then(|position| tags.get(position.checked_sub(1)?));
+                    match tag {
+                        Some(tag) => format!("document {tag}{}", &rest[digits.len()..]),
+                        None => message,
                     }
                 }
                 None => message,
