@@ -15,7 +15,7 @@ use crate::client::{receipt_json, status_json, Client, ClientError, ClientOption
 use crate::index::QueryLimits;
 use crate::index::{FacetRequest, SearchRequest, SortSpec, DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
 use crate::node::{self, NodeConfig, NodeLimits};
-use crate::protocol::{Consistency, DocumentInput};
+use crate::protocol::{Consistency, DocumentInput, ErrorCode};
 use crate::telemetry::{self, LogFormat, TelemetryConfig};
 use crate::transport::{self, Role, TlsFiles};
 
@@ -1075,6 +1075,7 @@ struct BulkInput {
 
 impl BulkInput {
     fn open(file: Option<&Path>) -> anyhow::Result<BulkInput> {
+        use std::os::unix::fs::OpenOptionsExt;
         match file {
             Some(path) if path != Path::new("-") => {
                 std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -1089,9 +1090,11 @@ impl BulkInput {
                     std::process::id(),
                     rand::random::<u64>()
                 ));
+                // Readable by this user only: the documents may be private.
                 let mut spool = std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
+                    .mode(0o600)
                     .open(&path)
                     .with_context(|| format!("cannot create {}", path.display()))?;
                 let input = BulkInput { path, remove_on_drop: true };
@@ -1214,19 +1217,32 @@ async fn bulk_put(connection: &ConnectionArguments, file: Option<&Path>) -> anyh
         }
         Err(failure) => {
             // The node refused a request or none answered: say exactly what was applied.
+            let certain = matches!(
+                &failure.error,
+                ClientError::InvalidArgument(_)
+                    | ClientError::Remote { code: ErrorCode::InvalidArgument | ErrorCode::PermissionDenied, .. }
+            );
             let error = name_the_line(failure.error);
             let failed = failure
                 .failed_tags
-                .map(|(first, last)| format!("; the request of lines {first}-{last} failed"))
+                .map(|(first, last)| {
+                    if certain {
+                        format!("; the request of lines {first}-{last} was refused")
+                    } else {
+                        format!("; the request of lines {first}-{last} failed and may or may not have been applied")
+                    }
+                })
                 .unwrap_or_default();
-            if failure.written_tags.is_empty() {
-                Err(error.context(format!("nothing was written{failed}")))
+            let written = if failure.written_tags.is_empty() {
+                "nothing was written".to_string()
             } else {
-                Err(error.context(format!(
-                    "the documents of lines {} were written before this failure{failed}; the rest were not",
+                format!(
+                    "the documents of lines {} were written (requests in flight when the failure came were \
+                     waited for)",
                     describe_line_ranges(&failure.written_tags)
-                )))
-            }
+                )
+            };
+            Err(error.context(format!("{written}{failed}; nothing after it was sent")))
         }
     }
 }

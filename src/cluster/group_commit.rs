@@ -23,7 +23,7 @@ use tracing::Instrument;
 use super::{ClusterError, ClusterResult};
 use crate::index::IndexOperation;
 use crate::raft::state_machine::groupable_operations;
-use crate::raft::types::{BatchOutcome, GroupedRequest, IndexBatch, Raft};
+use crate::raft::types::{BatchOutcome, GroupedRequest, IndexBatch, Raft, MAX_REQUESTS_PER_ENTRY};
 
 /// Entries proposed and not yet applied, at most. Two keep the log busy (one being appended
 /// while the one before is applied) without letting a burst split into many small entries.
@@ -46,7 +46,7 @@ pub struct GroupLimits {
 
 impl GroupLimits {
     pub fn for_frame_limit(max_frame_bytes: usize) -> GroupLimits {
-        GroupLimits { max_requests: 1024, max_operations: 10_000, max_bytes: max_frame_bytes / 2 }
+        GroupLimits { max_requests: MAX_REQUESTS_PER_ENTRY, max_operations: 10_000, max_bytes: max_frame_bytes / 2 }
     }
 }
 
@@ -176,6 +176,10 @@ async fn propose_group(raft: &Raft, group: Vec<Pending>) {
     for pending in expired {
         let _ = pending.answer.send(Err(ClusterError::DeadlinePassed));
     }
+    // The group waits for its entry no longer than its most patient member: a leader cut off
+    // from its quorum would otherwise hold this slot (and the queue behind it) until it hears of
+    // a newer term.
+    let Some(latest_deadline) = live.iter().map(|pending| pending.deadline).max() else { return };
     let mut live = live.into_iter();
     let Some(head) = live.next() else { return };
     let rest: Vec<Pending> = live.collect();
@@ -193,7 +197,19 @@ async fn propose_group(raft: &Raft, group: Vec<Pending>) {
     let operations =
         batch.operations.len() + batch.grouped.iter().map(|request| request.operations.len()).sum::<usize>();
     let span = tracing::info_span!("bayard.raft_write", requests = answers.len(), operations);
-    let result = raft.client_write(batch).instrument(span).await;
+    let write = raft.client_write(batch).instrument(span);
+    let Ok(result) = tokio::time::timeout_at(latest_deadline.into(), write).await else {
+        // Proposed, not known committed: it may still be applied. Its request ids make a retry
+        // apply at most once.
+        for answer in answers {
+            let _ = answer.send(Err(ClusterError::Unavailable(
+                "the write was proposed but not committed before its deadline; it may still be applied, and a \
+                 retry under the same request id is applied at most once"
+                    .into(),
+            )));
+        }
+        return;
+    };
     match result {
         Ok(response) => {
             let mut outcome = response.data;

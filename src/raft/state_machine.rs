@@ -265,6 +265,22 @@ fn apply_entries(
                 state.membership = StoredMembership::new(Some(log_id), membership);
                 outcomes.push(BatchOutcome { applied_index: log_id.index, ..Default::default() });
             }
+            EntryPayload::Normal(batch) if batch.grouped.len() >= crate::raft::types::MAX_REQUESTS_PER_ENTRY => {
+                // No leader of ours makes such an entry; refused whole, alike on every replica.
+                tracing::error!(
+                    log_index = log_id.index,
+                    requests = batch.grouped.len() + 1,
+                    "skipped an oversized group"
+                );
+                outcomes.push(BatchOutcome {
+                    applied_index: log_id.index,
+                    error: Some(format!(
+                        "an entry may carry at most {} requests",
+                        crate::raft::types::MAX_REQUESTS_PER_ENTRY
+                    )),
+                    ..Default::default()
+                });
+            }
             EntryPayload::Normal(batch) => {
                 let grouped = !batch.grouped.is_empty();
                 let head = Request { operations: batch.operations, request_id: batch.request_id, keys: batch.keys };

@@ -30,6 +30,10 @@ pub struct IndexBatch {
     pub grouped: Vec<GroupedRequest>,
 }
 
+/// Client requests in one log entry, at most (the entry's own and its grouped ones). The leader
+/// groups no more; an entry with more is refused whole, alike on every replica.
+pub const MAX_REQUESTS_PER_ENTRY: usize = 1024;
+
 /// A client request riding in another's log entry: puts and deletes only.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupedRequest {
