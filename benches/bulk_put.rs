@@ -9,7 +9,6 @@
 //! and the sizes of the Raft log and the index.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,42 +18,9 @@ mod common;
 use common::{corpus, Certificates};
 
 use bayard::index::{AnalyzerConfig, DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
-use bayard::node::{Node, NodeConfig, RunningNode};
 use bayard::transport::{Role, TlsFiles};
 
 const WRITER_MEMORY_BYTES: usize = 128 * 1024 * 1024;
-
-async fn start(certificates: &Certificates, node_id: u64, data: &Path, seed: Option<String>) -> RunningNode {
-    let mut config = NodeConfig::new(
-        node_id,
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        data.to_path_buf(),
-        DEFAULT_SCHEMA_JSON.to_string(),
-        DEFAULT_TOKENIZER_JSON.to_string(),
-        certificates.files(&Role::Node { node_id }, &format!("node-{node_id}")),
-    );
-    config.commit_interval = Duration::ZERO;
-    config.writer_memory_bytes = WRITER_MEMORY_BYTES;
-    if let Some(seed) = seed {
-        config.peers = vec![(1, seed)];
-    }
-    Node::start(config).await.expect("node starts")
-}
-
-async fn wait_for_voters(node: &RunningNode, voters: usize) {
-    node.raft()
-        .wait(Some(Duration::from_secs(60)))
-        .metrics(
-            |metrics| {
-                metrics.membership_config.membership().voter_ids().count() == voters
-                    && metrics.membership_config.membership().get_joint_config().len() == 1
-                    && metrics.current_leader.is_some()
-            },
-            "cluster forms",
-        )
-        .await
-        .expect("cluster forms");
-}
 
 /// tantivy alone: parse every line, add it, commit; documents per second.
 fn raw_tantivy(file: &Path, directory: &Path) -> f64 {
@@ -173,21 +139,16 @@ fn main() {
         let raw = raw_tantivy(&file, tempfile::tempdir().expect("temp dir").path());
 
         let data = tempfile::tempdir().expect("temp dir");
-        let node = start(&certificates, 1, data.path(), None).await;
-        wait_for_voters(&node, 1).await;
+        let node = common::start_member(&certificates, 1, data.path(), None, Some(WRITER_MEMORY_BYTES)).await;
+        common::wait_for_voters(&node, 1).await;
         let single = load(&certificates, node.local_address().to_string(), &file, count).await;
         node.shutdown().await;
         let single_log_mb = directory_mb(&data.path().join("raft"));
         let single_index_mb = directory_mb(&data.path().join("index"));
 
         let directories: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("temp dir")).collect();
-        let first = start(&certificates, 1, directories[0].path(), None).await;
-        wait_for_voters(&first, 1).await;
+        let [first, second, third] = common::three_nodes(&certificates, &directories, Some(WRITER_MEMORY_BYTES)).await;
         let seed = first.local_address().to_string();
-        let second = start(&certificates, 2, directories[1].path(), Some(seed.clone())).await;
-        wait_for_voters(&first, 2).await;
-        let third = start(&certificates, 3, directories[2].path(), Some(seed.clone())).await;
-        wait_for_voters(&first, 3).await;
         // Through the leader, as a client that found it would.
         let cluster = load(&certificates, seed, &file, count).await;
         for node in [third, second, first] {

@@ -9,7 +9,6 @@
 //! tenth of that at c=1.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,40 +17,7 @@ mod common;
 use common::{corpus, Certificates, Latencies};
 
 use bayard::client::{Client, ClientOptions};
-use bayard::index::{DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
-use bayard::node::{Node, NodeConfig, RunningNode};
 use bayard::transport::Role;
-
-async fn start(certificates: &Certificates, node_id: u64, data: &std::path::Path, seed: Option<String>) -> RunningNode {
-    let mut config = NodeConfig::new(
-        node_id,
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        data.to_path_buf(),
-        DEFAULT_SCHEMA_JSON.to_string(),
-        DEFAULT_TOKENIZER_JSON.to_string(),
-        certificates.files(&Role::Node { node_id }, &format!("node-{node_id}")),
-    );
-    config.commit_interval = Duration::ZERO;
-    if let Some(seed) = seed {
-        config.peers = vec![(1, seed)];
-    }
-    Node::start(config).await.expect("node starts")
-}
-
-async fn wait_for_voters(node: &RunningNode, voters: usize) {
-    node.raft()
-        .wait(Some(Duration::from_secs(60)))
-        .metrics(
-            |metrics| {
-                metrics.membership_config.membership().voter_ids().count() == voters
-                    && metrics.membership_config.membership().get_joint_config().len() == 1
-                    && metrics.current_leader.is_some()
-            },
-            "cluster forms",
-        )
-        .await
-        .expect("cluster forms");
-}
 
 struct Run {
     puts_per_second: f64,
@@ -162,20 +128,15 @@ fn main() {
         println!("|---|---|---|---|---|---|---|");
 
         let data = tempfile::tempdir().expect("temp dir");
-        let node = start(&certificates, 1, data.path(), None).await;
-        wait_for_voters(&node, 1).await;
+        let node = common::start_member(&certificates, 1, data.path(), None, None).await;
+        common::wait_for_voters(&node, 1).await;
         measure("one node", client(&certificates, node.local_address().to_string()), &documents, total, floor_p50)
             .await;
         node.shutdown().await;
 
         let directories: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("temp dir")).collect();
-        let first = start(&certificates, 1, directories[0].path(), None).await;
-        wait_for_voters(&first, 1).await;
+        let [first, second, third] = common::three_nodes(&certificates, &directories, None).await;
         let seed = first.local_address().to_string();
-        let second = start(&certificates, 2, directories[1].path(), Some(seed.clone())).await;
-        wait_for_voters(&first, 2).await;
-        let third = start(&certificates, 3, directories[2].path(), Some(seed.clone())).await;
-        wait_for_voters(&first, 3).await;
         measure("three nodes, via the leader", client(&certificates, seed), &documents, total, floor_p50).await;
         for node in [third, second, first] {
             node.shutdown().await;

@@ -131,3 +131,62 @@ impl KeptConnection {
         bytes
     }
 }
+
+/// Node `node_id` on 127.0.0.1, committing only when asked; joins through `seed` (node 1's
+/// address) when given. `writer_memory_bytes` overrides the node's default.
+pub async fn start_member(
+    certificates: &Certificates,
+    node_id: u64,
+    data: &std::path::Path,
+    seed: Option<String>,
+    writer_memory_bytes: Option<usize>,
+) -> RunningNode {
+    let mut config = NodeConfig::new(
+        node_id,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        data.to_path_buf(),
+        DEFAULT_SCHEMA_JSON.to_string(),
+        DEFAULT_TOKENIZER_JSON.to_string(),
+        certificates.files(&Role::Node { node_id }, &format!("node-{node_id}")),
+    );
+    config.commit_interval = Duration::ZERO;
+    if let Some(bytes) = writer_memory_bytes {
+        config.writer_memory_bytes = bytes;
+    }
+    if let Some(seed) = seed {
+        config.peers = vec![(1, seed)];
+    }
+    Node::start(config).await.expect("node starts")
+}
+
+/// Waits until `node` sees `voters` voters, no joint configuration and a leader.
+pub async fn wait_for_voters(node: &RunningNode, voters: usize) {
+    node.raft()
+        .wait(Some(Duration::from_secs(60)))
+        .metrics(
+            |metrics| {
+                metrics.membership_config.membership().voter_ids().count() == voters
+                    && metrics.membership_config.membership().get_joint_config().len() == 1
+                    && metrics.current_leader.is_some()
+            },
+            "cluster forms",
+        )
+        .await
+        .expect("cluster forms");
+}
+
+/// Three nodes in `directories`, node 1 first (and leader), the others joining through it.
+pub async fn three_nodes(
+    certificates: &Certificates,
+    directories: &[tempfile::TempDir],
+    writer_memory_bytes: Option<usize>,
+) -> [RunningNode; 3] {
+    let first = start_member(certificates, 1, directories[0].path(), None, writer_memory_bytes).await;
+    wait_for_voters(&first, 1).await;
+    let seed = first.local_address().to_string();
+    let second = start_member(certificates, 2, directories[1].path(), Some(seed.clone()), writer_memory_bytes).await;
+    wait_for_voters(&first, 2).await;
+    let third = start_member(certificates, 3, directories[2].path(), Some(seed), writer_memory_bytes).await;
+    wait_for_voters(&first, 3).await;
+    [first, second, third]
+}
