@@ -147,3 +147,59 @@ async fn a_forwarded_group_is_refused() {
     assert!(client.get("smuggled").await.expect("get").is_none());
     node.node.shutdown().await;
 }
+
+/// At-most-once is bounded by log time, not by a count: a retry that comes after more requests
+/// than the 10,000 the table used to hold (about a second and a half of writes here) is still
+/// recognized, and still after a restart (the table and its clock are in the commit marker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_many_newer_requests_is_still_applied_once() {
+    let certificates = common::CertificateSet::new();
+    let data = tempfile::tempdir().expect("temp dir");
+    let node = common::start_node(common::node_config(&certificates, 1, data.path())).await;
+    let client = Arc::new(common::client_with(&node.local_address().to_string(), certificates.client("app")));
+    const RETRIED: u128 = 1 << 64;
+    let first = client.send_write(put("r", "first", RETRIED)).await.expect("first attempt");
+    client.send_write(put("r", "second", RETRIED + 1)).await.expect("newer write");
+
+    // 12,000 newer requests, 64 at a time.
+    const NEWER: u128 = 12_000;
+    let mut tasks = Vec::new();
+    for worker in 0..64_u128 {
+        let client = Arc::clone(&client);
+        tasks.push(tokio::spawn(async move {
+            let mut number = worker;
+            while number < NEWER {
+                client.send_write(put(&format!("n{number}"), "newer", RETRIED + 2 + number)).await?;
+                number += 64;
+            }
+            Ok::<(), bayard::client::ClientError>(())
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task").expect("every newer put is answered");
+    }
+
+    let retry = client.send_write(put("r", "first", RETRIED)).await.expect("the retry is answered");
+    assert!(retry.duplicate, "a retry after {NEWER} newer requests was applied again");
+    assert_eq!(retry.applied_index, first.applied_index, "answered with the first attempt's outcome");
+    client.commit().await.expect("commit");
+    let metrics = bayard::telemetry::metrics::render().expect("metrics");
+    let remembered: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("bayard_remembered_requests "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("the remembered requests are a metric");
+    assert!(remembered > NEWER as u64, "{remembered} request ids remembered");
+    node.shutdown().await;
+
+    // After a restart the table comes back from the commit marker, clock and all.
+    let node = common::start_node(common::node_config(&certificates, 1, data.path())).await;
+    let client = common::client_with(&node.local_address().to_string(), certificates.client("app"));
+    let retry = client.send_write(put("r", "first", RETRIED)).await.expect("the retry is answered");
+    assert!(retry.duplicate, "after a restart, the retry was applied again");
+    client.commit().await.expect("commit");
+    let r = client.get("r").await.expect("get").expect("r exists");
+    assert!(r.fields.to_string().contains("second"), "a retry reverted a newer write: {}", r.fields);
+    assert_eq!(client.status().await.expect("status").document_count, 1 + NEWER as u64);
+    node.shutdown().await;
+}

@@ -193,6 +193,9 @@ async fn propose_group(raft: &Raft, group: Vec<Pending>) {
         batch.grouped.push(GroupedRequest { operations: pending.batch.operations, request_id });
         answers.push(pending.answer);
     }
+    // Stamped here, by the leader, whatever a forwarding member sent: the request table ages by
+    // these stamps (`raft::dedup`).
+    batch.proposed_at_ms = unix_ms_now();
     crate::telemetry::metrics::record_write_group(answers.len());
     let operations =
         batch.operations.len() + batch.grouped.iter().map(|request| request.operations.len()).sum::<usize>();
@@ -241,6 +244,13 @@ async fn propose_group(raft: &Raft, group: Vec<Pending>) {
             }
         }
     }
+}
+
+/// The wall clock in Unix milliseconds (0 if it reads before 1970, which the table ignores).
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -334,8 +334,7 @@ async fn change_keys(
     deadline: Instant,
 ) -> Result<AdminResponse, WireError> {
     let _write_slot = admit_write(state, deadline).await?;
-    let batch =
-        IndexBatch { operations: Vec::new(), request_id: Some(request_id), keys: Some(change), grouped: Vec::new() };
+    let batch = IndexBatch { keys: Some(change), ..IndexBatch::of_request(Vec::new(), request_id) };
     let (outcome, _leader) = state.cluster.propose(batch, deadline).await?;
     Ok(AdminResponse::KeyChanged { applied_index: outcome.applied_index, duplicate: outcome.duplicate })
 }

@@ -52,7 +52,9 @@ fn settle_format(db: &Database) -> Result<(), Failure> {
             Some([LOG_FORMAT_VERSION]) => return Ok(()),
             // Formats 1 to 3 differ only in their `Normal` entries, which `decode_entry` still
             // reads: new values are written in the new format next to the old ones.
-            Some([FORMAT_WITHOUT_REQUEST_IDS | FORMAT_WITHOUT_KEYS | FORMAT_WITHOUT_GROUPS]) => {
+            Some(
+                [FORMAT_WITHOUT_REQUEST_IDS | FORMAT_WITHOUT_KEYS | FORMAT_WITHOUT_GROUPS | FORMAT_WITHOUT_STAMPS],
+            ) => {
                 meta.insert(FORMAT_KEY, [LOG_FORMAT_VERSION].as_slice())?;
                 return Ok(());
             }
@@ -495,7 +497,10 @@ fn put_meta_with(
 /// - 4: `IndexBatch` ends with its grouped requests (group commit). A format-3 `Normal` entry
 ///   reads as format 4 with an empty list appended (postcard writes an empty list as one zero
 ///   byte, like `None`); every other value is unchanged.
-pub const LOG_FORMAT_VERSION: u8 = 4;
+/// - 5: `IndexBatch` ends with the leader's stamp (`proposed_at_ms`, the clock of the request
+///   table). A format-4 `Normal` entry reads as format 5 with 0 appended (postcard writes 0 as
+///   one zero byte); every other value is unchanged.
+pub const LOG_FORMAT_VERSION: u8 = 5;
 
 /// Format 1, still read.
 const FORMAT_WITHOUT_REQUEST_IDS: u8 = 1;
@@ -503,13 +508,17 @@ const FORMAT_WITHOUT_REQUEST_IDS: u8 = 1;
 const FORMAT_WITHOUT_KEYS: u8 = 2;
 /// Format 3, still read.
 const FORMAT_WITHOUT_GROUPS: u8 = 3;
+/// Format 4, still read.
+const FORMAT_WITHOUT_STAMPS: u8 = 4;
 
-/// The `None`s a `Normal` entry of `format` lacks at its end, compared with today's format.
+/// The zero bytes (`None`, empty list, 0) a `Normal` entry of `format` lacks at its end,
+/// compared with today's format.
 fn missing_trailing_fields(format: u8) -> usize {
     match format {
-        FORMAT_WITHOUT_REQUEST_IDS => 3,
-        FORMAT_WITHOUT_KEYS => 2,
-        FORMAT_WITHOUT_GROUPS => 1,
+        FORMAT_WITHOUT_REQUEST_IDS => 4,
+        FORMAT_WITHOUT_KEYS => 3,
+        FORMAT_WITHOUT_GROUPS => 2,
+        FORMAT_WITHOUT_STAMPS => 1,
         _ => 0,
     }
 }
@@ -526,7 +535,11 @@ fn versioned<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, postcard::Erro
 fn split_format<'a>(bytes: &'a [u8], what: &dyn Fn() -> String) -> Result<(u8, &'a [u8]), Failure> {
     match bytes.split_first() {
         Some((
-            &format @ (LOG_FORMAT_VERSION | FORMAT_WITHOUT_GROUPS | FORMAT_WITHOUT_KEYS | FORMAT_WITHOUT_REQUEST_IDS),
+            &format @ (LOG_FORMAT_VERSION
+            | FORMAT_WITHOUT_STAMPS
+            | FORMAT_WITHOUT_GROUPS
+            | FORMAT_WITHOUT_KEYS
+            | FORMAT_WITHOUT_REQUEST_IDS),
             rest,
         )) => Ok((format, rest)),
         Some((&found, _)) => Err(Failure::UnknownFormat { what: what(), found }),
@@ -649,6 +662,7 @@ mod tests {
             request_id: None,
             keys: None,
             grouped: Vec::new(),
+            proposed_at_ms: 0,
         };
         Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(batch) }
     }
@@ -688,12 +702,17 @@ mod tests {
         }
     }
 
-    /// Format 4; term 1, leader 1, index 1; `Blank`.
-    const GOLDEN_BLANK: [u8; 5] = [4, 1, 1, 1, 0];
-    /// Format 4; term 3, leader 1, index 7; `Normal`; three operations: `Put` ("doc-7",
+    /// Format 5; term 1, leader 1, index 1; `Blank`.
+    const GOLDEN_BLANK: [u8; 5] = [5, 1, 1, 1, 0];
+    /// Format 5; term 3, leader 1, index 7; `Normal`; three operations: `Put` ("doc-7",
     /// `{"_id":"doc-7"}`), `Delete` ("gone"), `Commit`; no request id; no key change; no
-    /// grouped requests.
-    const GOLDEN_NORMAL: [u8; 39] = [
+    /// grouped requests; not stamped.
+    const GOLDEN_NORMAL: [u8; 40] = [
+        5, 3, 1, 7, 1, 3, 0, 5, 100, 111, 99, 45, 55, 15, 123, 34, 95, 105, 100, 34, 58, 34, 100, 111, 99, 45, 55, 34,
+        125, 1, 4, 103, 111, 110, 101, 2, 0, 0, 0, 0,
+    ];
+    /// The same entry as format 4 wrote it: no stamp at the end.
+    const GOLDEN_NORMAL_FORMAT_4: [u8; 39] = [
         4, 3, 1, 7, 1, 3, 0, 5, 100, 111, 99, 45, 55, 15, 123, 34, 95, 105, 100, 34, 58, 34, 100, 111, 99, 45, 55, 34,
         125, 1, 4, 103, 111, 110, 101, 2, 0, 0, 0,
     ];
@@ -722,7 +741,9 @@ mod tests {
             assert_eq!(encode_entry(&entry).unwrap(), golden, "entry {}", entry.log_id);
             assert_eq!(decode_entry(entry.log_id.index, golden).unwrap().log_id, entry.log_id);
         }
-        // Formats 1, 2 and 3 still read, as the same entry.
+        // Formats 1 to 4 still read, as the same entry.
+        assert!(decode_entry(7, &GOLDEN_NORMAL_FORMAT_4).unwrap().payload == normal(3, 7).payload);
+        assert!(decode_entry(1, &[4, 1, 1, 1, 0]).unwrap().payload == EntryPayload::Blank);
         assert!(decode_entry(7, &GOLDEN_NORMAL_FORMAT_1).unwrap().payload == normal(3, 7).payload);
         assert!(decode_entry(7, &GOLDEN_NORMAL_FORMAT_3).unwrap().payload == normal(3, 7).payload);
         assert!(decode_entry(1, &[3, 1, 1, 1, 0]).unwrap().payload == EntryPayload::Blank);
@@ -736,7 +757,7 @@ mod tests {
         }
         let bytes = encode_entry(&with_id).unwrap();
         assert_eq!(&bytes[..36], &GOLDEN_NORMAL[..36]);
-        assert_eq!(&bytes[36..], &[1, 5, 0, 0]);
+        assert_eq!(&bytes[36..], &[1, 5, 0, 0, 0]);
         // Grouped requests come after it.
         if let EntryPayload::Normal(batch) = &mut with_id.payload {
             batch.grouped = vec![crate::raft::types::GroupedRequest {
@@ -744,11 +765,15 @@ mod tests {
                 request_id: crate::raft::types::RequestId(6),
             }];
         }
+        // And the leader's stamp after them (postcard varint of 1,700,000,000,000 ms).
+        if let EntryPayload::Normal(batch) = &mut with_id.payload {
+            batch.proposed_at_ms = 1_700_000_000_000;
+        }
         let bytes = encode_entry(&with_id).unwrap();
-        assert_eq!(&bytes[36..], &[1, 5, 0, 1, 1, 1, 1, b'x', 6]);
+        assert_eq!(&bytes[36..], &[1, 5, 0, 1, 1, 1, 1, b'x', 6, 128, 208, 149, 255, 188, 49]);
         assert!(decode_entry(7, &bytes).unwrap().payload == with_id.payload);
         let error = decode_entry(1, &[9, 1, 1, 1, 0]).unwrap_err().to_string();
-        assert!(error.contains("log format 9") && error.contains("format 4"), "{error}");
+        assert!(error.contains("log format 9") && error.contains("format 5"), "{error}");
     }
 
     /// A log written before formats existed (no format key, no format bytes) opens, with its

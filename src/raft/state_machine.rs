@@ -47,9 +47,26 @@ pub struct IndexCommitMarker {
     pub keys: ApiKeyTable,
 }
 
+/// The same fields as [`IndexCommitMarker`], borrowed: a commit writes its marker without
+/// copying the request table.
+#[derive(Serialize)]
+struct MarkerView<'a> {
+    log_id: Option<LogId>,
+    membership: &'a StoredMembership,
+    requests: &'a AppliedRequests,
+    keys: &'a ApiKeyTable,
+}
+
+impl MarkerView<'_> {
+    fn to_payload(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
 impl IndexCommitMarker {
     pub fn to_payload(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+        MarkerView { log_id: self.log_id, membership: &self.membership, requests: &self.requests, keys: &self.keys }
+            .to_payload()
     }
 
     /// The marker of the index's last commit; the default (nothing applied) for a new index.
@@ -259,6 +276,10 @@ fn apply_entries(
     let mut keys_changed = false;
     for entry in entries {
         let log_id = entry.log_id;
+        if let EntryPayload::Normal(batch) = &entry.payload {
+            // The request table's clock is the log's: the leader's stamp (see `raft::dedup`).
+            state.requests.observe_clock(batch.proposed_at_ms);
+        }
         match entry.payload {
             EntryPayload::Blank => outcomes.push(BatchOutcome { applied_index: log_id.index, ..Default::default() }),
             EntryPayload::Membership(membership) => {
@@ -367,13 +388,8 @@ fn apply_request(
     // The marker (with the request table) is serialized only for requests that commit.
     let commits = request.operations.iter().any(|operation| matches!(operation, IndexOperation::Commit));
     let payload = commits.then(|| {
-        IndexCommitMarker {
-            log_id: Some(log_id),
-            membership: state.membership.clone(),
-            requests: state.requests.clone(),
-            keys: state.keys.clone(),
-        }
-        .to_payload()
+        MarkerView { log_id: Some(log_id), membership: &state.membership, requests: &state.requests, keys: &state.keys }
+            .to_payload()
     });
     let _span = tracing::info_span!("bayard.apply", log_index = log_id.index, operations).entered();
     let started = std::time::Instant::now();
@@ -452,6 +468,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if keys_changed {
             self.shared.key_ring.publish(after.keys.clone());
         }
+        crate::telemetry::metrics::set_remembered_requests(after.requests.len());
         *state = after;
         Ok(outcomes)
     }

@@ -28,6 +28,11 @@ pub struct IndexBatch {
     /// record a log id whose later requests it does not contain. Last, so that an entry of log
     /// format 3 is this one with an empty list appended.
     pub grouped: Vec<GroupedRequest>,
+    /// When the leader proposed the entry, in Unix milliseconds (0: not stamped, as in entries
+    /// of log format 4 and before). The state machine's request table ages by these stamps
+    /// (`raft::dedup`), so its clock is part of the log, alike on every replica. Last, so that
+    /// an entry of log format 4 is this one with 0 appended.
+    pub proposed_at_ms: u64,
 }
 
 /// Client requests in one log entry, at most (the entry's own and its grouped ones). The leader
@@ -44,12 +49,12 @@ pub struct GroupedRequest {
 impl IndexBatch {
     /// A batch no client asked for (automatic commits): never deduplicated.
     pub fn internal(operations: Vec<IndexOperation>) -> Self {
-        IndexBatch { operations, request_id: None, keys: None, grouped: Vec::new() }
+        IndexBatch { operations, request_id: None, keys: None, grouped: Vec::new(), proposed_at_ms: 0 }
     }
 
     /// The operations of one client request, applied at most once.
     pub fn of_request(operations: Vec<IndexOperation>, request_id: RequestId) -> Self {
-        IndexBatch { operations, request_id: Some(request_id), keys: None, grouped: Vec::new() }
+        IndexBatch { operations, request_id: Some(request_id), keys: None, grouped: Vec::new(), proposed_at_ms: 0 }
     }
 }
 

@@ -114,6 +114,8 @@ struct Metrics {
     refused_raft_messages: Family<ReasonLabels, Counter>,
     disk_full: Gauge,
     duplicate_requests: Counter,
+    remembered_requests: Gauge,
+    requests_forgotten_early: Counter,
     write_group_requests: Histogram,
     election_assists: Family<ReasonLabels, Counter>,
     /// Followers each node last reported a lag for, so that series of followers that left (or of
@@ -217,6 +219,20 @@ impl Metrics {
             duplicate_requests.clone(),
         );
 
+        let remembered_requests = Gauge::default();
+        registry.register(
+            "remembered_requests",
+            "Client request ids the state machine remembers, so that a retry of one is applied at most once",
+            remembered_requests.clone(),
+        );
+        let requests_forgotten_early = Counter::default();
+        registry.register(
+            "requests_forgotten_early",
+            "Request ids forgotten before their retention (60 s of log time) because the table was full: a retry of \
+             one arriving later could be applied twice",
+            requests_forgotten_early.clone(),
+        );
+
         let write_group_requests = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0]);
         registry.register(
             "write_group_requests",
@@ -263,6 +279,8 @@ impl Metrics {
             refused_raft_messages,
             disk_full,
             duplicate_requests,
+            remembered_requests,
+            requests_forgotten_early,
             write_group_requests,
             election_assists,
             lag_followers: Mutex::new(HashMap::new()),
@@ -399,6 +417,16 @@ pub fn record_election_assist(rule: &str) {
 /// One log entry skipped because its request id had been applied before.
 pub fn record_duplicate_request() {
     metrics().duplicate_requests.inc();
+}
+
+/// How many request ids the state machine remembers now.
+pub fn set_remembered_requests(count: usize) {
+    metrics().remembered_requests.set(count as i64);
+}
+
+/// One request id forgotten before its retention because the table was full.
+pub fn record_request_forgotten_early() {
+    metrics().requests_forgotten_early.inc();
 }
 
 /// One Raft entry proposed by the leader's group commit, carrying `requests` client requests.

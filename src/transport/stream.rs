@@ -48,7 +48,7 @@ impl StreamKind {
 /// every request and answer of every kind. It travels first in every header, so a peer of another
 /// version is told so by name instead of failing to decode. Bump it with any change that is not
 /// compatible (see `docs/architecture.md`, "Versions").
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// Headers of bayard 0.1.0 before versions started with the stream kind (1 to 4), where the
 /// version now is: versions start after them, so such a peer is told apart.
@@ -309,16 +309,16 @@ mod tests {
         assert_eq!(decode_header(&bytes).unwrap(), header);
     }
 
-    /// Version 8, kind 3 (client), traceparent "00-ab-cd-01", 30,000 ms.
-    const GOLDEN_HEADER: [u8; 18] = [8, 3, 1, 11, 48, 48, 45, 97, 98, 45, 99, 100, 45, 48, 49, 176, 234, 1];
+    /// Version 9, kind 3 (client), traceparent "00-ab-cd-01", 30,000 ms.
+    const GOLDEN_HEADER: [u8; 18] = [9, 3, 1, 11, 48, 48, 45, 97, 98, 45, 99, 100, 45, 48, 49, 176, 234, 1];
 
     #[test]
     fn headers_of_another_version_are_named() {
         let mut header = StreamHeader::new(StreamKind::Raft, None, 1);
-        header.protocol_version = 9;
+        header.protocol_version = 10;
         let error = decode_header(&postcard::to_allocvec(&header).unwrap()).unwrap_err();
-        assert_eq!(error, HeaderError::UnsupportedVersion { theirs: 9, ours: PROTOCOL_VERSION });
-        assert_eq!(error.to_string(), "the peer speaks protocol version 9; this build speaks version 8");
+        assert_eq!(error, HeaderError::UnsupportedVersion { theirs: 10, ours: PROTOCOL_VERSION });
+        assert_eq!(error.to_string(), "the peer speaks protocol version 10; this build speaks version 9");
         // An unversioned header of before: its kind byte (1 to 4) stood where the version is.
         for kind in 1_u8..=4 {
             let error = decode_header(&[kind, 0, 100]).unwrap_err();
