@@ -22,8 +22,22 @@ use bayard::transport::{Role, TlsFiles};
 
 const WRITER_MEMORY_BYTES: usize = 128 * 1024 * 1024;
 
-/// tantivy alone: parse every line, add it, commit; documents per second.
-fn raw_tantivy(file: &Path, directory: &Path) -> f64 {
+/// CPU time of this process's children that have been waited for (the CLI runs).
+fn children_cpu() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        if libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) != 0 {
+            return Duration::ZERO;
+        }
+        usage.assume_init()
+    };
+    let seconds = |time: libc::timeval| Duration::new(time.tv_sec as u64, time.tv_usec as u32 * 1000);
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// tantivy alone: parse every line, add it, commit; documents per second and CPU µs per document.
+fn raw_tantivy(file: &Path, directory: &Path) -> (f64, f64) {
     let schema = bayard::index::load_schema(DEFAULT_SCHEMA_JSON).expect("schema");
     let index = tantivy::Index::create_in_dir(directory, schema.clone()).expect("index");
     AnalyzerConfig::from_json(DEFAULT_TOKENIZER_JSON)
@@ -31,6 +45,7 @@ fn raw_tantivy(file: &Path, directory: &Path) -> f64 {
         .register_into(index.tokenizers())
         .expect("register");
     let started = Instant::now();
+    let cpu_before = common::process_cpu();
     let text = std::fs::read_to_string(file).expect("read the file");
     let mut writer: tantivy::IndexWriter = index.writer_with_num_threads(2, WRITER_MEMORY_BYTES).expect("writer");
     let mut count = 0;
@@ -39,12 +54,16 @@ fn raw_tantivy(file: &Path, directory: &Path) -> f64 {
         count += 1;
     }
     writer.commit().expect("commit");
-    count as f64 / started.elapsed().as_secs_f64()
+    let cpu = common::process_cpu().saturating_sub(cpu_before);
+    (count as f64 / started.elapsed().as_secs_f64(), cpu.as_secs_f64() * 1e6 / count as f64)
 }
 
 struct Load {
     documents_per_second: f64,
     cli_peak_rss_mb: f64,
+    /// CPU µs per document of this process (the nodes) and of the CLI.
+    node_cpu_us: f64,
+    cli_cpu_us: f64,
 }
 
 /// Runs the CLI and returns its peak resident memory in MB: the last `VmHWM` read from
@@ -92,6 +111,7 @@ async fn load(certificates: &Certificates, server: String, file: &Path, count: u
     let files = certificates.files(&Role::Client { name: "bench".into() }, "client");
     let file = file.to_path_buf();
     let started = Instant::now();
+    let (node_cpu_before, cli_cpu_before) = (common::process_cpu(), children_cpu());
     let (elapsed, cli_peak_rss_mb, files, server) = tokio::task::spawn_blocking(move || {
         let peak = cli(&files, &server, &["put", "--bulk", "--file", &file.to_string_lossy()]);
         cli(&files, &server, &["commit"]);
@@ -99,11 +119,14 @@ async fn load(certificates: &Certificates, server: String, file: &Path, count: u
     })
     .await
     .expect("cli");
+    let per_document = |cpu: Duration| cpu.as_secs_f64() * 1e6 / count as f64;
+    let node_cpu_us = per_document(common::process_cpu().saturating_sub(node_cpu_before));
+    let cli_cpu_us = per_document(children_cpu().saturating_sub(cli_cpu_before));
     let options = bayard::client::ClientOptions::new(vec![server], files);
     let client = bayard::client::Client::connect(options).expect("client");
     let status = client.status().await.expect("status");
     assert_eq!(status.document_count, count as u64, "every document is indexed");
-    Load { documents_per_second: count as f64 / elapsed.as_secs_f64(), cli_peak_rss_mb }
+    Load { documents_per_second: count as f64 / elapsed.as_secs_f64(), cli_peak_rss_mb, node_cpu_us, cli_cpu_us }
 }
 
 fn directory_mb(path: &Path) -> f64 {
@@ -136,7 +159,7 @@ fn main() {
         let certificates = Certificates::new();
         // Warm-up of the page cache and the allocator, not reported.
         raw_tantivy(&file, tempfile::tempdir().expect("temp dir").path());
-        let raw = raw_tantivy(&file, tempfile::tempdir().expect("temp dir").path());
+        let (raw, raw_cpu_us) = raw_tantivy(&file, tempfile::tempdir().expect("temp dir").path());
 
         let data = tempfile::tempdir().expect("temp dir");
         let node = common::start_member(&certificates, 1, data.path(), None, Some(WRITER_MEMORY_BYTES)).await;
@@ -160,21 +183,22 @@ fn main() {
              threads and {} MB",
             WRITER_MEMORY_BYTES >> 20
         );
-        println!("| setup | documents/s | ratio to tantivy | CLI peak RSS MB |");
-        println!("|---|---|---|---|");
-        println!("| tantivy in-process | {raw:.0} | 1.00 | - |");
-        println!(
-            "| one node, `bayard put --bulk --file` + `commit` | {:.0} | {:.2} | {:.0} |",
-            single.documents_per_second,
-            single.documents_per_second / raw,
-            single.cli_peak_rss_mb
-        );
-        println!(
-            "| three nodes on this host, via the leader | {:.0} | {:.2} | {:.0} |",
-            cluster.documents_per_second,
-            cluster.documents_per_second / raw,
-            cluster.cli_peak_rss_mb
-        );
+        println!("| setup | documents/s | ratio to tantivy | CPU µs/document: nodes + CLI | CLI peak RSS MB |");
+        println!("|---|---|---|---|---|");
+        println!("| tantivy in-process | {raw:.0} | 1.00 | {raw_cpu_us:.0} | - |");
+        for (name, load) in [
+            ("one node, `bayard put --bulk --file` + `commit`", &single),
+            ("three nodes on this host, via the leader", &cluster),
+        ] {
+            println!(
+                "| {name} | {:.0} | {:.2} | {:.0} + {:.0} | {:.0} |",
+                load.documents_per_second,
+                load.documents_per_second / raw,
+                load.node_cpu_us,
+                load.cli_cpu_us,
+                load.cli_peak_rss_mb
+            );
+        }
         println!(
             "one node's data directory after the load: raft log {single_log_mb:.1} MB, index {single_index_mb:.1} MB"
         );

@@ -55,6 +55,7 @@ impl Cluster {
     /// (forwarded proposals are checked like local ones). Returns once the entry is committed
     /// and applied here. Nothing is appended once `deadline` has passed: the caller has given up.
     pub async fn propose_as_leader(&self, batch: IndexBatch, deadline: Instant) -> ClusterResult<BatchOutcome> {
+        let deadline = clamp_write_deadline(deadline);
         if Instant::now() >= deadline {
             return Err(ClusterError::DeadlinePassed);
         }
@@ -90,6 +91,7 @@ impl Cluster {
     /// No attempt starts after `deadline`, the caller's: a write its client gave up on (and so
     /// reported as failed) must not be proposed later, when a leader turns up.
     pub async fn propose(&self, batch: IndexBatch, deadline: Instant) -> ClusterResult<(BatchOutcome, LeaderHint)> {
+        let deadline = clamp_write_deadline(deadline);
         let mut last_error = ClusterError::NoLeader;
         for _attempt in 0..PROPOSE_ATTEMPTS {
             let tried = self.known_leader().map(|leader| leader.node_id);
@@ -209,4 +211,12 @@ pub(super) async fn auto_commit(cluster: Cluster, mut shutdown: tokio::sync::wat
             tracing::warn!(%error, "automatic commit failed");
         }
     }
+}
+
+/// A write is worked on for at most `LONGEST_WRITE_WAIT_MS`, whatever deadline its caller sent:
+/// a retry after its answer was lost then comes while the state machine still remembers its
+/// request id (`raft::dedup` keeps ids twice that long).
+fn clamp_write_deadline(deadline: Instant) -> Instant {
+    let longest = Instant::now() + Duration::from_millis(crate::raft::dedup::LONGEST_WRITE_WAIT_MS);
+    deadline.min(longest)
 }

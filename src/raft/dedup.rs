@@ -8,18 +8,21 @@
 //! remembers the ids of the requests it applied recently: an entry with a known id changes
 //! nothing and answers with the first outcome.
 //!
-//! **How long "recently" is.** A retry comes within its client's request timeout (30 s by
-//! default) of the first attempt, whatever the write rate. So the table is bounded by *log
-//! time*, not by a count: the leader stamps every entry with its wall clock
-//! (`IndexBatch::proposed_at_ms`), the table's clock is the largest stamp applied so far (so it
-//! never runs backwards, whichever leader stamped), and a request is forgotten once it is older
-//! than [`REQUEST_RETENTION_MS`] on that clock. Two bounds frame it:
-//! - the last [`MIN_REMEMBERED_REQUESTS`] are kept whatever their age, so a leader whose clock
-//!   jumps ahead forgets no more than the newest thousand would have kept;
-//! - at most [`MAX_REMEMBERED_REQUESTS`] are kept, whatever their age, so memory and the commit
-//!   marker stay bounded at any write rate. Above about 4,000 writes a second sustained, this
-//!   cuts the retention short; every request forgotten early is counted
-//!   (`bayard_requests_forgotten_early_total`), so an operator sees it happen.
+//! **How long "recently" is.** A node works on a write for at most [`LONGEST_WRITE_WAIT_MS`]
+//! (`cluster` clamps every write's deadline to it), so a retry after a lost answer comes within
+//! about that long, whatever the write rate. So the table is bounded by *log time*, not only by
+//! a count: a request is forgotten once it is older than [`REQUEST_RETENTION_MS`] (twice that)
+//! of log time. Log time is a [`LogClock`]: the leader stamps every normal entry with its wall
+//! clock (`IndexBatch::proposed_at_ms`), and the clock advances by the difference between
+//! consecutive stamps of the same term, at most [`MAX_CLOCK_STEP_MS`] per entry. So it depends
+//! on no node's absolute time, never runs backwards, and a leader whose clock jumps (or lies)
+//! moves it by ten seconds at most. Two bounds frame the retention:
+//! - the newest [`MIN_REMEMBERED_REQUESTS`] are kept whatever their age (the rule before log
+//!   time, which still holds alone for entries of before stamps);
+//! - at most [`MAX_REMEMBERED_REQUESTS`] are kept, so memory and the commit marker stay bounded
+//!   at any write rate. Above about 2,000 writes a second sustained, this cuts the retention
+//!   short; every request dropped by it before its time is counted
+//!   (`bayard_requests_forgotten_early_total`).
 //!
 //! The table is part of the replicated state: it changes only as entries are applied, and its
 //! clock comes from the entries, so every replica holds the same one at the same log position.
@@ -29,19 +32,24 @@
 //! diverge.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt;
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use super::types::{BatchOutcome, RequestId};
 
-/// How long (in log time) an applied request is remembered: twice the client's default request
-/// timeout, which bounds its retries, leaving room for the clocks of two leaders to differ.
-pub const REQUEST_RETENTION_MS: u64 = 60_000;
-/// The most recent requests kept whatever their age.
-pub const MIN_REMEMBERED_REQUESTS: usize = 1_000;
+/// The longest a node works on one write (its deadline is clamped to it), in milliseconds.
+pub const LONGEST_WRITE_WAIT_MS: u64 = 60_000;
+/// How long (in log time) an applied request is remembered: twice the longest a write is worked
+/// on, so that a retry sent when an attempt timed out still finds its first attempt.
+pub const REQUEST_RETENTION_MS: u64 = 2 * LONGEST_WRITE_WAIT_MS;
+/// The most log time one entry may add: a leader whose clock jumps ahead costs no more.
+pub const MAX_CLOCK_STEP_MS: u64 = 10_000;
+/// The newest requests kept whatever their age.
+pub const MIN_REMEMBERED_REQUESTS: usize = 10_000;
 /// The most requests kept: about 40 MB of memory and 8 MB in each commit marker when full
-/// (a minute at 4,000 writes a second).
+/// (two minutes at 2,000 writes a second).
 pub const MAX_REMEMBERED_REQUESTS: usize = 250_000;
 
 /// Longest refusal message kept with a request (the rest is cut).
@@ -55,14 +63,46 @@ pub struct RecordedOutcome {
     pub error: Option<String>,
 }
 
+/// Log time: milliseconds elapsed as the leaders' stamps tell, counted within each term only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogClock {
+    /// Log time so far.
+    pub elapsed_ms: u64,
+    /// The stamp of the last stamped entry (0: none yet) and its term.
+    pub last_stamp_ms: u64,
+    pub last_term: u64,
+}
+
+impl LogClock {
+    /// The clock after an entry of `term` stamped `stamp_ms` (0: unstamped, no change). The first
+    /// stamp of a term only sets where the term's count starts: leaders' clocks are never
+    /// compared with each other, so the time between two terms is not counted (which keeps
+    /// requests longer, never shorter).
+    pub fn advanced(self, term: u64, stamp_ms: u64) -> LogClock {
+        if stamp_ms == 0 {
+            return self;
+        }
+        let step = if self.last_stamp_ms == 0 || term != self.last_term {
+            0
+        } else {
+            stamp_ms.saturating_sub(self.last_stamp_ms).min(MAX_CLOCK_STEP_MS)
+        };
+        LogClock { elapsed_ms: self.elapsed_ms.saturating_add(step), last_stamp_ms: stamp_ms, last_term: term }
+    }
+
+    /// Whether any stamped entry was applied (log time exists).
+    pub fn started(&self) -> bool {
+        self.last_stamp_ms != 0
+    }
+}
+
 /// The ids of the recently applied requests, oldest first, with their outcomes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AppliedRequests {
-    /// Every remembered id with the clock when it was recorded (never decreasing along it).
+    /// Every remembered id with the log time it was recorded at (never decreasing along it).
     order: VecDeque<(RequestId, u64)>,
     outcomes: HashMap<RequestId, RecordedOutcome>,
-    /// The largest entry stamp applied so far, in Unix milliseconds; 0 before any.
-    clock_ms: u64,
+    clock: LogClock,
 }
 
 impl AppliedRequests {
@@ -77,21 +117,14 @@ impl AppliedRequests {
         })
     }
 
-    /// Moves the clock to an entry's stamp (never back) and forgets what it made too old.
-    /// Entries of before stamps (0) leave it where it is.
-    pub fn observe_clock(&mut self, proposed_at_ms: u64) {
-        if proposed_at_ms <= self.clock_ms {
-            return;
+    /// Advances log time by a normal entry of `term` stamped `proposed_at_ms`, and forgets what
+    /// that made too old.
+    pub fn observe_entry(&mut self, term: u64, proposed_at_ms: u64) {
+        let before = self.clock.elapsed_ms;
+        self.clock = self.clock.advanced(term, proposed_at_ms);
+        if self.clock.elapsed_ms != before {
+            self.forget_expired();
         }
-        if self.clock_ms == 0 {
-            // The first stamp ever (a table of before stamps): what was recorded without a
-            // clock is as old as this entry, not fifty years.
-            for (_, recorded_at) in self.order.iter_mut() {
-                *recorded_at = proposed_at_ms;
-            }
-        }
-        self.clock_ms = proposed_at_ms;
-        self.forget_expired();
     }
 
     /// Remembers a request, forgetting what the bounds leave out. Recording an id again
@@ -101,19 +134,23 @@ impl AppliedRequests {
             cut_to_char_boundary(error, MAX_KEPT_ERROR_BYTES);
         }
         if self.outcomes.insert(request_id, outcome).is_none() {
-            self.order.push_back((request_id, self.clock_ms));
+            self.order.push_back((request_id, self.clock.elapsed_ms));
         }
-        while self.order.len() > MAX_REMEMBERED_REQUESTS {
+        // Before log time the rule was the newest 10,000 alone; it stays so for entries of
+        // before stamps, so that replicas replaying them from markers of different positions
+        // hold the same table.
+        let ceiling = if self.clock.started() { MAX_REMEMBERED_REQUESTS } else { MIN_REMEMBERED_REQUESTS };
+        while self.order.len() > ceiling {
             let Some((oldest, recorded_at)) = self.order.pop_front() else { break };
             self.outcomes.remove(&oldest);
-            if !self.expired(recorded_at) {
+            if self.clock.started() && !self.expired(recorded_at) {
                 crate::telemetry::metrics::record_request_forgotten_early();
             }
         }
     }
 
     fn expired(&self, recorded_at: u64) -> bool {
-        recorded_at.saturating_add(REQUEST_RETENTION_MS) < self.clock_ms
+        recorded_at.saturating_add(REQUEST_RETENTION_MS) < self.clock.elapsed_ms
     }
 
     fn forget_expired(&mut self) {
@@ -143,9 +180,8 @@ impl AppliedRequests {
         self.order.is_empty()
     }
 
-    /// The table's clock (Unix milliseconds; 0 before any stamped entry).
-    pub fn clock_ms(&self) -> u64 {
-        self.clock_ms
+    pub fn clock(&self) -> LogClock {
+        self.clock
     }
 }
 
@@ -159,18 +195,18 @@ fn cut_to_char_boundary(text: &mut String, max_bytes: usize) {
     }
 }
 
-/// How the table is written in a commit marker (JSON): `{"clock_ms": …, "records": "<base64>"}`,
-/// the records being postcard [`StoredRecord`]s back to back, oldest first. A marker written
+/// How the table is written in a commit marker (JSON): an object with the clock and the records,
+/// which are postcard [`StoredRecord`]s back to back, oldest first, in base64. A marker written
 /// before log time holds a JSON list of [`ListedRequest`]s instead; both are read.
 #[derive(Serialize, Deserialize)]
-#[serde(untagged)]
-enum StoredTable {
-    Compact { clock_ms: u64, records: String },
-    Listed(Vec<ListedRequest>),
+#[serde(deny_unknown_fields)]
+struct CompactTable {
+    clock: LogClock,
+    records: String,
 }
 
-/// One request in the compact form. Its age (clock minus when it was recorded) rather than its
-/// time keeps the number small.
+/// One request in the compact form. Its age (log time minus when it was recorded) rather than
+/// its time keeps the number small.
 #[derive(Serialize, Deserialize)]
 struct StoredRecord<'a> {
     id: [u8; 16],
@@ -201,66 +237,87 @@ impl Serialize for AppliedRequests {
                     id: request_id.0.to_be_bytes(),
                     applied_index: outcome.applied_index,
                     operations: outcome.operations,
-                    age_ms: self.clock_ms.saturating_sub(*recorded_at),
+                    age_ms: self.clock.elapsed_ms.saturating_sub(*recorded_at),
                     error: outcome.error.as_deref(),
                 };
                 bytes = postcard::to_extend(&record, bytes).map_err(serde::ser::Error::custom)?;
             }
         }
         let records = base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes);
-        StoredTable::Compact { clock_ms: self.clock_ms, records }.serialize(serializer)
+        CompactTable { clock: self.clock, records }.serialize(serializer)
+    }
+}
+
+impl AppliedRequests {
+    /// The table of a compact marker, checked: what this code writes, and nothing else.
+    fn from_compact(compact: CompactTable) -> Result<AppliedRequests, String> {
+        let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(compact.records)
+            .map_err(|error| format!("request records: {error}"))?;
+        let mut table = AppliedRequests { clock: compact.clock, ..Default::default() };
+        let mut rest = bytes.as_slice();
+        while !rest.is_empty() {
+            let (record, after) =
+                postcard::take_from_bytes::<StoredRecord>(rest).map_err(|error| format!("request record: {error}"))?;
+            rest = after;
+            let request_id = RequestId(u128::from_be_bytes(record.id));
+            let Some(recorded_at) = compact.clock.elapsed_ms.checked_sub(record.age_ms) else {
+                return Err("a request record older than log time".into());
+            };
+            // Stamps never decrease along the table; a marker that says otherwise is not one
+            // this code wrote.
+            if table.order.back().is_some_and(|&(_, previous)| previous > recorded_at) {
+                return Err("request records out of order".into());
+            }
+            let mut error = record.error.map(str::to_string);
+            if let Some(error) = &mut error {
+                cut_to_char_boundary(error, MAX_KEPT_ERROR_BYTES);
+            }
+            let outcome = RecordedOutcome { applied_index: record.applied_index, operations: record.operations, error };
+            if table.outcomes.insert(request_id, outcome).is_some() {
+                return Err(format!("request {request_id:?} recorded twice"));
+            }
+            table.order.push_back((request_id, recorded_at));
+            if table.order.len() > MAX_REMEMBERED_REQUESTS {
+                return Err("more request records than a table holds".into());
+            }
+        }
+        Ok(table)
+    }
+}
+
+/// Reads either form without buffering the value first (as `serde(untagged)` would).
+struct TableVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TableVisitor {
+    type Value = AppliedRequests;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a request table: an object with `clock` and `records`, or a list of requests")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut listed: A) -> Result<AppliedRequests, A::Error> {
+        use serde::de::Error;
+        let mut table = AppliedRequests::default();
+        while let Some(request) = listed.next_element::<ListedRequest>()? {
+            let id = u128::from_str_radix(&request.id, 16)
+                .map_err(|error| A::Error::custom(format!("request id {:?}: {error}", request.id)))?;
+            let outcome =
+                RecordedOutcome { applied_index: request.index, operations: request.operations, error: request.error };
+            table.record(RequestId(id), outcome);
+        }
+        Ok(table)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<AppliedRequests, A::Error> {
+        let compact = CompactTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        AppliedRequests::from_compact(compact).map_err(serde::de::Error::custom)
     }
 }
 
 impl<'de> Deserialize<'de> for AppliedRequests {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
-        let mut table = AppliedRequests::default();
-        match StoredTable::deserialize(deserializer)? {
-            StoredTable::Listed(listed) => {
-                for request in listed {
-                    let id = u128::from_str_radix(&request.id, 16)
-                        .map_err(|error| D::Error::custom(format!("request id {:?}: {error}", request.id)))?;
-                    let outcome = RecordedOutcome {
-                        applied_index: request.index,
-                        operations: request.operations,
-                        error: request.error,
-                    };
-                    table.record(RequestId(id), outcome);
-                }
-            }
-            StoredTable::Compact { clock_ms, records } => {
-                let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
-                    .decode(records)
-                    .map_err(|error| D::Error::custom(format!("request records: {error}")))?;
-                table.clock_ms = clock_ms;
-                let mut rest = bytes.as_slice();
-                while !rest.is_empty() {
-                    let (record, after) = postcard::take_from_bytes::<StoredRecord>(rest)
-                        .map_err(|error| D::Error::custom(format!("request record: {error}")))?;
-                    rest = after;
-                    let request_id = RequestId(u128::from_be_bytes(record.id));
-                    let outcome = RecordedOutcome {
-                        applied_index: record.applied_index,
-                        operations: record.operations,
-                        error: record.error.map(str::to_string),
-                    };
-                    let recorded_at = clock_ms.saturating_sub(record.age_ms);
-                    // Stamps never decrease along the table; a marker that says otherwise is
-                    // not one this code wrote.
-                    if table.order.back().is_some_and(|&(_, previous)| previous > recorded_at) {
-                        return Err(D::Error::custom("request records out of order"));
-                    }
-                    if table.outcomes.insert(request_id, outcome).is_none() {
-                        table.order.push_back((request_id, recorded_at));
-                    }
-                    if table.order.len() > MAX_REMEMBERED_REQUESTS {
-                        return Err(D::Error::custom("more request records than a table holds"));
-                    }
-                }
-            }
-        }
-        Ok(table)
+        deserializer.deserialize_any(TableVisitor)
     }
 }
 
@@ -268,18 +325,29 @@ impl<'de> Deserialize<'de> for AppliedRequests {
 mod tests {
     use super::*;
 
+    const T: u64 = 1_700_000_000_000;
+
     fn outcome(applied_index: u64) -> RecordedOutcome {
         RecordedOutcome { applied_index, operations: 1, error: None }
     }
 
-    /// A table holding `count` requests, ids from `first`, recorded at `at_ms`.
-    fn filled(first: u128, count: usize, at_ms: u64) -> AppliedRequests {
+    /// A table whose log time has started (term 1, stamp `T`), holding `count` requests.
+    fn filled(count: usize) -> AppliedRequests {
         let mut table = AppliedRequests::default();
-        table.observe_clock(at_ms);
-        for id in first..first + count as u128 {
+        table.observe_entry(1, T);
+        for id in 0..count as u128 {
             table.record(RequestId(id), outcome(id as u64));
         }
         table
+    }
+
+    /// Entries of term 1, 5 s apart, until log time has advanced by `by_ms` since stamp `T`.
+    fn advance(table: &mut AppliedRequests, by_ms: u64) {
+        let mut stamp = T;
+        while stamp < T + by_ms {
+            stamp = (stamp + 5_000).min(T + by_ms);
+            table.observe_entry(1, stamp);
+        }
     }
 
     #[test]
@@ -295,108 +363,151 @@ mod tests {
         assert_eq!(table.duplicate_outcome(RequestId(7)).unwrap().error.as_deref(), Some("bad"));
     }
 
-    /// What is remembered after recording `count` requests at `recorded_at`, then applying an
-    /// entry stamped `later`: (how many remain, whether the oldest and newest are known).
+    #[test]
+    fn log_time_counts_stamps_within_a_term_only() {
+        let at = |elapsed_ms, last_stamp_ms, last_term| LogClock { elapsed_ms, last_stamp_ms, last_term };
+        let running = at(1_000, T, 3);
+        let cases: [(&str, LogClock, u64, u64, LogClock); 8] = [
+            ("an unstamped entry changes nothing", running, 3, 0, running),
+            ("the first stamp ever starts the count", LogClock::default(), 3, T, at(0, T, 3)),
+            ("a later stamp of the term adds the difference", running, 3, T + 500, at(1_500, T + 500, 3)),
+            ("a stamp that runs back adds nothing", running, 3, T - 500, at(1_000, T - 500, 3)),
+            (
+                "a jump ahead adds one step at most",
+                running,
+                3,
+                T + 3_600_000,
+                at(1_000 + MAX_CLOCK_STEP_MS, T + 3_600_000, 3),
+            ),
+            (
+                "the largest stamp adds one step at most",
+                running,
+                3,
+                u64::MAX,
+                at(1_000 + MAX_CLOCK_STEP_MS, u64::MAX, 3),
+            ),
+            ("a new term's leader is not compared", running, 4, T + 3_600_000, at(1_000, T + 3_600_000, 4)),
+            ("nor a new term's slower one", running, 4, T - 3_600_000, at(1_000, T - 3_600_000, 4)),
+        ];
+        for (case, clock, term, stamp, expected) in cases {
+            assert_eq!(clock.advanced(term, stamp), expected, "{case}");
+        }
+        let saturated = at(u64::MAX - 1, T, 3).advanced(3, T + 5_000);
+        assert_eq!(saturated.elapsed_ms, u64::MAX, "saturates rather than overflows");
+    }
+
     #[test]
     fn retention_is_log_time_within_the_bounds() {
-        const T: u64 = 1_700_000_000_000;
-        let cases: [(&str, usize, u64, u64, usize); 7] = [
-            ("young requests stay, however many", 20_000, T, T + REQUEST_RETENTION_MS, 20_000),
-            ("old ones go, down to the floor", 20_000, T, T + REQUEST_RETENTION_MS + 1, MIN_REMEMBERED_REQUESTS),
-            ("a few old ones all stay (the floor)", 10, T, T + 10 * REQUEST_RETENTION_MS, 10),
-            ("a clock jump forgets no more than the floor", 5_000, T, u64::MAX, MIN_REMEMBERED_REQUESTS),
-            ("an older stamp moves nothing", 20_000, T, T - 5 * REQUEST_RETENTION_MS, 20_000),
-            ("an unstamped entry moves nothing", 20_000, T, 0, 20_000),
-            ("the ceiling holds whatever the age", MAX_REMEMBERED_REQUESTS + 7, T, T, MAX_REMEMBERED_REQUESTS),
+        // (case, requests recorded at log time 0, log time passed after, requests remaining)
+        let cases: [(&str, usize, u64, usize); 5] = [
+            ("young requests stay, however many", 30_000, REQUEST_RETENTION_MS, 30_000),
+            ("old ones go, down to the floor", 30_000, REQUEST_RETENTION_MS + 1, MIN_REMEMBERED_REQUESTS),
+            ("a few old ones all stay (the floor)", 50, 10 * REQUEST_RETENTION_MS, 50),
+            ("no time passing keeps all", 30_000, 0, 30_000),
+            ("the ceiling holds whatever the age", MAX_REMEMBERED_REQUESTS + 7, 0, MAX_REMEMBERED_REQUESTS),
         ];
-        for (case, count, recorded_at, later, remaining) in cases {
-            let mut table = filled(0, count, recorded_at);
-            table.observe_clock(later);
+        for (case, count, passed, remaining) in cases {
+            let mut table = filled(count);
+            advance(&mut table, passed);
             assert_eq!(table.len(), remaining, "{case}");
-            let newest = RequestId(count as u128 - 1);
-            assert!(table.duplicate_outcome(newest).is_some(), "{case}: the newest is kept");
-            let oldest_kept = RequestId((count - remaining) as u128);
-            assert!(table.duplicate_outcome(oldest_kept).is_some(), "{case}: kept from the oldest end");
-            if remaining < count {
-                assert!(table.duplicate_outcome(RequestId(oldest_kept.0 - 1)).is_none(), "{case}: forgot the oldest");
+            assert!(table.duplicate_outcome(RequestId(count as u128 - 1)).is_some(), "{case}: the newest is kept");
+            let oldest_kept = (count - remaining) as u128;
+            assert!(table.duplicate_outcome(RequestId(oldest_kept)).is_some(), "{case}: kept from the oldest end");
+            if oldest_kept > 0 {
+                assert!(table.duplicate_outcome(RequestId(oldest_kept - 1)).is_none(), "{case}: forgot the oldest");
             }
         }
     }
 
     #[test]
-    fn the_clock_never_runs_back_and_later_requests_age_from_it() {
-        const T: u64 = 1_700_000_000_000;
-        let mut table = filled(0, 2_000, T);
-        // A new leader whose clock is a minute behind: stamps of its entries change nothing,
-        // and what it applies is recorded at the table's clock, not its own.
-        table.observe_clock(T - 60_000);
-        assert_eq!(table.clock_ms(), T);
-        table.record(RequestId(10_000), outcome(1));
-        table.observe_clock(T + REQUEST_RETENTION_MS + 1);
-        assert_eq!(table.len(), MIN_REMEMBERED_REQUESTS);
-        assert!(table.duplicate_outcome(RequestId(10_000)).is_some());
+    fn a_leader_clock_jump_forgets_nothing_early() {
+        let mut table = filled(30_000);
+        // A leader an hour ahead, then a new leader a day behind: ten seconds of log time.
+        table.observe_entry(1, T + 3_600_000);
+        table.observe_entry(2, T - 86_400_000);
+        table.observe_entry(2, T - 86_400_000 + 1_000);
+        assert_eq!(table.clock().elapsed_ms, MAX_CLOCK_STEP_MS + 1_000);
+        assert_eq!(table.len(), 30_000);
     }
 
     #[test]
-    fn requests_of_before_stamps_age_from_the_first_stamp() {
-        // Recorded with no clock (replayed entries of an older log, or an old marker).
-        let mut table = filled(0, 5_000, 0);
-        const T: u64 = 1_700_000_000_000;
-        table.observe_clock(T);
-        assert_eq!(table.len(), 5_000, "not fifty years old");
-        table.observe_clock(T + REQUEST_RETENTION_MS + 1);
-        assert_eq!(table.len(), MIN_REMEMBERED_REQUESTS);
-    }
-
-    #[test]
-    fn stored_and_read_back_in_order_with_long_errors_cut() {
-        const T: u64 = 1_700_000_000_000;
+    fn before_log_time_the_newest_ten_thousand_are_kept() {
+        // Entries of before stamps (replayed from an older log): the rule of before, exactly.
         let mut table = AppliedRequests::default();
-        table.observe_clock(T);
+        for id in 0..(MIN_REMEMBERED_REQUESTS as u128 + 5) {
+            table.record(RequestId(id), outcome(id as u64));
+        }
+        assert_eq!(table.len(), MIN_REMEMBERED_REQUESTS);
+        assert!(table.duplicate_outcome(RequestId(4)).is_none());
+        assert!(table.duplicate_outcome(RequestId(5)).is_some());
+        // Once log time starts they age from there.
+        table.observe_entry(1, T);
+        for id in 0..100_u128 {
+            table.record(RequestId(1_000_000 + id), outcome(1));
+        }
+        assert_eq!(table.len(), MIN_REMEMBERED_REQUESTS + 100);
+    }
+
+    #[test]
+    fn stored_and_read_back_with_the_clock_and_long_errors_cut() {
+        let mut table = filled(0);
         table.record(RequestId(u128::MAX), outcome(1));
-        table.observe_clock(T + 1_500);
+        advance(&mut table, 1_500);
         table.record(RequestId(3), RecordedOutcome { applied_index: 2, operations: 0, error: Some("é".repeat(300)) });
         let json = serde_json::to_string(&table).unwrap();
-        assert!(json.starts_with(&format!(r#"{{"clock_ms":{},"records":""#, T + 1_500)), "{json}");
+        assert!(
+            json.starts_with(r#"{"clock":{"elapsed_ms":1500,"last_stamp_ms":1700000001500,"last_term":1},"records":""#),
+            "{json}"
+        );
         let back: AppliedRequests = serde_json::from_str(&json).unwrap();
         assert_eq!(back, table);
+        assert_eq!(back.order, VecDeque::from([(RequestId(u128::MAX), 0), (RequestId(3), 1_500)]));
         assert!(back.duplicate_outcome(RequestId(3)).unwrap().error.unwrap().len() <= MAX_KEPT_ERROR_BYTES);
-        // Stamps survive: the first request is 1.5 s older than the second.
-        assert_eq!(back.order, VecDeque::from([(RequestId(u128::MAX), T), (RequestId(3), T + 1_500)]));
-        // A full table stays well under the frame of a marker: about 32 bytes a request.
-        let full = filled(1 << 100, 10_000, T);
-        let bytes = serde_json::to_string(&full).unwrap().len();
-        assert!(bytes < 10_000 * 40, "{bytes} bytes for 10,000 requests");
-        assert_eq!(serde_json::from_str::<AppliedRequests>(&serde_json::to_string(&full).unwrap()).unwrap(), full);
+        // About 32 bytes a request in a marker.
+        let full = filled(10_000);
+        let json = serde_json::to_string(&full).unwrap();
+        assert!(json.len() < 10_000 * 40, "{} bytes for 10,000 requests", json.len());
+        assert_eq!(serde_json::from_str::<AppliedRequests>(&json).unwrap(), full);
     }
 
     #[test]
     fn markers_of_before_log_time_still_read() {
         let listed = r#"[{"id":"ffffffffffffffffffffffffffffffff","index":1,"operations":1},{"id":"3","index":2,"operations":0,"error":"bad"}]"#;
         let table: AppliedRequests = serde_json::from_str(listed).unwrap();
-        assert_eq!((table.len(), table.clock_ms()), (2, 0));
+        assert_eq!((table.len(), table.clock()), (2, LogClock::default()));
         assert_eq!(table.duplicate_outcome(RequestId(u128::MAX)).unwrap().applied_index, 1);
         assert_eq!(table.duplicate_outcome(RequestId(3)).unwrap().error.as_deref(), Some("bad"));
+        assert_eq!(serde_json::from_str::<AppliedRequests>("[]").unwrap(), AppliedRequests::default());
+    }
+
+    fn compact_json(clock_ms: u64, records: &[(u8, u64)]) -> String {
+        let mut bytes = Vec::new();
+        for &(id, age_ms) in records {
+            let record = StoredRecord { id: [id; 16], applied_index: 1, operations: 1, age_ms, error: None };
+            bytes = postcard::to_extend(&record, bytes).unwrap();
+        }
+        let records = base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes);
+        let clock = LogClock { elapsed_ms: clock_ms, last_stamp_ms: T, last_term: 1 };
+        serde_json::to_string(&CompactTable { clock, records }).unwrap()
     }
 
     #[test]
     fn damaged_markers_are_refused_not_misread() {
+        assert!(serde_json::from_str::<AppliedRequests>(&compact_json(100, &[(1, 10), (2, 0)])).is_ok());
+        let clock = r#""clock":{"elapsed_ms":5,"last_stamp_ms":1,"last_term":1}"#;
         let bad = [
-            r#"[{"id":"zz","index":1,"operations":1}]"#,
-            r#"{"clock_ms":5,"records":"not base64!"}"#,
-            r#"{"clock_ms":5,"records":"AAAA"}"#,
+            ("a bad hex id", r#"[{"id":"zz","index":1,"operations":1}]"#.to_string()),
+            ("bad base64", format!(r#"{{{clock},"records":"not base64!"}}"#)),
+            ("a cut record", format!(r#"{{{clock},"records":"AAAA"}}"#)),
+            ("an unknown field", format!(r#"{{{clock},"records":"","more":1}}"#)),
+            ("no clock", r#"{"records":""}"#.to_string()),
+            ("a number", "5".to_string()),
+            ("out of order", compact_json(100, &[(1, 0), (2, 10)])),
+            ("older than log time", compact_json(100, &[(1, 101)])),
+            ("an id twice", compact_json(100, &[(1, 10), (1, 0)])),
         ];
-        for json in bad {
-            assert!(serde_json::from_str::<AppliedRequests>(json).is_err(), "{json}");
+        for (case, json) in bad {
+            assert!(serde_json::from_str::<AppliedRequests>(&json).is_err(), "{case}: {json}");
         }
-        // Out of order: the second record is older than the first.
-        let mut bytes = Vec::new();
-        for age_ms in [0u64, 10] {
-            let record = StoredRecord { id: [age_ms as u8; 16], applied_index: 1, operations: 1, age_ms, error: None };
-            bytes = postcard::to_extend(&record, bytes).unwrap();
-        }
-        let records = base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes);
-        let json = serde_json::to_string(&StoredTable::Compact { clock_ms: 100, records }).unwrap();
-        assert!(serde_json::from_str::<AppliedRequests>(&json).is_err());
     }
 }

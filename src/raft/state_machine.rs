@@ -206,6 +206,7 @@ impl StateMachineStore {
         tracing::info!(last_applied = %describe_log_id(marker.log_id), "state machine resumes from the index's last commit");
         let key_ring = Arc::new(KeyRing::default());
         key_ring.publish(marker.keys.clone());
+        crate::telemetry::metrics::set_remembered_requests(marker.requests.len());
         Ok(StateMachineStore {
             shared: Arc::new(Shared {
                 index,
@@ -278,7 +279,7 @@ fn apply_entries(
         let log_id = entry.log_id;
         if let EntryPayload::Normal(batch) = &entry.payload {
             // The request table's clock is the log's: the leader's stamp (see `raft::dedup`).
-            state.requests.observe_clock(batch.proposed_at_ms);
+            state.requests.observe_entry(log_id.leader_id.term, batch.proposed_at_ms);
         }
         match entry.payload {
             EntryPayload::Blank => outcomes.push(BatchOutcome { applied_index: log_id.index, ..Default::default() }),
@@ -564,6 +565,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .await
             .map_err(blocking_failure)?
             .map_err(write_error.clone())?;
+        crate::telemetry::metrics::set_remembered_requests(marker.requests.len());
         *state = AppliedState {
             last_applied: installed_meta.last_log_id,
             membership: installed_meta.last_membership.clone(),
