@@ -90,12 +90,26 @@ async fn measure(setup: &str, client: Client, documents: &Arc<Vec<String>>, tota
     let client = Arc::new(client);
     // Warm-up: connection, allocator, page cache.
     puts(Arc::clone(&client), Arc::clone(documents), 8, 200).await;
+    let before = common::resident_mb();
+    let mut after = (0.0, 0.0);
     for concurrency in [1, 64] {
         let count = if concurrency == 1 { total / 10 } else { total };
         let mut run = puts(Arc::clone(&client), Arc::clone(documents), concurrency, count).await;
         report(setup, concurrency, &mut run, floor);
+        after = common::resident_mb();
     }
+    // Idle for a while: the automatic commit runs, freed memory can go back to the kernel.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let later = common::resident_mb();
+    MEMORY.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(format!(
+        "{setup}: this process's RSS (of it anonymous) {:.0} ({:.0}) MB before the puts, {:.0} ({:.0}) MB right \
+         after, {:.0} ({:.0}) MB 12 s later",
+        before.0, before.1, after.0, after.1, later.0, later.1
+    ));
 }
+
+/// Memory lines, printed after the table.
+static MEMORY: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 fn client(certificates: &Certificates, server: String) -> Client {
     let options =
@@ -140,6 +154,9 @@ fn main() {
         measure("three nodes, via the leader", client(&certificates, seed), &documents, total, floor_p50).await;
         for node in [third, second, first] {
             node.shutdown().await;
+        }
+        for line in MEMORY.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter() {
+            println!("{line}");
         }
     });
 }

@@ -2,6 +2,12 @@
 
 use clap::Parser as _;
 
+/// mimalloc rather than glibc's malloc: allocation was a sixth of a loaded node's CPU under
+/// glibc (many threads, short-lived buffers). Built without transparent huge pages, which
+/// doubled an idle node's memory. See docs/performance.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let raw: Vec<String> = std::env::args().collect();
     let arguments = match bayard::cli::Arguments::try_parse_from(&raw) {

@@ -5,6 +5,11 @@
 
 pub mod corpus;
 
+/// The binary's allocator (`src/main.rs`), so that nodes run here as they do in production; the
+/// in-process tantivy baselines use it too, which keeps the comparison even.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +70,21 @@ impl Latencies {
         let position = ((self.0.len() as f64 - 1.0) * fraction).round() as usize;
         self.0[position]
     }
+}
+
+/// This process's resident memory in MB: (`VmRSS`, `RssAnon`), the whole and its anonymous part
+/// (the heap; the rest is mostly memory-mapped index files), 0 when it cannot be read.
+pub fn resident_mb() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        let kb = status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        kb as f64 / 1024.0
+    };
+    (field("VmRSS:"), field("RssAnon:"))
 }
 
 /// CPU time of this process so far (all threads: node and load generator alike).

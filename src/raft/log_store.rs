@@ -38,6 +38,9 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_log_meta")
 const VOTE_KEY: &str = "vote";
 const COMMITTED_KEY: &str = "committed";
 const LAST_PURGED_KEY: &str = "last_purged";
+/// Bytes of the log file redb keeps cached in memory.
+pub const LOG_CACHE_BYTES: usize = 96 * 1024 * 1024;
+
 /// The format of every value in the file ([`LOG_FORMAT_VERSION`]), one byte.
 const FORMAT_KEY: &str = "format";
 
@@ -206,7 +209,12 @@ impl LogStore {
                 source,
             })?;
         }
-        let db = Database::create(path)
+        // redb caches pages of the file in memory, 1 GiB by default: a node's memory could grow
+        // with its log until a snapshot purges it. A tenth of the cache is redb's write buffer,
+        // so this keeps a whole grouped entry (at most half the frame limit) in it.
+        let db = redb::Builder::new()
+            .set_cache_size(LOG_CACHE_BYTES)
+            .create(path)
             .map_err(|source| LogStoreError::Open { path: path.to_path_buf(), source: Box::new(source) })?;
 
         // Create both tables up front so that read transactions never meet a missing table.
