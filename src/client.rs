@@ -70,6 +70,11 @@ pub struct BulkPutFailure {
 }
 
 /// The `_id` of a document's JSON, or empty (the node then refuses the document by name).
+/// The longest a client keeps sending one write (its first attempt and every resend): under
+/// the two minutes for which nodes remember a request id (`raft::dedup::REQUEST_RETENTION_MS`),
+/// so a resend never comes after its first attempt was forgotten.
+pub const WRITE_RETRY_SPAN: Duration = Duration::from_secs(100);
+
 pub fn document_id_of(document_json: &str) -> String {
     #[derive(serde::Deserialize)]
     struct OnlyId {
@@ -297,7 +302,8 @@ impl Client {
         let span = tracing::info_span!("bayard.client", kind = kind.name());
         crate::telemetry::set_parent_from_traceparent(&span, self.options.trace_context.as_deref());
         let trace_context = crate::telemetry::traceparent_of_span(&span).or_else(|| self.options.trace_context.clone());
-        self.call_with(kind, request, trace_context, first).instrument(span).await
+        let budget = self.options.request_timeout;
+        self.call_with(kind, request, trace_context, first, budget).instrument(span).await
     }
 
     async fn call_with<Request, Response>(
@@ -306,6 +312,7 @@ impl Client {
         request: &Request,
         trace_context: Option<String>,
         leader: Option<String>,
+        budget: Duration,
     ) -> Result<(Response, String), ClientError>
     where
         Request: Serialize,
@@ -315,8 +322,8 @@ impl Client {
         let first = self.preferred_server.load(Ordering::Relaxed) % servers.len();
         let mut attempts = Vec::new();
         let mut hints_followed = 0;
-        // `request_timeout` bounds the whole call, every server and round included.
-        let deadline = tokio::time::Instant::now() + self.options.request_timeout;
+        // `budget` bounds the whole call, every server and round included.
+        let deadline = tokio::time::Instant::now() + budget;
         let remaining = || deadline.saturating_duration_since(tokio::time::Instant::now());
         'rounds: for round in 0..self.options.retry_rounds.max(1) {
             if round > 0 {
@@ -344,7 +351,7 @@ impl Client {
                 let dialled = match tokio::time::timeout(remaining(), self.pool.get(server)).await {
                     Ok(dialled) => dialled,
                     Err(_) => {
-                        attempts.push(format!("{server}: no answer within {:?}", self.options.request_timeout));
+                        attempts.push(format!("{server}: no answer within {budget:?}"));
                         break 'rounds;
                     }
                 };
@@ -429,9 +436,20 @@ impl Client {
 
     /// Sends a write to the leader when it is known (else through the list). The request, with
     /// its request id, is the same on every attempt.
+    ///
+    /// A write is sent for at most [`WRITE_RETRY_SPAN`] whatever `request_timeout` says: the
+    /// nodes remember a request id for two minutes after applying it, so every resend of it
+    /// must come within that (see `raft::dedup`).
     async fn write(&self, request: ClientRequest) -> Result<WriteReceipt, ClientError> {
         let name = request.name();
-        let (response, server) = self.call_preferring(StreamKind::Client, &request, self.known_leader()).await?;
+        let span = tracing::info_span!("bayard.client", kind = StreamKind::Client.name());
+        crate::telemetry::set_parent_from_traceparent(&span, self.options.trace_context.as_deref());
+        let trace_context = crate::telemetry::traceparent_of_span(&span).or_else(|| self.options.trace_context.clone());
+        let budget = self.options.request_timeout.min(WRITE_RETRY_SPAN);
+        let (response, server) = self
+            .call_with(StreamKind::Client, &request, trace_context, self.known_leader(), budget)
+            .instrument(span)
+            .await?;
         match response {
             ClientResponse::Written { operations, applied_index, duplicate, leader } => {
                 self.remember_leader(leader.as_ref());

@@ -93,6 +93,9 @@ impl Cluster {
     pub async fn propose(&self, batch: IndexBatch, deadline: Instant) -> ClusterResult<(BatchOutcome, LeaderHint)> {
         let deadline = clamp_write_deadline(deadline);
         let mut last_error = ClusterError::NoLeader;
+        // Whether an attempt reached a leader: at the deadline, such a write may still be
+        // applied, and must not be reported as never proposed.
+        let mut proposed = false;
         for _attempt in 0..PROPOSE_ATTEMPTS {
             let tried = self.known_leader().map(|leader| leader.node_id);
             let left = deadline.saturating_duration_since(Instant::now());
@@ -100,11 +103,20 @@ impl Cluster {
                 tracing::info!(
                     request_id = ?batch.request_id.map(|id| id.0),
                     error = %last_error,
+                    proposed,
                     "write abandoned at its deadline, never proposed after it"
                 );
+                if proposed {
+                    return Err(ClusterError::Unavailable(format!(
+                        "the write was not known to be committed before its deadline (at most {} s): it may still \
+                         be applied, and a retry under the same request id is applied at most once ({last_error})",
+                        crate::raft::dedup::LONGEST_WRITE_WAIT_MS / 1000
+                    )));
+                }
                 return Err(ClusterError::DeadlinePassed);
             }
             if self.is_leader() {
+                proposed = true;
                 match self.propose_as_leader(batch.clone(), deadline).await {
                     Err(error) if error.is_retryable() && !matches!(error, ClusterError::NoQuorum { .. }) => {
                         last_error = error
@@ -116,6 +128,7 @@ impl Cluster {
                 if leader.node_id == self.node_id() {
                     continue;
                 }
+                proposed = true;
                 let request = RaftRequest::Propose(batch.clone());
                 let forward_span = tracing::info_span!(
                     "bayard.forward_to_leader",

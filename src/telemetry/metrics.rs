@@ -228,7 +228,7 @@ impl Metrics {
         let requests_forgotten_early = Counter::default();
         registry.register(
             "requests_forgotten_early",
-            "Request ids forgotten before their retention (60 s of log time) because the table was full: a retry of \
+            "Request ids forgotten before their retention (120 s of log time) because the table was full: a retry of \
              one arriving later could be applied twice",
             requests_forgotten_early.clone(),
         );
