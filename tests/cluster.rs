@@ -194,3 +194,40 @@ async fn client_certificates_cannot_change_membership() {
     assert_eq!(client.peers().await.unwrap().len(), 3);
     cluster.shutdown().await;
 }
+
+/// A write that reached the leader but was not committed before its deadline is reported as
+/// "may still be applied", never as "not applied": here the leader loses both followers just
+/// before the write and appends it without a majority to commit it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_cut_at_its_deadline_after_reaching_the_leader_is_not_called_unapplied() {
+    use bayard::index::IndexOperation;
+    use bayard::raft::types::{IndexBatch, RequestId};
+
+    let mut cluster = three_node_cluster().await;
+    let leader = cluster.leader().expect("a leader");
+    let followers: Vec<u64> = cluster.nodes.keys().copied().filter(|id| *id != leader).collect();
+    let all = cluster.client();
+    all.put("before", r#"{"title":"before"}"#).await.expect("a put while all are up");
+    all.commit().await.expect("commit");
+    let started = std::time::Instant::now();
+    let (first, second) = (cluster.nodes.remove(&followers[0]), cluster.nodes.remove(&followers[1]));
+    let (first, second) = (first.expect("follower"), second.expect("follower"));
+    tokio::join!(first.shutdown(), second.shutdown());
+    // The leader refuses writes outright once no majority has answered for 1.8 s; this test is
+    // about a write it still takes before that.
+    assert!(started.elapsed() < Duration::from_millis(1_000), "stopping the followers took {:?}", started.elapsed());
+    let batch = IndexBatch::of_request(
+        vec![IndexOperation::Put { id: "cut".into(), document_json: r#"{"title":"cut"}"#.into() }],
+        RequestId(77),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_millis(500);
+    let error = cluster.nodes[&leader].cluster().propose(batch, deadline).await.expect_err("no quorum to commit it");
+    let message = error.to_string();
+    assert!(message.contains("may still be applied"), "{message}");
+    assert!(!message.contains("it was not applied"), "{message}");
+
+    // The node is not stuck: it still serves what it holds.
+    let client = cluster.client_of(leader);
+    assert!(client.get("before").await.expect("a read on the leader").is_some());
+    cluster.shutdown().await;
+}

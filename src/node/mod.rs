@@ -339,6 +339,11 @@ impl RunningNode {
         &self.state.raft
     }
 
+    /// The node's cluster handle (the write path, for tests and tools).
+    pub fn cluster(&self) -> &crate::cluster::Cluster {
+        &self.state.cluster
+    }
+
     /// Re-reads the CA, certificate and key files (what SIGHUP does). New inbound connections use
     /// the new files; open connections keep the identity they were made with. When the files do
     /// not load, the node keeps its current ones and says why.
