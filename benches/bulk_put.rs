@@ -22,20 +22,6 @@ use bayard::transport::{Role, TlsFiles};
 
 const WRITER_MEMORY_BYTES: usize = 128 * 1024 * 1024;
 
-/// CPU time of this process's children that have been waited for (the CLI runs).
-fn children_cpu() -> Duration {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
-    // SAFETY: getrusage fills the struct it is given.
-    let usage = unsafe {
-        if libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) != 0 {
-            return Duration::ZERO;
-        }
-        usage.assume_init()
-    };
-    let seconds = |time: libc::timeval| Duration::new(time.tv_sec as u64, time.tv_usec as u32 * 1000);
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
-}
-
 /// tantivy alone: parse every line, add it, commit; documents per second and CPU µs per document.
 fn raw_tantivy(file: &Path, directory: &Path) -> (f64, f64) {
     let schema = bayard::index::load_schema(DEFAULT_SCHEMA_JSON).expect("schema");
@@ -111,7 +97,7 @@ async fn load(certificates: &Certificates, server: String, file: &Path, count: u
     let files = certificates.files(&Role::Client { name: "bench".into() }, "client");
     let file = file.to_path_buf();
     let started = Instant::now();
-    let (node_cpu_before, cli_cpu_before) = (common::process_cpu(), children_cpu());
+    let (node_cpu_before, cli_cpu_before) = (common::process_cpu(), common::children_cpu());
     let (elapsed, cli_peak_rss_mb, files, server) = tokio::task::spawn_blocking(move || {
         let peak = cli(&files, &server, &["put", "--bulk", "--file", &file.to_string_lossy()]);
         cli(&files, &server, &["commit"]);
@@ -121,7 +107,7 @@ async fn load(certificates: &Certificates, server: String, file: &Path, count: u
     .expect("cli");
     let per_document = |cpu: Duration| cpu.as_secs_f64() * 1e6 / count as f64;
     let node_cpu_us = per_document(common::process_cpu().saturating_sub(node_cpu_before));
-    let cli_cpu_us = per_document(children_cpu().saturating_sub(cli_cpu_before));
+    let cli_cpu_us = per_document(common::children_cpu().saturating_sub(cli_cpu_before));
     let options = bayard::client::ClientOptions::new(vec![server], files);
     let client = bayard::client::Client::connect(options).expect("client");
     let status = client.status().await.expect("status");

@@ -89,10 +89,19 @@ pub fn resident_mb() -> (f64, f64) {
 
 /// CPU time of this process so far (all threads: node and load generator alike).
 pub fn process_cpu() -> Duration {
+    cpu_of(libc::RUSAGE_SELF)
+}
+
+/// CPU time of this process's children that have been waited for (the CLI runs).
+pub fn children_cpu() -> Duration {
+    cpu_of(libc::RUSAGE_CHILDREN)
+}
+
+fn cpu_of(who: libc::c_int) -> Duration {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
     // SAFETY: getrusage fills the struct it is given.
     let usage = unsafe {
-        if libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) != 0 {
+        if libc::getrusage(who, usage.as_mut_ptr()) != 0 {
             return Duration::ZERO;
         }
         usage.assume_init()
