@@ -69,12 +69,13 @@ pub struct BulkPutFailure {
     pub failed_tags: Option<(usize, usize)>,
 }
 
-/// The `_id` of a document's JSON, or empty (the node then refuses the document by name).
 /// The longest a client keeps sending one write (its first attempt and every resend): under
 /// the two minutes for which nodes remember a request id (`raft::dedup::REQUEST_RETENTION_MS`),
 /// so a resend never comes after its first attempt was forgotten.
 pub const WRITE_RETRY_SPAN: Duration = Duration::from_secs(100);
+const _: () = assert!(WRITE_RETRY_SPAN.as_millis() < crate::raft::dedup::REQUEST_RETENTION_MS as u128);
 
+/// The `_id` of a document's JSON, or empty (the node then refuses the document by name).
 pub fn document_id_of(document_json: &str) -> String {
     #[derive(serde::Deserialize)]
     struct OnlyId {
