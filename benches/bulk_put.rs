@@ -17,19 +17,13 @@ mod common;
 
 use common::{corpus, Certificates};
 
-use bayard::index::{AnalyzerConfig, DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
 use bayard::transport::{Role, TlsFiles};
 
 const WRITER_MEMORY_BYTES: usize = 128 * 1024 * 1024;
 
 /// tantivy alone: parse every line, add it, commit; documents per second and CPU µs per document.
 fn raw_tantivy(file: &Path, directory: &Path) -> (f64, f64) {
-    let schema = bayard::index::load_schema(DEFAULT_SCHEMA_JSON).expect("schema");
-    let index = tantivy::Index::create_in_dir(directory, schema.clone()).expect("index");
-    AnalyzerConfig::from_json(DEFAULT_TOKENIZER_JSON)
-        .expect("analyzers")
-        .register_into(index.tokenizers())
-        .expect("register");
+    let (index, schema) = common::raw_tantivy_index(directory);
     let started = Instant::now();
     let cpu_before = common::process_cpu();
     let text = std::fs::read_to_string(file).expect("read the file");

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bayard::client::{Client, ClientOptions};
-use bayard::index::{AnalyzerConfig, SearchRequest, DEFAULT_SCHEMA_JSON, DEFAULT_TOKENIZER_JSON};
+use bayard::index::SearchRequest;
 use bayard::protocol::{Consistency, DocumentInput};
 use bayard::transport::Role;
 use common::{corpus, process_cpu, Certificates, KeptConnection, Latencies};
@@ -100,12 +100,7 @@ struct RawTantivy {
 
 impl RawTantivy {
     fn build(directory: &std::path::Path, articles: &[corpus::Article]) -> Self {
-        let schema = bayard::index::load_schema(DEFAULT_SCHEMA_JSON).expect("schema");
-        let index = tantivy::Index::create_in_dir(directory, schema.clone()).expect("index");
-        AnalyzerConfig::from_json(DEFAULT_TOKENIZER_JSON)
-            .expect("analyzers")
-            .register_into(index.tokenizers())
-            .expect("register");
+        let (index, schema) = common::raw_tantivy_index(directory);
         let mut writer: tantivy::IndexWriter = index.writer_with_num_threads(2, 128 * 1024 * 1024).expect("writer");
         for (number, article) in articles.iter().enumerate() {
             let document =

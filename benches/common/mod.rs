@@ -72,6 +72,18 @@ impl Latencies {
     }
 }
 
+/// A new tantivy index in `directory` with the node's default schema and analyzers: the
+/// in-process baseline the benches compare against.
+pub fn raw_tantivy_index(directory: &std::path::Path) -> (tantivy::Index, tantivy::schema::Schema) {
+    let schema = bayard::index::load_schema(DEFAULT_SCHEMA_JSON).expect("schema");
+    let index = tantivy::Index::create_in_dir(directory, schema.clone()).expect("index");
+    bayard::index::AnalyzerConfig::from_json(DEFAULT_TOKENIZER_JSON)
+        .expect("analyzers")
+        .register_into(index.tokenizers())
+        .expect("register");
+    (index, schema)
+}
+
 /// This process's resident memory in MB: (`VmRSS`, `RssAnon`), the whole and its anonymous part
 /// (the heap; the rest is mostly memory-mapped index files), 0 when it cannot be read.
 pub fn resident_mb() -> (f64, f64) {
