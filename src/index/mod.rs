@@ -7,6 +7,7 @@
 
 mod analyzers;
 mod document;
+mod document_check;
 mod error;
 mod export;
 mod limits;

@@ -17,6 +17,7 @@ use super::analyzers::{check_schema_tokenizers, AnalyzerConfig};
 use super::document::{
     build_tantivy_document, check_document_id, embedded_document_id, parse_json_object, render_stored_document,
 };
+use super::document_check::{check_document_text, CheckedDocument};
 use super::schema::{check_id_field, describe_schema_differences};
 use super::{IndexError, ID_FIELD};
 
@@ -181,6 +182,11 @@ impl SearchIndex {
     /// right type. Its `_id` is set to `id`; an `_id` already in the document must equal `id`.
     pub fn prepare_put(&self, id: &str, document_json: &str) -> Result<IndexOperation, IndexError> {
         check_document_id(id)?;
+        if let Some(checked) = check_document_text(&self.schema, document_json) {
+            if checked.embedded_id.as_deref().is_none_or(|embedded_id| embedded_id == id) {
+                return Ok(IndexOperation::Put { id: id.to_string(), document_json: document_json.to_string() });
+            }
+        }
         let document_object = parse_json_object(document_json)?;
         if let Some(embedded_id) = embedded_document_id(&document_object)? {
             if embedded_id != id {
@@ -196,6 +202,9 @@ impl SearchIndex {
     /// Like [`prepare_put`](Self::prepare_put) for documents that carry their own `_id`
     /// (bulk NDJSON lines): `_id` must be present and be a non-empty string.
     pub fn prepare_put_with_embedded_id(&self, document_json: &str) -> Result<IndexOperation, IndexError> {
+        if let Some(CheckedDocument { embedded_id: Some(id) }) = check_document_text(&self.schema, document_json) {
+            return Ok(IndexOperation::Put { id, document_json: document_json.to_string() });
+        }
         let document_object = parse_json_object(document_json)?;
         let Some(id) = embedded_document_id(&document_object)? else {
             return Err(IndexError::InvalidDocument(format!("document has no `{ID_FIELD}` field")));
@@ -206,7 +215,9 @@ impl SearchIndex {
     /// Checks the parsed document against the schema and makes the operation of the client's own
     /// text: applying it parses that text again, adds `_id` when it is absent and finds the same
     /// embedded id when present, so nothing is gained by writing the JSON out anew (which was a
-    /// tenth of the leader's work in a bulk load).
+    /// tenth of the leader's work in a bulk load). This is the slow path, taken when
+    /// [`check_document_text`] did not vouch for the document: it accepts what that check was
+    /// unsure of or names what is wrong.
     fn check_put_object(
         &self,
         id: String,
@@ -215,7 +226,7 @@ impl SearchIndex {
     ) -> Result<IndexOperation, IndexError> {
         document_object.insert(ID_FIELD.to_string(), JsonValue::String(id.clone()));
         // Built only to validate: every node builds its own tantivy document when applying.
-        build_tantivy_document(&self.schema, &document_object)?;
+        build_tantivy_document(&self.schema, document_object)?;
         Ok(IndexOperation::Put { id, document_json: document_json.to_string() })
     }
 
@@ -373,7 +384,7 @@ impl SearchIndex {
                 document_object.insert(ID_FIELD.to_string(), JsonValue::String(id.to_string()));
             }
         }
-        let document = build_tantivy_document(&self.schema, &document_object)?;
+        let document = build_tantivy_document(&self.schema, document_object)?;
         // Delete then add: tantivy applies a delete to every document added before it, so the
         // new version survives and any older one (even from this batch) is removed.
         writer.delete_term(self.id_term(id));
@@ -477,6 +488,15 @@ impl SearchIndex {
 /// checks a whole bulk file against the schema the node reports before it sends anything.
 /// Returns the document's id.
 pub fn validate_document(schema: &Schema, id: Option<&str>, document_json: &str) -> Result<String, IndexError> {
+    if let Some(checked) = check_document_text(schema, document_json) {
+        match (id, checked.embedded_id) {
+            (Some(id), None) if check_document_id(id).is_ok() => return Ok(id.to_string()),
+            (Some(id), Some(embedded)) if embedded == id => return Ok(embedded),
+            (None, Some(embedded)) => return Ok(embedded),
+            // The slow path below names the problem.
+            _ => {}
+        }
+    }
     let mut document_object = parse_json_object(document_json)?;
     let embedded = embedded_document_id(&document_object)?;
     let id = match (id, embedded) {
@@ -493,6 +513,6 @@ pub fn validate_document(schema: &Schema, id: Option<&str>, document_json: &str)
         (None, None) => return Err(IndexError::InvalidDocument(format!("document has no `{ID_FIELD}` field"))),
     };
     document_object.insert(ID_FIELD.to_string(), JsonValue::String(id.clone()));
-    build_tantivy_document(schema, &document_object)?;
+    build_tantivy_document(schema, document_object)?;
     Ok(id)
 }
