@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use tantivy::collector::{Count, FacetCollector, FruitHandle, MultiCollector, TopDocs};
-use tantivy::query::{AllQuery, Query, QueryParser};
+use tantivy::query::{AllQuery, Query};
 use tantivy::schema::{Facet, FieldType, OwnedValue};
 use tantivy::{DateTime, DocAddress, Order, Score, Searcher, TantivyDocument};
 
@@ -240,12 +240,7 @@ impl SearchIndex {
         if trimmed_query.is_empty() || trimmed_query == "*" {
             return Ok(Box::new(AllQuery));
         }
-        // Built per search: it is cheap, and it picks up the index's registered analyzers.
-        let mut query_parser = QueryParser::for_index(&self.index, self.default_search_fields.clone());
-        for (field, boost) in &self.default_field_boosts {
-            query_parser.set_field_boost(*field, *boost);
-        }
-        query_parser.parse_query(trimmed_query).map_err(|error| IndexError::InvalidQuery(error.to_string()))
+        self.query_parser.parse_query(trimmed_query).map_err(|error| IndexError::InvalidQuery(error.to_string()))
     }
 
     fn plan_facet(&self, facet_request: &FacetRequest) -> Result<FacetPlan, IndexError> {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as JsonValue};
 use tantivy::collector::TopDocs;
 use tantivy::directory::MmapDirectory;
-use tantivy::query::TermQuery;
+use tantivy::query::{QueryParser, TermQuery};
 use tantivy::schema::{Field, FieldType, IndexRecordOption, Schema};
 use tantivy::{Index, IndexReader, IndexSettings, IndexWriter, ReloadPolicy, TantivyDocument, TantivyError, Term};
 
@@ -73,6 +73,9 @@ pub struct SearchIndex {
     pub(crate) default_search_fields: Vec<Field>,
     /// Boosts of default fields (`title^2`); a field absent here has boost 1.
     pub(crate) default_field_boosts: std::collections::HashMap<Field, f32>,
+    /// The query-string parser for these defaults, built once: it shares the index's analyzers
+    /// (registered before it is built) and is only read by searches.
+    pub(crate) query_parser: QueryParser,
     pub(crate) writer: Mutex<IndexWriter>,
     pub(crate) reader: IndexReader,
     /// Set by puts and deletes, cleared by commit and rollback.
@@ -144,7 +147,7 @@ impl SearchIndex {
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(open_error)?;
 
         let id_field = schema.get_field(ID_FIELD)?;
-        let default_search_fields = schema
+        let default_search_fields: Vec<Field> = schema
             .fields()
             .filter(|(field, field_entry)| {
                 *field != id_field
@@ -156,6 +159,8 @@ impl SearchIndex {
         let schema_json = serde_json::to_string_pretty(&schema)
             .map_err(|error| IndexError::Internal(format!("cannot serialize the schema: {error}")))?;
 
+        let default_field_boosts = std::collections::HashMap::new();
+        let query_parser = build_query_parser(&index, &default_search_fields, &default_field_boosts);
         tracing::info!(
             index_directory = %index_directory.display(),
             created = !index_exists,
@@ -168,7 +173,8 @@ impl SearchIndex {
             schema_json,
             id_field,
             default_search_fields,
-            default_field_boosts: Default::default(),
+            default_field_boosts,
+            query_parser,
             writer: Mutex::new(writer),
             reader,
             has_uncommitted_changes: AtomicBool::new(false),
@@ -325,6 +331,7 @@ impl SearchIndex {
                 boosts.insert(field, *boost);
             }
         }
+        self.query_parser = build_query_parser(&self.index, &chosen, &boosts);
         self.default_search_fields = chosen;
         self.default_field_boosts = boosts;
         Ok(())
@@ -481,6 +488,18 @@ impl SearchIndex {
         }
         true
     }
+}
+
+fn build_query_parser(
+    index: &Index,
+    default_search_fields: &[Field],
+    default_field_boosts: &std::collections::HashMap<Field, f32>,
+) -> QueryParser {
+    let mut query_parser = QueryParser::for_index(index, default_search_fields.to_vec());
+    for (field, boost) in default_field_boosts {
+        query_parser.set_field_boost(*field, *boost);
+    }
+    query_parser
 }
 
 /// Checks a document against `schema` exactly as [`SearchIndex::prepare_put`] (with `id`) or
