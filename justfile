@@ -39,12 +39,19 @@ chaos ROUNDS="100" FAULTS="kill-leader,kill-follower,stop-leader,cut-leader,cut-
 # against the disk's fsync, bulk ingest through the CLI against tantivy in-process, trace export
 # on against off, and search over QUIC, the REST gateway and the Elasticsearch door against
 # tantivy in-process (the corpus is Debian's dict-gcide, fetched once with apt-get download).
-# Figures: docs/performance.md.
-bench:
+# Figures: docs/performance.md. The search bench also measures `tantivy serve`, which
+# `just bench-tools` installs (it is skipped, and says so, without it).
+bench: bench-tools
     cargo bench --bench puts
     cargo bench --bench bulk_put
     cargo bench --bench telemetry_overhead
     cargo bench --bench search
+
+# tantivy-cli (`tantivy serve`, the plain HTTP tantivy server the search bench compares against)
+# from crates.io into target/bench-tools; nothing of it is in this repository. Not `--locked`:
+# its lock file pins a dependency of its HTTP stack that today's compiler refuses.
+bench-tools:
+    [ -x target/bench-tools/bin/tantivy ] || cargo install tantivy-cli --version 0.24.0 --root target/bench-tools
 
 # A local three-node cluster on ports 5001-5003 with generated certificates; Ctrl-C stops it.
 cluster:

@@ -18,7 +18,7 @@ use bayard::client::{Client, ClientOptions};
 use bayard::index::SearchRequest;
 use bayard::protocol::{Consistency, DocumentInput};
 use bayard::transport::Role;
-use common::{corpus, process_cpu, Certificates, KeptConnection, Latencies};
+use common::{corpus, process_cpu, tantivy_serve, Certificates, KeptConnection, Latencies};
 use tantivy::collector::{Count, TopDocs};
 use tantivy::query::QueryParser;
 use tantivy::schema::document::Document as _;
@@ -136,9 +136,13 @@ impl RawTantivy {
     }
 }
 
+const TANTIVY_SERVE: &str = "tantivy serve (HTTP, Connection: close)";
+
 fn print_table(figures: &[Figure]) {
-    println!("| path | c | QPS | p50 ms | p99 ms | CPU/query ms | QPS / in-process | QPS / QUIC |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| path | c | QPS | p50 ms | p99 ms | CPU/query ms | QPS / in-process | QPS / tantivy serve | QPS / QUIC |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for figure in figures {
         let same = |name: &str| {
             figures
@@ -149,7 +153,7 @@ fn print_table(figures: &[Figure]) {
         let ratio =
             |base: Option<f64>| base.map_or("-".to_string(), |base| format!("{:.2}", figure.queries_per_second / base));
         println!(
-            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} |",
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
             figure.name,
             figure.concurrency,
             figure.queries_per_second,
@@ -157,6 +161,7 @@ fn print_table(figures: &[Figure]) {
             figure.p99.as_secs_f64() * 1000.0,
             figure.cpu_per_query.as_secs_f64() * 1000.0,
             ratio(same("tantivy in-process")),
+            ratio(same(TANTIVY_SERVE)),
             ratio(same("QUIC client")),
         );
     }
@@ -172,6 +177,17 @@ async fn main() {
 
     let raw_directory = tempfile::tempdir().expect("temp dir");
     let raw = Arc::new(RawTantivy::build(raw_directory.path(), &articles));
+
+    let tantivy_serve = match tantivy_serve::binary() {
+        Some(binary) => Some(Arc::new(tantivy_serve::TantivyServe::start(&binary, &articles))),
+        None => {
+            println!(
+                "SKIPPED: the `tantivy serve` baseline; no tantivy-cli binary in target/bench-tools \
+                 (`just bench-tools` installs it) or at BAYARD_BENCH_TANTIVY_CLI"
+            );
+            None
+        }
+    };
 
     let certificates = Certificates::new();
     let data = tempfile::tempdir().expect("temp dir");
@@ -212,6 +228,34 @@ async fn main() {
             .await
         };
         figures.push(in_process);
+
+        if let Some(server) = &tantivy_serve {
+            let server_cpu_before = server.cpu();
+            let (server, queries) = (server.clone(), queries.clone());
+            let mut figure = measure(
+                TANTIVY_SERVE,
+                concurrency,
+                total,
+                |_| async {},
+                move |(), number| {
+                    let (server, queries) = (server.clone(), queries.clone());
+                    async move {
+                        tokio::task::spawn_blocking(move || {
+                            let query = server.query_for(&queries[number % queries.len()]);
+                            server.search_blocking(&query).expect("tantivy serve search")
+                        })
+                        .await
+                        .expect("search");
+                    }
+                },
+            )
+            .await;
+            if let Some(server) = &tantivy_serve {
+                // Its process's CPU, beside this one's (the load generator).
+                figure.cpu_per_query += server.cpu().saturating_sub(server_cpu_before) / total as u32;
+            }
+            figures.push(figure);
+        }
 
         let quic = {
             let queries = queries.clone();

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod corpus;
+pub mod tantivy_serve;
 
 /// The binary's allocator (`src/main.rs`), so that nodes run here as they do in production; the
 /// in-process tantivy baselines use it too, which keeps the comparison even.
