@@ -101,13 +101,7 @@ struct RawTantivy {
 impl RawTantivy {
     fn build(directory: &std::path::Path, articles: &[corpus::Article]) -> Self {
         let (index, schema) = common::raw_tantivy_index(directory);
-        let mut writer: tantivy::IndexWriter = index.writer_with_num_threads(2, 128 * 1024 * 1024).expect("writer");
-        for (number, article) in articles.iter().enumerate() {
-            let document =
-                tantivy::TantivyDocument::parse_json(&schema, &corpus::document_json(number, article)).expect("doc");
-            writer.add_document(document).expect("add");
-        }
-        writer.commit().expect("commit");
+        common::index_articles(&index, &schema, articles);
         let fields = schema
             .fields()
             .filter(|(_, entry)| entry.is_indexed() && entry.name() != "_id")

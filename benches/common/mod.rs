@@ -85,6 +85,18 @@ pub fn raw_tantivy_index(directory: &std::path::Path) -> (tantivy::Index, tantiv
     (index, schema)
 }
 
+/// Indexes the articles as the node's documents into `index` (2 threads, 128 MB, as a node's
+/// writer here) and commits: what every in-process baseline does.
+pub fn index_articles(index: &tantivy::Index, schema: &tantivy::schema::Schema, articles: &[corpus::Article]) {
+    let mut writer: tantivy::IndexWriter = index.writer_with_num_threads(2, 128 * 1024 * 1024).expect("writer");
+    for (number, article) in articles.iter().enumerate() {
+        let document =
+            tantivy::TantivyDocument::parse_json(schema, &corpus::document_json(number, article)).expect("doc");
+        writer.add_document(document).expect("add");
+    }
+    writer.commit().expect("commit");
+}
+
 /// This process's resident memory in MB: (`VmRSS`, `RssAnon`), the whole and its anonymous part
 /// (the heap; the rest is mostly memory-mapped index files), 0 when it cannot be read.
 pub fn resident_mb() -> (f64, f64) {

@@ -44,14 +44,7 @@ impl TantivyServe {
             DEFAULT_SCHEMA_JSON.replace("\"lang_en\"", "\"en_stem\"").replace("\"keyword_lowercase\"", "\"raw\"");
         let schema = load_schema(&schema_json).expect("schema with built-in analyzers");
         let index = tantivy::Index::create_in_dir(directory.path(), schema.clone()).expect("index");
-        let mut writer: tantivy::IndexWriter = index.writer_with_num_threads(2, 128 * 1024 * 1024).expect("writer");
-        for (number, article) in articles.iter().enumerate() {
-            let document =
-                tantivy::TantivyDocument::parse_json(&schema, &corpus::document_json(number, article)).expect("doc");
-            writer.add_document(document).expect("add");
-        }
-        writer.commit().expect("commit");
-        drop(writer);
+        super::index_articles(&index, &schema, articles);
 
         // A free port: bound, read, released; tantivy serve takes it a moment later.
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
