@@ -98,7 +98,10 @@ async fn measure(setup: &str, client: Client, documents: &Arc<Vec<String>>, tota
         report(setup, concurrency, &mut run, floor);
         after = common::resident_mb();
     }
-    // Idle for a while: the automatic commit runs, freed memory can go back to the kernel.
+    // The bench's nodes do not commit by themselves (`commit_interval` 0), so until a commit the
+    // documents just put sit in tantivy's in-memory segment. Commit as a node's automatic commit
+    // (1 s by default) would, then idle for a while: freed memory can go back to the kernel.
+    client.commit().await.expect("commit");
     tokio::time::sleep(Duration::from_secs(12)).await;
     let later = common::resident_mb();
     MEMORY.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(format!(
