@@ -83,6 +83,43 @@ async fn put_is_an_upsert_by_id() {
     test.node.shutdown().await;
 }
 
+/// A bulk load writes its chunks several at a time; an id repeated within a chunk and across
+/// chunks still ends with its last line, as if the lines were written one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_put_keeps_the_last_line_of_a_repeated_id() {
+    let test = TestNode::start().await;
+    let client = test.client();
+    let chunk = bayard::client::BULK_CHUNK_DOCUMENTS;
+    // Six chunks; "hot" is written in the first three (twice in the first), "warm" in every
+    // chunk, the others once.
+    let total = chunk * 6;
+    let hot_positions = [3, chunk - 1, chunk + 5, 2 * chunk + 7];
+    let documents: Vec<serde_json::Value> = (0..total)
+        .map(|position| {
+            let id = if hot_positions.contains(&position) {
+                "hot".to_string()
+            } else if position % chunk == 11 {
+                "warm".to_string()
+            } else {
+                format!("doc-{position}")
+            };
+            serde_json::json!({"_id": id, "title": format!("line {position}"), "year": position as i64})
+        })
+        .collect();
+    let receipt = client.bulk_put(bulk(&documents), |_| {}).await.unwrap();
+    assert_eq!(receipt.operations, total as u64);
+    client.commit().await.unwrap();
+
+    let hot = client.get("hot").await.unwrap().expect("hot");
+    assert_eq!(hot.fields["year"], (2 * chunk + 7) as i64);
+    let warm = client.get("warm").await.unwrap().expect("warm");
+    assert_eq!(warm.fields["year"], (5 * chunk + 11) as i64);
+    let distinct = total - hot_positions.len() - 6 + 2;
+    let count = client.search(SearchRequest { query: "*".into(), limit: 0, ..Default::default() }, Consistency::Local);
+    assert_eq!(count.await.unwrap().count, Some(distinct as u64));
+    test.node.shutdown().await;
+}
+
 async fn load_catalogue(client: &bayard::client::Client) {
     let mut documents = Vec::new();
     for number in 0..60_u64 {
