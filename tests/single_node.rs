@@ -114,9 +114,10 @@ async fn bulk_put_keeps_the_last_line_of_a_repeated_id() {
     assert_eq!(hot.fields["year"], (2 * chunk + 7) as i64);
     let warm = client.get("warm").await.unwrap().expect("warm");
     assert_eq!(warm.fields["year"], (5 * chunk + 11) as i64);
+    // Every position is its own document except the four of "hot" and the six of "warm".
     let distinct = total - hot_positions.len() - 6 + 2;
-    let count = client.search(SearchRequest { query: "*".into(), limit: 0, ..Default::default() }, Consistency::Local);
-    assert_eq!(count.await.unwrap().count, Some(distinct as u64));
+    let all = SearchRequest { query: "*".into(), limit: 0, ..Default::default() };
+    assert_eq!(client.search(all, Consistency::Local).await.unwrap().count, Some(distinct as u64));
     test.node.shutdown().await;
 }
 
