@@ -985,36 +985,102 @@ pub fn legacy_hint(arguments: &[String]) -> Option<String> {
     None
 }
 
-/// Reads `path` (`-` or none: stdin) to a string.
-fn read_input(path: Option<&Path>) -> anyhow::Result<String> {
-    match path {
-        Some(path) if path != Path::new("-") => {
-            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
-        }
+/// Reads one document from `path` (`-` or none: stdin), refusing it once it passes `limit` bytes
+/// (the largest request the node takes) instead of holding whatever the input holds.
+fn read_document(path: Option<&Path>, limit: usize) -> anyhow::Result<String> {
+    let (reader, name): (Box<dyn Read>, String) = match path {
+        Some(path) if path != Path::new("-") => (
+            Box::new(std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?),
+            path.display().to_string(),
+        ),
         _ => {
             if std::io::stdin().is_terminal() {
                 eprintln!("reading from stdin (end with Ctrl-D)");
             }
-            let mut text = String::new();
-            std::io::stdin().read_to_string(&mut text).context("cannot read stdin")?;
-            Ok(text)
+            (Box::new(std::io::stdin()), "stdin".to_string())
+        }
+    };
+    let mut bytes = Vec::new();
+    reader.take(limit as u64 + 1).read_to_end(&mut bytes).with_context(|| format!("cannot read {name}"))?;
+    if bytes.len() > limit {
+        bail!("{name} is larger than {limit} bytes, the largest request sent (--max-frame-bytes)");
+    }
+    String::from_utf8(bytes).map_err(|_| anyhow!("{name} is not UTF-8"))
+}
+
+/// The lines of a reader, each refused once it passes `limit` bytes: a line longer than the
+/// largest request could never be sent, and reading it whole first would make the CLI's memory
+/// grow with the input (a file without newlines is one line). Yields 1-based line numbers; the
+/// first error ends the iteration.
+struct BoundedLines<R> {
+    reader: R,
+    limit: usize,
+    number: usize,
+    finished: bool,
+}
+
+impl<R: std::io::BufRead> BoundedLines<R> {
+    fn new(reader: R, limit: usize) -> Self {
+        BoundedLines { reader, limit, number: 0, finished: false }
+    }
+}
+
+impl<R: std::io::BufRead> Iterator for BoundedLines<R> {
+    type Item = anyhow::Result<(usize, String)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::io::BufRead;
+        if self.finished {
+            return None;
+        }
+        let mut line = Vec::new();
+        // Room for the limit and a "\r\n": anything longer is too long whatever follows.
+        let read = (&mut self.reader).take(self.limit as u64 + 2).read_until(b'\n', &mut line);
+        let number = self.number + 1;
+        let outcome = match read {
+            Ok(0) => {
+                self.finished = true;
+                return None;
+            }
+            Err(error) => Err(anyhow!("line {number}: cannot read ({error})")),
+            Ok(_) => {
+                let ended = line.last() == Some(&b'\n');
+                if ended {
+                    line.pop();
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                }
+                if line.len() > self.limit {
+                    Err(anyhow!(
+                        "line {number}: longer than {} bytes, the largest request sent (--max-frame-bytes)",
+                        self.limit
+                    ))
+                } else {
+                    String::from_utf8(line).map_err(|_| anyhow!("line {number}: not UTF-8"))
+                }
+            }
+        };
+        self.number = number;
+        match outcome {
+            Ok(line) => Some(Ok((number, line))),
+            Err(error) => {
+                self.finished = true;
+                Some(Err(error))
+            }
         }
     }
 }
 
-/// Non-blank lines of an NDJSON input, with their 1-based line numbers.
-fn ndjson_lines(text: &str) -> Vec<(usize, &str)> {
-    text.lines()
-        .enumerate()
-        .map(|(number, line)| (number + 1, line.trim()))
-        .filter(|(_, line)| !line.is_empty())
-        .collect()
-}
-
 /// Bulk ids: each line is a JSON string, an object with "_id", or a bare id.
-fn parse_bulk_ids(text: &str) -> anyhow::Result<Vec<String>> {
+fn parse_bulk_ids(lines: impl Iterator<Item = anyhow::Result<(usize, String)>>) -> anyhow::Result<Vec<String>> {
     let mut ids = Vec::new();
-    for (line_number, line) in ndjson_lines(text) {
+    for line in lines {
+        let (line_number, line) = line?;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
         let id = match serde_json::from_str::<serde_json::Value>(line) {
             Ok(serde_json::Value::String(id)) => id,
             Ok(serde_json::Value::Object(object)) => match object.get("_id") {
@@ -1104,19 +1170,12 @@ impl BulkInput {
         }
     }
 
-    /// Non-blank lines with their 1-based numbers, read as they are needed.
-    fn lines(&self) -> anyhow::Result<impl Iterator<Item = anyhow::Result<(usize, String)>>> {
-        use std::io::BufRead;
+    /// Non-blank lines with their 1-based numbers, read as they are needed, each at most
+    /// `limit` bytes.
+    fn lines(&self, limit: usize) -> anyhow::Result<impl Iterator<Item = anyhow::Result<(usize, String)>>> {
         let file = std::fs::File::open(&self.path).with_context(|| format!("cannot read {}", self.path.display()))?;
         let reader = std::io::BufReader::with_capacity(1 << 20, file);
-        Ok(reader
-            .lines()
-            .enumerate()
-            .map(|(number, line)| {
-                let line = line.with_context(|| format!("line {}: cannot read (not UTF-8?)", number + 1))?;
-                Ok((number + 1, line))
-            })
-            .filter(|line| !matches!(line, Ok((_, text)) if text.trim().is_empty())))
+        Ok(BoundedLines::new(reader, limit).filter(|line| !matches!(line, Ok((_, text)) if text.trim().is_empty())))
     }
 }
 
@@ -1131,12 +1190,12 @@ impl Drop for BulkInput {
 /// Checks every line of a bulk input (JSON object with an "_id", matching the node's schema)
 /// before anything is sent: a file with one bad line is refused whole, so a load is never
 /// applied in part because of its content. Returns the number of documents.
-fn check_bulk_input(input: &BulkInput, schema_json: &str) -> anyhow::Result<usize> {
+fn check_bulk_input(input: &BulkInput, schema_json: &str, line_limit: usize) -> anyhow::Result<usize> {
     let schema = crate::index::load_schema(schema_json).context("the node reported a schema that does not load")?;
     let mut invalid = Vec::new();
     let mut invalid_count = 0_usize;
     let mut count = 0_usize;
-    for line in input.lines()? {
+    for line in input.lines(line_limit)? {
         let (line_number, line) = line?;
         count += 1;
         if let Err(reason) = check_bulk_line(&schema, line.trim()) {
@@ -1197,10 +1256,10 @@ async fn bulk_put(connection: &ConnectionArguments, file: Option<&Path>) -> anyh
     let input = BulkInput::open(file)?;
     let client = connect(connection)?;
     let schema_json = serde_json::to_string(&client.schema().await?)?;
-    let count = check_bulk_input(&input, &schema_json)?;
+    let count = check_bulk_input(&input, &schema_json, connection.max_frame_bytes)?;
     let bar = progress_bar(count);
     // Checked above; a line that changed since is refused by the node, by its line number.
-    let items = input.lines()?.map(|line| {
+    let items = input.lines(connection.max_frame_bytes)?.map(|line| {
         let (line_number, line) = line.map_err(|error| ClientError::InvalidArgument(format!("{error:#}")))?;
         let line = line.trim().to_string();
         // Checked above: only its id is read again (a line changed since is refused by the
@@ -1252,7 +1311,8 @@ fn bayard_item(id: String, line: String, line_number: usize) -> crate::client::B
 }
 
 async fn bulk_delete(connection: &ConnectionArguments, file: Option<&Path>) -> anyhow::Result<()> {
-    let ids = parse_bulk_ids(&read_input(file)?)?;
+    let input = BulkInput::open(file)?;
+    let ids = parse_bulk_ids(input.lines(connection.max_frame_bytes)?)?;
     let client = connect(connection)?;
     let bar = progress_bar(ids.len());
     let receipt = client.bulk_delete(ids, |deleted| bar.set_position(deleted as u64)).await?;
@@ -1273,7 +1333,7 @@ async fn run_client_command(command: Command) -> anyhow::Result<()> {
             let document = match (&arguments.document, &arguments.file) {
                 (Some(_), Some(_)) => bail!("give the document either on the command line or with --file, not both"),
                 (Some(document), None) => document.clone(),
-                (None, file) => read_input(file.as_deref())?,
+                (None, file) => read_document(file.as_deref(), arguments.connection.max_frame_bytes)?,
             };
             let document = document.trim();
             if arguments.id.is_none() {
@@ -1500,18 +1560,49 @@ mod tests {
             BulkInput::open(Some(&path)).unwrap()
         };
         let schema = crate::index::DEFAULT_SCHEMA_JSON;
-        let error = check_bulk_input(&write("broken", "{\"_id\":\"1\"}\n\n{oops}\n"), schema).unwrap_err();
+        let error = check_bulk_input(&write("broken", "{\"_id\":\"1\"}\n\n{oops}\n"), schema, 1 << 20).unwrap_err();
         assert!(error.to_string().starts_with("line 3: malformed JSON"), "{error}");
-        let error = check_bulk_input(&write("no-id", "{\"title\":\"x\"}"), schema).unwrap_err();
+        let error = check_bulk_input(&write("no-id", "{\"title\":\"x\"}"), schema, 1 << 20).unwrap_err();
         assert!(error.to_string().contains("no \"_id\""), "{error}");
-        let error = check_bulk_input(&write("empty", "\n\n"), schema).unwrap_err();
+        let error = check_bulk_input(&write("empty", "\n\n"), schema, 1 << 20).unwrap_err();
         assert!(error.to_string().contains("no documents"), "{error}");
         let good = write("good", "{\"_id\":\"1\"}\n\n{\"_id\":\"2\"}");
-        assert_eq!(check_bulk_input(&good, schema).unwrap(), 2);
-        let lines: Vec<usize> = good.lines().unwrap().map(|line| line.unwrap().0).collect();
+        assert_eq!(check_bulk_input(&good, schema, 1 << 20).unwrap(), 2);
+        let lines: Vec<usize> = good.lines(1 << 20).unwrap().map(|line| line.unwrap().0).collect();
         assert_eq!(lines, vec![1, 3]);
         assert_eq!(describe_line_ranges(&[(1, 1000), (3001, 3001)]), "1-1000, 3001");
-        assert_eq!(parse_bulk_ids("\"a\"\n{\"_id\":\"b\"}\nc\n7").unwrap(), vec!["a", "b", "c", "7"]);
+        let ids = BoundedLines::new("\"a\"\n{\"_id\":\"b\"}\n\n c \n7".as_bytes(), 16);
+        assert_eq!(parse_bulk_ids(ids).unwrap(), vec!["a", "b", "c", "7"]);
         std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    /// Lines up to the limit pass whatever ends them; one byte more is refused by its number, and
+    /// nothing after it is read.
+    #[test]
+    fn bounded_lines_refuse_a_line_past_the_limit() {
+        type Lines = Vec<Result<(usize, String), String>>;
+        let lines = |text: &str, limit: usize| -> Lines {
+            BoundedLines::new(text.as_bytes(), limit).map(|line| line.map_err(|error| error.to_string())).collect()
+        };
+        let ok = |number: usize, text: &str| Ok((number, text.to_string()));
+        let too_long = |number: usize| {
+            Err(format!("line {number}: longer than 4 bytes, the largest request sent (--max-frame-bytes)"))
+        };
+        let cases: &[(&str, Lines)] = &[
+            ("", vec![]),
+            ("abcd", vec![ok(1, "abcd")]),
+            ("abcd\n", vec![ok(1, "abcd")]),
+            ("abcd\r\n\nxy", vec![ok(1, "abcd"), ok(2, ""), ok(3, "xy")]),
+            ("abcde", vec![too_long(1)]),
+            ("abcde\n", vec![too_long(1)]),
+            ("ab\nabcde\r\nnever read\n", vec![ok(1, "ab"), too_long(2)]),
+            ("abcdefghijklmnop\nx", vec![too_long(1)]),
+            ("ab\r\r\n", vec![ok(1, "ab\r")]),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(&lines(text, 4), expected, "{text:?}");
+        }
+        let not_utf8 = BoundedLines::new(&b"ok\n\xff\n"[..], 4).map(|line| line.map_err(|error| error.to_string()));
+        assert_eq!(not_utf8.collect::<Vec<_>>(), vec![ok(1, "ok"), Err("line 2: not UTF-8".to_string())]);
     }
 }

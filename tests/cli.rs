@@ -237,6 +237,56 @@ fn a_bulk_file_with_one_bad_line_writes_nothing() {
     assert_eq!(receipt["operations"], 2500);
 }
 
+/// A line longer than any request the node takes is refused by its number before the CLI holds
+/// it whole: a file with one endless line (a binary file, a JSON array without newlines) must
+/// not make the CLI's memory grow with it. The same holds for `put --file` and `delete --bulk`.
+#[test]
+fn an_endless_line_is_refused_without_reading_it_whole() {
+    let directory = tempfile::tempdir().unwrap();
+    let root = directory.path();
+    let server = serve(root, &["--commit-interval", "0"]);
+    // 96 MiB without a newline after a valid first line; requests are at most 1 MiB here. The
+    // files are written a MiB at a time: the peak that wait4 reports for the CLI includes this
+    // process's own peak (the child shares its memory until exec), which must stay small.
+    let endless = |name: &str, start: &str| {
+        use std::io::Write;
+        let mut file = std::io::BufWriter::new(std::fs::File::create(root.join(name)).unwrap());
+        file.write_all(start.as_bytes()).unwrap();
+        let megabyte = vec![b'x'; 1 << 20];
+        for _ in 0..96 {
+            file.write_all(&megabyte).unwrap();
+        }
+        file.flush().unwrap();
+    };
+    endless("endless.ndjson", "{\"_id\":\"a\"}\n{\"_id\":\"big\",\"title\":\"");
+    endless("endless.json", "{\"_id\":\"big\",\"title\":\"");
+    endless("endless-ids.ndjson", "a\n");
+    let limit = ["--max-frame-bytes", "1048576", "--servers", &server.address];
+    for (command, expected) in [
+        (vec!["put", "--bulk", "--file", "endless.ndjson"], "line 2: longer than 1048576 bytes"),
+        (vec!["delete", "--bulk", "--file", "endless-ids.ndjson"], "line 2: longer than 1048576 bytes"),
+        (vec!["put", "--file", "endless.json"], "larger than 1048576 bytes"),
+    ] {
+        let arguments: Vec<&str> = command.iter().chain(limit.iter()).copied().collect();
+        let run = process::run_measuring_memory(root, &arguments);
+        eprintln!("bayard {command:?}: peak {} MB", run.peak_resident_bytes >> 20);
+        assert!(!run.success, "bayard {command:?} took an endless line");
+        assert!(run.stderr.contains(expected) && run.stderr.contains("--max-frame-bytes"), "{}", run.stderr);
+        // The CLI itself needs a few tens of MB; holding the line would take at least 96 MiB.
+        assert!(
+            run.peak_resident_bytes < 64 << 20,
+            "bayard {command:?} held {} MB to refuse the line",
+            run.peak_resident_bytes >> 20
+        );
+    }
+    // Nothing was written, and the same node still takes an ordinary load.
+    json(root, &["commit", "--servers", &server.address], None);
+    assert_eq!(json(root, &["status", "--servers", &server.address], None)["document_count"], 0);
+    std::fs::write(root.join("docs.ndjson"), "{\"_id\":\"a\"}\n{\"_id\":\"b\"}\n").unwrap();
+    let receipt = json(root, &["put", "--bulk", "--file", "docs.ndjson", "--servers", &server.address], None);
+    assert_eq!(receipt["operations"], 2);
+}
+
 /// Each ordinary mistake gets an error that names the fix, printed once.
 #[test]
 fn errors_name_the_fix() {

@@ -182,3 +182,43 @@ pub fn eventually_blocking(limit: Duration, mut check: impl FnMut() -> bool) -> 
     }
     false
 }
+
+/// What a client command printed on stderr, whether it succeeded, and the most memory it held
+/// (its peak resident set, from `wait4`, which reports on that one child only).
+pub struct MeasuredRun {
+    pub success: bool,
+    pub stderr: String,
+    pub peak_resident_bytes: u64,
+}
+
+/// Runs a `bayard` client command in `directory` (stdout and stderr go to files there, so
+/// nothing has to be read while it runs) and measures its peak memory.
+pub fn run_measuring_memory(directory: &Path, arguments: &[&str]) -> MeasuredRun {
+    let stderr_path = directory.join("measured.stderr");
+    let child = Command::new(binary())
+        .current_dir(directory)
+        .args(arguments)
+        .env_remove("BAYARD_SERVERS")
+        .env_remove("BAYARD_CA")
+        .env_remove("BAYARD_CERT")
+        .env_remove("BAYARD_KEY")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(directory.join("measured.stdout")).expect("stdout file"))
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("spawn bayard");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: `usage` is a plain C struct that wait4 fills; the pid is our own child, which
+    // nothing else waits for (the `Child` is forgotten so its drop does not touch the pid).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    std::mem::forget(child);
+    assert_eq!(waited, pid, "wait4 on bayard {arguments:?} failed");
+    MeasuredRun {
+        success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+        // Linux reports ru_maxrss in KiB.
+        peak_resident_bytes: usage.ru_maxrss as u64 * 1024,
+    }
+}
