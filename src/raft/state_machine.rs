@@ -58,17 +58,14 @@ struct MarkerView<'a> {
 }
 
 impl MarkerView<'_> {
-    fn to_payload(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+    /// The marker as the commit's payload. An error here fails the apply: a commit with an
+    /// empty or partial marker would not open again as this node's index.
+    fn to_payload(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
     }
 }
 
 impl IndexCommitMarker {
-    pub fn to_payload(&self) -> String {
-        MarkerView { log_id: self.log_id, membership: &self.membership, requests: &self.requests, keys: &self.keys }
-            .to_payload()
-    }
-
     /// The marker of the index's last commit; the default (nothing applied) for a new index.
     pub fn read(index: &SearchIndex) -> Result<IndexCommitMarker, IndexError> {
         let Some(payload) = index.last_commit_payload()? else {
@@ -388,10 +385,18 @@ fn apply_request(
     };
     // The marker (with the request table) is serialized only for requests that commit.
     let commits = request.operations.iter().any(|operation| matches!(operation, IndexOperation::Commit));
-    let payload = commits.then(|| {
-        MarkerView { log_id: Some(log_id), membership: &state.membership, requests: &state.requests, keys: &state.keys }
+    let payload = commits
+        .then(|| {
+            MarkerView {
+                log_id: Some(log_id),
+                membership: &state.membership,
+                requests: &state.requests,
+                keys: &state.keys,
+            }
             .to_payload()
-    });
+        })
+        .transpose()
+        .map_err(|error| Box::new(StorageIOError::apply(log_id, &error).into()))?;
     let _span = tracing::info_span!("bayard.apply", log_index = log_id.index, operations).entered();
     let started = std::time::Instant::now();
     let error = match index.apply(&request.operations, payload.as_deref()) {
