@@ -133,14 +133,8 @@ pub fn run_with_environment(
     stdin: Option<&str>,
     environment: &[(&str, &str)],
 ) -> Output {
-    let mut child = Command::new(binary())
+    let mut child = client_command(directory, arguments)
         .envs(environment.iter().copied())
-        .current_dir(directory)
-        .args(arguments)
-        .env_remove("BAYARD_SERVERS")
-        .env_remove("BAYARD_CA")
-        .env_remove("BAYARD_CERT")
-        .env_remove("BAYARD_KEY")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -152,6 +146,20 @@ pub fn run_with_environment(
     }
     drop(input);
     child.wait_with_output().expect("bayard output")
+}
+
+/// `bayard arguments` run in `directory`, with none of the caller's `BAYARD_*` connection
+/// settings: a test names its servers and certificates itself.
+fn client_command(directory: &Path, arguments: &[&str]) -> Command {
+    let mut command = Command::new(binary());
+    command
+        .current_dir(directory)
+        .args(arguments)
+        .env_remove("BAYARD_SERVERS")
+        .env_remove("BAYARD_CA")
+        .env_remove("BAYARD_CERT")
+        .env_remove("BAYARD_KEY");
+    command
 }
 
 /// Runs a command that must succeed and returns its stdout as JSON.
@@ -195,13 +203,7 @@ pub struct MeasuredRun {
 /// nothing has to be read while it runs) and measures its peak memory.
 pub fn run_measuring_memory(directory: &Path, arguments: &[&str]) -> MeasuredRun {
     let stderr_path = directory.join("measured.stderr");
-    let child = Command::new(binary())
-        .current_dir(directory)
-        .args(arguments)
-        .env_remove("BAYARD_SERVERS")
-        .env_remove("BAYARD_CA")
-        .env_remove("BAYARD_CERT")
-        .env_remove("BAYARD_KEY")
+    let child = client_command(directory, arguments)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(directory.join("measured.stdout")).expect("stdout file"))
         .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
