@@ -46,6 +46,7 @@ bench: bench-tools
     cargo bench --bench bulk_put
     cargo bench --bench telemetry_overhead
     cargo bench --bench search
+    cargo bench --bench request_table
 
 # tantivy-cli (`tantivy serve`, the plain HTTP tantivy server the search bench compares against)
 # from crates.io into target/bench-tools; nothing of it is in this repository. Not `--locked`:

@@ -49,7 +49,7 @@ pub const REQUEST_RETENTION_MS: u64 = 2 * LONGEST_WRITE_WAIT_MS;
 pub const MAX_CLOCK_STEP_MS: u64 = 10_000;
 /// The newest requests kept whatever their age.
 pub const MIN_REMEMBERED_REQUESTS: usize = 10_000;
-/// The most requests kept: about 40 MB of memory and 8 MB in each commit marker when full
+/// The most requests kept: at most about 40 MB of memory and 8 MB in each commit marker when full
 /// (two minutes at 2,000 writes a second).
 pub const MAX_REMEMBERED_REQUESTS: usize = 250_000;
 
