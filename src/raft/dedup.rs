@@ -186,14 +186,19 @@ impl AppliedRequests {
         }
     }
 
-    fn remembered(&self, request_id: RequestId) -> Option<&Remembered> {
+    /// Where `request_id` is in `order`, when it is remembered.
+    fn slot(&self, request_id: RequestId) -> Option<usize> {
         let number = *self.positions.get(&request_id)?;
-        self.order.get(usize::try_from(number.checked_sub(self.forgotten)?).ok()?)
+        usize::try_from(number.checked_sub(self.forgotten)?).ok()
+    }
+
+    fn remembered(&self, request_id: RequestId) -> Option<&Remembered> {
+        self.order.get(self.slot(request_id)?)
     }
 
     fn remembered_mut(&mut self, request_id: RequestId) -> Option<&mut Remembered> {
-        let number = *self.positions.get(&request_id)?;
-        self.order.get_mut(usize::try_from(number.checked_sub(self.forgotten)?).ok()?)
+        let slot = self.slot(request_id)?;
+        self.order.get_mut(slot)
     }
 
     /// Drops the oldest request, answering when it was recorded.
@@ -274,8 +279,8 @@ struct StoredRecord<'a> {
 
 impl StoredRecord<'_> {
     /// Appends the record's postcard form, written by hand: a full table is serialized on the
-    /// apply path at every commit, and postcard's serde encoder spent 80-90 ms on 250,000
-    /// records (byte by byte through the serializer for the id). The bytes are postcard's
+    /// apply path at every commit, and postcard's serde encoder took the id through the
+    /// serializer byte by byte (`benches/request_table` compares the two). The bytes are postcard's
     /// exactly (a test compares them), so `postcard::take_from_bytes` still reads them and
     /// stays the one decoder of what comes from a file.
     fn encode_into(&self, bytes: &mut Vec<u8>) {
