@@ -534,9 +534,12 @@ fn missing_trailing_fields(format: u8) -> usize {
 /// postcard's variant index of `EntryPayload::Normal` (after `Blank`).
 const NORMAL_PAYLOAD_VARIANT: u32 = 1;
 
-/// Encodes after the format byte, in one buffer.
+/// Encodes after the format byte, in one buffer reserved at the value's measured size (a bulk
+/// entry of 300 KB grown while written was copied a dozen times onto fresh pages).
 fn versioned<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, postcard::Error> {
-    postcard::to_extend(value, vec![LOG_FORMAT_VERSION])
+    let mut bytes = Vec::with_capacity(1 + postcard::experimental::serialized_size(value)?);
+    bytes.push(LOG_FORMAT_VERSION);
+    postcard::to_extend(value, bytes)
 }
 
 /// The format byte and the bytes after it, or `UnknownFormat`.
