@@ -10,6 +10,7 @@ mod document;
 mod document_check;
 mod error;
 mod export;
+mod id_delete;
 mod limits;
 mod query_dsl;
 mod schema;

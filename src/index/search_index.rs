@@ -18,6 +18,7 @@ use super::document::{
     build_tantivy_document, check_document_id, embedded_document_id, parse_json_object, render_stored_document,
 };
 use super::document_check::{check_document_text, CheckedDocument};
+use super::id_delete::IdDeletion;
 use super::schema::{check_id_field, describe_schema_differences};
 use super::{IndexError, ID_FIELD};
 
@@ -256,7 +257,7 @@ impl SearchIndex {
                     outcome.documents_put += 1;
                 }
                 IndexOperation::Delete { id } => {
-                    writer.delete_term(self.id_term(id));
+                    self.delete_id(&writer, id)?;
                     self.has_uncommitted_changes.store(true, Ordering::SeqCst);
                     outcome.documents_deleted += 1;
                 }
@@ -374,6 +375,13 @@ impl SearchIndex {
         Term::from_field_text(self.id_field, id)
     }
 
+    /// Queues the delete of every document with this `_id` (`id_delete`: tantivy's
+    /// `delete_term` builds a scoring weight of a kilobyte for each one).
+    fn delete_id(&self, writer: &IndexWriter, id: &str) -> Result<(), IndexError> {
+        writer.delete_query(Box::new(IdDeletion::new(self.id_term(id))))?;
+        Ok(())
+    }
+
     fn apply_put(&self, writer: &IndexWriter, id: &str, document_json: &str) -> Result<(), IndexError> {
         // The document was validated by `prepare_put` before replication; failing here means
         // a bug or a log written by another version, so report it rather than panic.
@@ -394,7 +402,7 @@ impl SearchIndex {
         let document = build_tantivy_document(&self.schema, document_object)?;
         // Delete then add: tantivy applies a delete to every document added before it, so the
         // new version survives and any older one (even from this batch) is removed.
-        writer.delete_term(self.id_term(id));
+        self.delete_id(writer, id)?;
         writer.add_document(document)?;
         self.has_uncommitted_changes.store(true, Ordering::SeqCst);
         Ok(())

@@ -1,0 +1,123 @@
+//! Deleting by `_id`, the delete half of every upsert.
+//!
+//! tantivy's `IndexWriter::delete_term` wraps the term in a `TermQuery` and asks it for a weight
+//! with scoring disabled, which still builds a BM25 weight: a 256-entry table of term-frequency
+//! factors (1 KiB) and an explanation string, boxed and kept in the delete queue until every
+//! segment has seen the delete, then recomputed per segment when the delete is applied. A bulk
+//! load deletes before every add, so that was a kilobyte and a table computation per document for
+//! a query that never scores. [`IdDeletion`] matches the same documents (the postings of the term,
+//! read with `Basic`, as tantivy's own delete reads them) with nothing to score.
+
+use tantivy::query::{ConstScorer, EmptyScorer, EnableScoring, Explanation, Query, Scorer, Weight};
+use tantivy::schema::IndexRecordOption;
+use tantivy::{DocId, DocSet, Score, SegmentReader, TantivyError, Term};
+
+/// Matches every document whose indexed `_id` is `term`; only for `IndexWriter::delete_query`.
+#[derive(Clone, Debug)]
+pub(super) struct IdDeletion {
+    term: Term,
+}
+
+impl IdDeletion {
+    pub(super) fn new(term: Term) -> IdDeletion {
+        IdDeletion { term }
+    }
+}
+
+impl Query for IdDeletion {
+    fn weight(&self, _scoring: EnableScoring<'_>) -> tantivy::Result<Box<dyn Weight>> {
+        Ok(Box::new(IdDeletionWeight { term: self.term.clone() }))
+    }
+}
+
+struct IdDeletionWeight {
+    term: Term,
+}
+
+impl Weight for IdDeletionWeight {
+    fn scorer(&self, reader: &SegmentReader, boost: Score) -> tantivy::Result<Box<dyn Scorer>> {
+        let inverted_index = reader.inverted_index(self.term.field())?;
+        Ok(match inverted_index.read_postings(&self.term, IndexRecordOption::Basic)? {
+            Some(postings) => Box::new(ConstScorer::new(postings, boost)),
+            None => Box::new(EmptyScorer),
+        })
+    }
+
+    fn explain(&self, reader: &SegmentReader, doc: DocId) -> tantivy::Result<Explanation> {
+        let mut scorer = self.scorer(reader, 1.0)?;
+        if scorer.seek(doc) == doc {
+            Ok(Explanation::new("_id matches", 1.0))
+        } else {
+            Err(TantivyError::InvalidArgument(format!("document {doc} does not have this _id")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tantivy::collector::Count;
+    use tantivy::query::TermQuery;
+    use tantivy::schema::{Schema, STORED, STRING, TEXT};
+    use tantivy::{doc, Index, IndexWriter};
+
+    /// The same documents as tantivy's own delete of the term, in every place a document can be:
+    /// committed segments, the segment being written, before and after the delete, absent ids.
+    #[test]
+    fn deletes_what_tantivys_term_delete_deletes() {
+        let mut schema = Schema::builder();
+        let id = schema.add_text_field("_id", STRING | STORED);
+        let body = schema.add_text_field("body", TEXT);
+        let schema = schema.build();
+        let survivors = |use_ours: bool| -> Vec<(String, usize)> {
+            let index = Index::create_in_ram(schema.clone());
+            let mut writer: IndexWriter = index.writer_with_num_threads(1, 15_000_000).unwrap();
+            let delete = |writer: &IndexWriter, value: &str| {
+                let term = Term::from_field_text(id, value);
+                if use_ours {
+                    writer.delete_query(Box::new(IdDeletion::new(term))).unwrap();
+                } else {
+                    writer.delete_term(term);
+                }
+            };
+            for number in 0..50 {
+                writer.add_document(doc!(id => format!("a{}", number % 10), body => "old")).unwrap();
+            }
+            writer.commit().unwrap();
+            // Committed documents, one id twice in the same segment, an id never seen.
+            delete(&writer, "a1");
+            delete(&writer, "a2");
+            delete(&writer, "nobody");
+            // Added after a delete of its id, then deleted again in the same segment.
+            writer.add_document(doc!(id => "a1", body => "new")).unwrap();
+            writer.add_document(doc!(id => "b", body => "new")).unwrap();
+            delete(&writer, "b");
+            writer.add_document(doc!(id => "b", body => "newer")).unwrap();
+            writer.commit().unwrap();
+            let searcher = index.reader().unwrap().searcher();
+            let mut counts: Vec<(String, usize)> = ["a0", "a1", "a2", "a3", "b", "nobody"]
+                .iter()
+                .map(|value| {
+                    let query = TermQuery::new(Term::from_field_text(id, value), IndexRecordOption::Basic);
+                    (value.to_string(), searcher.search(&query, &Count).unwrap())
+                })
+                .collect();
+            counts.push(("all".to_string(), searcher.num_docs() as usize));
+            counts
+        };
+        let tantivys = survivors(false);
+        assert_eq!(
+            tantivys,
+            vec![
+                ("a0".to_string(), 5),
+                ("a1".to_string(), 1),
+                ("a2".to_string(), 0),
+                ("a3".to_string(), 5),
+                ("b".to_string(), 1),
+                ("nobody".to_string(), 0),
+                ("all".to_string(), 42)
+            ]
+        );
+        assert_eq!(survivors(true), tantivys);
+    }
+}
