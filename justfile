@@ -47,6 +47,7 @@ bench: bench-tools
     cargo bench --bench telemetry_overhead
     cargo bench --bench search
     cargo bench --bench request_table
+    cargo bench --bench snapshot_chunk
 
 # tantivy-cli (`tantivy serve`, the plain HTTP tantivy server the search bench compares against)
 # from crates.io into target/bench-tools; nothing of it is in this repository. Not `--locked`:
