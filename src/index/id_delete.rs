@@ -49,6 +49,9 @@ impl Weight for IdDeletionWeight {
     }
 
     fn explain(&self, reader: &SegmentReader, doc: DocId) -> tantivy::Result<Explanation> {
+        if doc >= reader.max_doc() {
+            return Err(TantivyError::InvalidArgument(format!("document {doc} is not in this segment")));
+        }
         let mut scorer = self.scorer(reader, 1.0)?;
         // `seek` may only move forward (tantivy debug-asserts it): a scorer already past `doc`,
         // including the empty one, whose current document is TERMINATED, does not match it.
@@ -87,7 +90,8 @@ mod tests {
             let index = Index::create_in_ram(schema.clone());
             let mut writer: IndexWriter = index.writer_with_num_threads(1, 15_000_000).unwrap();
             // Segments stay as committed, so the one-document and all-one-id segments exist
-            // when the deletes reach them.
+            // when the deletes reach them: three segments are below the default policy's
+            // threshold too, but the test should not depend on that.
             writer.set_merge_policy(Box::new(NoMergePolicy));
             let delete = |writer: &IndexWriter, value: &str| {
                 let term = Term::from_field_text(id, value);
@@ -176,5 +180,9 @@ mod tests {
         assert_eq!(matched, vec![false, true, false, true, false]);
         let absent = weight_for("absent");
         assert!((0..5).all(|doc| absent.explain(segment, doc).is_err()));
+        // Past the segment, TERMINATED included (the empty scorer's own position).
+        for beyond in [5, tantivy::TERMINATED] {
+            assert!(x.explain(segment, beyond).is_err() && absent.explain(segment, beyond).is_err());
+        }
     }
 }

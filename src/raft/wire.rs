@@ -6,11 +6,6 @@ use serde::{Deserialize, Serialize};
 
 use super::types::{BatchOutcome, IndexBatch, NodeId, TypeConfig};
 
-/// Bytes read as a sequence are pushed one by one into a list grown this far at first, at most:
-/// postcard never takes that path (it reads a byte string as one slice of the frame), but a
-/// format that did could not make a length in the input reserve memory.
-const MAX_PREALLOCATED_SEQUENCE_BYTES: usize = 64 * 1024;
-
 /// Requests on a `Raft` stream (node certificates only). The first three are openraft's RPCs;
 /// `Propose` carries a write another node accepted from a client, to the leader.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -19,8 +14,8 @@ pub enum RaftRequest {
     Vote(openraft::raft::VoteRequest<NodeId>),
     /// A chunk's bytes go as one byte string (`snapshot_chunk`), not as openraft's derive writes
     /// a `Vec<u8>`, a sequence visited one number at a time: postcard writes both as the length
-    /// and the bytes, so the wire is the same, but a 4 MiB chunk is copied whole when it is
-    /// measured, encoded and decoded.
+    /// and the bytes, so the wire is the same, but a 4 MiB chunk is measured by its length and
+    /// copied whole when it is encoded and decoded.
     InstallSnapshot(#[serde(with = "snapshot_chunk")] openraft::raft::InstallSnapshotRequest<TypeConfig>),
     Propose(IndexBatch),
 }
@@ -67,11 +62,10 @@ mod snapshot_chunk {
 
     use openraft::raft::InstallSnapshotRequest;
     use openraft::{SnapshotMeta, Vote};
-    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use serde::de::{Deserializer, Visitor};
     use serde::ser::Serializer;
     use serde::{Deserialize, Serialize};
 
-    use super::MAX_PREALLOCATED_SEQUENCE_BYTES;
     use crate::raft::types::{MemberNode, NodeId, TypeConfig};
 
     type Request = InstallSnapshotRequest<TypeConfig>;
@@ -110,6 +104,8 @@ mod snapshot_chunk {
         }
     }
 
+    /// postcard hands a byte string over as one slice of the frame, after checking that the
+    /// frame holds that many bytes; nothing else decodes these messages.
     struct BytesVisitor;
 
     impl<'de> Visitor<'de> for BytesVisitor {
@@ -124,14 +120,6 @@ mod snapshot_chunk {
         }
 
         fn visit_byte_buf<E>(self, bytes: Vec<u8>) -> Result<Vec<u8>, E> {
-            Ok(bytes)
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut sequence: A) -> Result<Vec<u8>, A::Error> {
-            let mut bytes = Vec::with_capacity(sequence.size_hint().unwrap_or(0).min(MAX_PREALLOCATED_SEQUENCE_BYTES));
-            while let Some(byte) = sequence.next_element()? {
-                bytes.push(byte);
-            }
             Ok(bytes)
         }
     }
@@ -191,11 +179,11 @@ mod tests {
         }
     }
 
-    /// The byte-string chunk is the bytes openraft's derive wrote, both ways, at every length
-    /// whose varint prefix differs (0, 1, 2 and 3 bytes of length).
+    /// The byte-string chunk is the bytes openraft's derive wrote, both ways, with length
+    /// prefixes of 1, 2, 3 and 4 bytes, up to the 4 MiB a node sends.
     #[test]
     fn a_snapshot_chunk_is_the_bytes_openrafts_derive_wrote() {
-        for length in [0usize, 1, 127, 128, 300, 16_384, 70_000] {
+        for length in [0usize, 1, 127, 128, 300, 16_383, 16_384, 70_000, 4 << 20] {
             let data: Vec<u8> = (0..length).map(|number| (number * 7 % 251) as u8).collect();
             let ours = postcard::to_stdvec(&RaftRequest::InstallSnapshot(chunk(data.clone()))).unwrap();
             let derived = postcard::to_stdvec(&DerivedRaftRequest::InstallSnapshot(chunk(data.clone()))).unwrap();
@@ -207,16 +195,20 @@ mod tests {
         }
     }
 
-    /// A chunk that says it is longer than the frame is refused, not read past the end, nor
-    /// reserved for.
+    /// A chunk that says it is longer than its frame is refused as the end of the input: a cut
+    /// frame, and a length prefix claiming `u64::MAX` bytes (ten varint bytes), which must not be
+    /// taken for an allocation size.
     #[test]
     fn a_chunk_longer_than_its_frame_is_refused() {
-        let mut bytes = postcard::to_stdvec(&RaftRequest::InstallSnapshot(chunk(vec![1; 300]))).unwrap();
-        bytes.truncate(bytes.len() - 2);
-        assert!(postcard::from_bytes::<RaftRequest>(&bytes).is_err());
-        // The length varint of a 300-byte chunk is [172, 2]; 0xff.. claims far more than follows.
-        let at = bytes.windows(2).position(|pair| pair == [172, 2]).unwrap();
-        bytes[at..at + 2].copy_from_slice(&[0xff, 0x7f]);
-        assert!(postcard::from_bytes::<RaftRequest>(&bytes).is_err());
+        let whole = postcard::to_stdvec(&RaftRequest::InstallSnapshot(chunk(vec![1; 300]))).unwrap();
+        let cut = &whole[..whole.len() - 2];
+        assert!(matches!(postcard::from_bytes::<RaftRequest>(cut), Err(postcard::Error::DeserializeUnexpectedEnd)));
+        // The length varint of a 300-byte chunk is [172, 2], right before the 300 ones.
+        let at = whole.len() - 1 - 300 - 2;
+        assert_eq!(&whole[at..at + 2], &[172, 2]);
+        let mut forged = whole[..at].to_vec();
+        forged.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        forged.extend_from_slice(&whole[at + 2..]);
+        assert!(matches!(postcard::from_bytes::<RaftRequest>(&forged), Err(postcard::Error::DeserializeUnexpectedEnd)));
     }
 }
