@@ -10,7 +10,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+use common::{median, milliseconds};
 
 use base64::Engine;
 use bayard::raft::dedup::{AppliedRequests, RecordedOutcome, MAX_REMEMBERED_REQUESTS};
@@ -27,15 +29,6 @@ struct Record<'a> {
     operations: u64,
     age_ms: u64,
     error: Option<&'a str>,
-}
-
-fn median(mut times: Vec<Duration>) -> Duration {
-    times.sort();
-    times[times.len() / 2]
-}
-
-fn milliseconds(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
 }
 
 fn main() {

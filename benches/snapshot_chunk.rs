@@ -10,7 +10,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+use common::{median, milliseconds};
 
 use bayard::protocol::RaftRequest;
 use bayard::raft::types::{IndexBatch, NodeId, TypeConfig};
@@ -30,15 +32,6 @@ enum DerivedRaftRequest {
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     Propose(IndexBatch),
-}
-
-fn median(mut times: Vec<Duration>) -> Duration {
-    times.sort();
-    times[times.len() / 2]
-}
-
-fn milliseconds(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
 }
 
 fn main() {

@@ -73,6 +73,16 @@ impl Latencies {
     }
 }
 
+/// The median of a few rounds' timings (the upper one of an even count).
+pub fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times.get(times.len() / 2).copied().unwrap_or_default()
+}
+
+pub fn milliseconds(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
 /// A new tantivy index in `directory` with the node's default schema and analyzers: the
 /// in-process baseline the benches compare against.
 pub fn raw_tantivy_index(directory: &std::path::Path) -> (tantivy::Index, tantivy::schema::Schema) {
