@@ -15,6 +15,7 @@ use std::time::Instant;
 use common::{median, milliseconds};
 
 use bayard::protocol::RaftRequest;
+use bayard::raft::network::SNAPSHOT_CHUNK_BYTES;
 use bayard::raft::types::{IndexBatch, NodeId, TypeConfig};
 use bayard::transport::frame::{encode_frame, DEFAULT_MAX_FRAME_BYTES, FRAME_PREFIX_BYTES};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
@@ -22,8 +23,8 @@ use openraft::{CommittedLeaderId, LogId, SnapshotMeta, StoredMembership, Vote};
 use serde::{Deserialize, Serialize};
 
 const ROUNDS: usize = 9;
-/// The chunk size a node sends (`snapshot_max_chunk_size` in `node`).
-const CHUNK_BYTES: usize = 4 * 1024 * 1024;
+/// The chunk size a node sends under the default frame limit.
+const CHUNK_BYTES: usize = SNAPSHOT_CHUNK_BYTES;
 
 /// `RaftRequest` with openraft's derives alone, variants in the same order.
 #[derive(Serialize, Deserialize)]

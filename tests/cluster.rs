@@ -146,6 +146,80 @@ async fn a_node_that_joins_after_the_log_was_purged_is_brought_up_by_snapshot() 
     cluster.shutdown().await;
 }
 
+/// A snapshot far larger than the frame limit reaches a new member in chunks that fit the limit.
+/// Chunks were 4 MiB whatever `--max-frame-bytes` said: under 64 KiB, the leader's encoder refused
+/// every chunk, and a node that needed the snapshot never caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_larger_than_the_frame_limit_reaches_a_new_member() {
+    const FRAME_LIMIT: usize = 64 * 1024;
+    const DOCUMENTS: usize = 40;
+    let mut cluster = TestCluster::new();
+    cluster.timings.snapshot_after_entries = 20;
+    cluster.timings.entries_kept_after_snapshot = 0;
+    let start = |cluster: &mut TestCluster, node_id: u64, peers: Vec<(u64, String)>| {
+        let mut config = cluster.config(node_id, peers);
+        config.max_frame_bytes = FRAME_LIMIT;
+        config
+    };
+    let config = start(&mut cluster, 1, vec![]);
+    cluster.nodes.insert(1, common::start_node(config).await);
+    cluster.wait_for_voters(1, &[1], SETTLE).await;
+    // Words of random letters: tantivy's stores and term dictionary cannot shrink them much, so
+    // 40 documents of 40 KB make a snapshot of megabytes from requests that each fit a frame.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut letter = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (b'a' + (state % 26) as u8) as char
+    };
+    let client = cluster.client_of(1);
+    for number in 0..DOCUMENTS {
+        let words: Vec<String> = (0..4_500).map(|_| (0..8).map(|_| letter()).collect()).collect();
+        let document = serde_json::json!({ "title": format!("large {number}"), "body": words.join(" ") });
+        client.put(&format!("large{number}"), &document.to_string()).await.unwrap();
+        client.commit().await.unwrap();
+    }
+    let raft = cluster.nodes[&1].raft().clone();
+    raft.wait(Some(SETTLE))
+        .metrics(
+            // Each document is two entries (put, commit): a snapshot of 30 of them at least.
+            |metrics| metrics.purged.is_some_and(|purged| purged.index >= 60),
+            "a snapshot of most documents built and the log behind it purged",
+        )
+        .await
+        .unwrap();
+    let snapshots = cluster.data[&1].path().join("raft").join("snapshots");
+    let largest =
+        std::fs::read_dir(&snapshots).unwrap().map(|entry| entry.unwrap().metadata().unwrap().len()).max().unwrap_or(0);
+    assert!(
+        largest > (FRAME_LIMIT + bayard::raft::network::RAFT_FRAME_OVERHEAD_BYTES) as u64,
+        "the snapshot ({largest} bytes) must not fit one Raft frame for this test to mean anything"
+    );
+
+    let address = cluster.address(1);
+    let config = start(&mut cluster, 2, vec![(1, address)]);
+    cluster.nodes.insert(2, common::start_node(config).await);
+    cluster.wait_for_voters(2, &[1, 2], SETTLE).await;
+    let joined = cluster.nodes[&2].raft().metrics().borrow().clone();
+    assert!(joined.snapshot.is_some(), "node 2 was not brought up by a snapshot: {joined:?}");
+    let second = cluster.client_of(2);
+    let caught_up = eventually(SETTLE, || async {
+        second
+            .search(everything(), Consistency::Local)
+            .await
+            .map(|result| result.count == Some(DOCUMENTS as u64))
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(caught_up, "node 2 does not hold the {DOCUMENTS} documents");
+    let last = second.get(&format!("large{}", DOCUMENTS - 1)).await.unwrap().unwrap();
+    assert_eq!(last.fields["title"], format!("large {}", DOCUMENTS - 1));
+    // The honest client is still served by the leader.
+    assert!(client.get("large0").await.unwrap().is_some());
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leave_removes_a_node_and_guards_the_quorum() {
     let mut cluster = three_node_cluster().await;

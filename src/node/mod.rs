@@ -29,7 +29,7 @@ use crate::cluster::{Cluster, ClusterConfig, ClusterEvent};
 use crate::index::{AnalyzerConfig, IndexError, SharedIndex};
 use crate::raft::election::ElectionAssist;
 use crate::raft::log_store::{LogStore, LogStoreError};
-use crate::raft::network::Network;
+use crate::raft::network::{snapshot_chunk_bytes, Network};
 use crate::raft::state_machine::{recover_interrupted_install, IndexOpener, StateMachinePaths, StateMachineStore};
 use crate::raft::types::{MemberNode, Raft};
 use crate::telemetry;
@@ -404,7 +404,7 @@ fn storage_error(context: &str, error: impl std::fmt::Display) -> NodeError {
     NodeError::Storage(format!("{context}: {error}"))
 }
 
-fn raft_config(timings: &RaftTimings) -> Result<openraft::Config, NodeError> {
+fn raft_config(timings: &RaftTimings, max_frame_bytes: usize) -> Result<openraft::Config, NodeError> {
     let config = openraft::Config {
         cluster_name: "bayard".to_string(),
         heartbeat_interval: timings.heartbeat_interval.as_millis() as u64,
@@ -415,8 +415,8 @@ fn raft_config(timings: &RaftTimings) -> Result<openraft::Config, NodeError> {
         max_in_snapshot_log_to_keep: timings.entries_kept_after_snapshot,
         // Entries are batches of documents: keep replication messages to a few of them.
         max_payload_entries: 32,
-        // Chunks stay well under the frame limit.
-        snapshot_max_chunk_size: 4 * 1024 * 1024,
+        // A chunk and its envelope fit a Raft frame under this node's frame limit.
+        snapshot_max_chunk_size: snapshot_chunk_bytes(max_frame_bytes),
         ..Default::default()
     };
     config.validate().map_err(|error| NodeError::RaftConfig(error.to_string()))
@@ -524,7 +524,7 @@ impl Node {
         let (election, election_hints) = ElectionAssist::new();
         let raft = Raft::new(
             config.node_id,
-            Arc::new(raft_config(&config.raft)?),
+            Arc::new(raft_config(&config.raft, config.max_frame_bytes)?),
             Network::new(pool.clone(), config.max_frame_bytes, election.clone()),
             log_store,
             state_machine.clone(),

@@ -24,6 +24,17 @@ use openraft::raft::{
 /// client request (at most one frame) plus its envelope.
 pub const RAFT_FRAME_OVERHEAD_BYTES: usize = 1024 * 1024;
 
+/// The most snapshot bytes one `InstallSnapshot` message carries, under the default frame limit.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
+/// The snapshot bytes per `InstallSnapshot` message under this frame limit (`--max-frame-bytes`):
+/// a chunk of at most the frame limit, with its envelope (vote, snapshot id and membership) in
+/// the overhead Raft frames have beyond it. A fixed 4 MiB chunk was refused by the sender's
+/// encoder under a limit below about 3 MiB, so a node that needed a snapshot never caught up.
+pub fn snapshot_chunk_bytes(max_frame_bytes: usize) -> u64 {
+    SNAPSHOT_CHUNK_BYTES.min(max_frame_bytes).max(1) as u64
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct TransportFailure(String);
@@ -243,6 +254,24 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
             Ok(RaftResponse::Vote(Err(error))) => Err(RPCError::RemoteError(RemoteError::new(self.target, error))),
             Ok(_) => Err(self.unexpected("vote")),
             Err(failure) => Err(self.rpc_error(failure, 1)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_chunks_fit_the_frame_limit() {
+        for (max_frame_bytes, chunk) in [
+            (crate::transport::DEFAULT_MAX_FRAME_BYTES, SNAPSHOT_CHUNK_BYTES as u64),
+            (SNAPSHOT_CHUNK_BYTES, SNAPSHOT_CHUNK_BYTES as u64),
+            (1024 * 1024, 1024 * 1024),
+            (65_536, 65_536),
+            (0, 1),
+        ] {
+            assert_eq!(snapshot_chunk_bytes(max_frame_bytes), chunk, "--max-frame-bytes {max_frame_bytes}");
         }
     }
 }
