@@ -144,7 +144,9 @@ fn main() {
         let data = tempfile::tempdir().expect("temp dir");
         let node = common::start_member(&certificates, 1, data.path(), None, Some(WRITER_MEMORY_BYTES)).await;
         common::wait_for_voters(&node, 1).await;
+        let reads_before = common::log_reads();
         let single = load(&certificates, node.local_address().to_string(), &file, count).await;
+        let single_reads = common::log_reads();
         node.shutdown().await;
         let single_log_mb = directory_mb(&data.path().join("raft"));
         let single_index_mb = directory_mb(&data.path().join("index"));
@@ -153,7 +155,9 @@ fn main() {
         let [first, second, third] = common::three_nodes(&certificates, &directories, Some(WRITER_MEMORY_BYTES)).await;
         let seed = first.local_address().to_string();
         // Through the leader, as a client that found it would.
+        let cluster_reads_before = common::log_reads();
         let cluster = load(&certificates, seed, &file, count).await;
+        let cluster_reads = common::log_reads();
         for node in [third, second, first] {
             node.shutdown().await;
         }
@@ -181,6 +185,13 @@ fn main() {
         }
         println!(
             "one node's data directory after the load: raft log {single_log_mb:.1} MB, index {single_index_mb:.1} MB"
+        );
+        println!(
+            "Raft log reads answered from memory (of all): one node {:.0} of {:.0}, three nodes {:.0} of {:.0}",
+            single_reads.0 - reads_before.0,
+            single_reads.0 + single_reads.1 - reads_before.0 - reads_before.1,
+            cluster_reads.0 - cluster_reads_before.0,
+            cluster_reads.0 + cluster_reads.1 - cluster_reads_before.0 - cluster_reads_before.1
         );
     });
 }

@@ -19,6 +19,14 @@ async fn three_node_cluster() -> TestCluster {
     TestCluster::with_three_voters().await
 }
 
+/// `bayard_raft_log_reads_total{source="memory"}` of this process.
+fn log_reads_from_memory() -> f64 {
+    let text = bayard::telemetry::metrics::render().expect("metrics");
+    text.lines()
+        .find_map(|line| line.strip_prefix("bayard_raft_log_reads_total{source=\"memory\"} "))
+        .map_or(0.0, |value| value.trim().parse().expect("a number"))
+}
+
 fn follower_of(cluster: &TestCluster) -> u64 {
     let leader = cluster.leader().expect("a leader");
     *cluster.nodes.keys().find(|node_id| **node_id != leader).expect("a follower")
@@ -35,6 +43,7 @@ async fn three_nodes_join_and_replicate_writes_made_through_a_follower() {
 
     let follower = follower_of(&cluster);
     let through_follower = cluster.client_of(follower);
+    let memory_reads_before = log_reads_from_memory();
     let documents: Vec<DocumentInput> = (0..50)
         .map(|number| DocumentInput {
             id: None,
@@ -57,6 +66,11 @@ async fn three_nodes_join_and_replicate_writes_made_through_a_follower() {
         assert!(replicated, "node {node_id} never saw the 50 documents");
         assert_eq!(client.get("f7").await.unwrap().unwrap().fields["title"], "through a follower 7");
     }
+    // The new entries were read back from memory: to apply them, on every node, and on the
+    // leader to send them to each follower (the counter is the process's, shared by the three
+    // nodes and by other tests, which only add to it).
+    let memory_reads = log_reads_from_memory() - memory_reads_before;
+    assert!(memory_reads >= 5.0, "{memory_reads} log reads answered from memory");
 
     // Liveness comes from the membership exchange, which converges within a few seconds.
     let viewer = cluster.client_of(follower);

@@ -152,7 +152,7 @@ async fn raft_messages_from_a_node_that_never_joined_change_nothing() {
         prev_log_id: None,
         entries: vec![Entry {
             log_id: log_id(term_before + 1, 99, last + 1),
-            payload: EntryPayload::Normal(IndexBatch::internal(vec![put, IndexOperation::Commit])),
+            payload: EntryPayload::Normal(std::sync::Arc::new(IndexBatch::internal(vec![put, IndexOperation::Commit]))),
         }],
         leader_commit: Some(log_id(term_before + 1, 99, last + 1)),
     });

@@ -122,6 +122,20 @@ pub fn resident_mb() -> (f64, f64) {
     (field("VmRSS:"), field("RssAnon:"))
 }
 
+/// Raft log reads of this process's nodes so far: (answered from memory, read from the file),
+/// from `bayard_raft_log_reads_total`.
+pub fn log_reads() -> (f64, f64) {
+    let text = bayard::telemetry::metrics::render().unwrap_or_default();
+    let count = |source: &str| {
+        let prefix = format!("bayard_raft_log_reads_total{{source=\"{source}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    (count("memory"), count("file"))
+}
+
 /// CPU time of this process so far (all threads: node and load generator alike).
 pub fn process_cpu() -> Duration {
     cpu_of(libc::RUSAGE_SELF)

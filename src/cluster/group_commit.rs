@@ -200,7 +200,7 @@ async fn propose_group(raft: &Raft, group: Vec<Pending>) {
     let operations =
         batch.operations.len() + batch.grouped.iter().map(|request| request.operations.len()).sum::<usize>();
     let span = tracing::info_span!("bayard.raft_write", requests = answers.len(), operations);
-    let write = raft.client_write(batch).instrument(span);
+    let write = raft.client_write(std::sync::Arc::new(batch)).instrument(span);
     let Ok(result) = tokio::time::timeout_at(latest_deadline.into(), write).await else {
         // Proposed, not known committed: it may still be applied. Its request ids make a retry
         // apply at most once.

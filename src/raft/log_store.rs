@@ -28,6 +28,7 @@ use redb::{Database, Durability, ReadTransaction, ReadableTable, TableDefinition
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::recent_entries::{LogEnd, RecentEntries, RECENT_ENTRIES_BYTES};
 use super::types::{Entry, LogId, NodeId, StorageError, TypeConfig, Vote};
 
 /// Log entries by index.
@@ -186,6 +187,10 @@ impl Failure {
 pub struct LogStore {
     db: Arc<Database>,
     path: Arc<Path>,
+    /// The newest entries, as appended (`raft::recent_entries`), shared by clones: reads they
+    /// hold are answered from memory. Told of every append, truncation and purge; emptied when a
+    /// write fails. The lock is held for bookkeeping and `Arc` clones only, never across I/O.
+    recent: Arc<std::sync::Mutex<RecentEntries>>,
     /// The last committed index openraft saved, plus one (0: none); shared by clones, read by
     /// the node's readiness check.
     committed_index: Arc<std::sync::atomic::AtomicU64>,
@@ -223,9 +228,21 @@ impl LogStore {
             .map_err(|failure| LogStoreError::Format { path: path.to_path_buf(), reason: failure.to_string() })?;
 
         let committed: Option<LogId> = get_meta(&db, COMMITTED_KEY).unwrap_or(None);
+        // Where the log ends, so that the first entries appended know they end it; unreadable,
+        // nothing is kept in memory and every read goes to the file.
+        let end = match read_log_state(&db) {
+            Ok(LogState { last_log_id: Some(last), .. }) => LogEnd::AtMost(last.index),
+            Ok(LogState { last_log_id: None, .. }) => LogEnd::Empty,
+            Err(_) => LogEnd::Unknown,
+        };
         let committed_index =
             Arc::new(std::sync::atomic::AtomicU64::new(committed.map(|log_id| log_id.index + 1).unwrap_or(0)));
-        Ok(LogStore { db: Arc::new(db), path: Arc::from(path), committed_index })
+        Ok(LogStore {
+            db: Arc::new(db),
+            path: Arc::from(path),
+            recent: Arc::new(std::sync::Mutex::new(RecentEntries::new(RECENT_ENTRIES_BYTES, end))),
+            committed_index,
+        })
     }
 
     /// The index of the last entry known committed, as last saved by Raft.
@@ -258,22 +275,46 @@ impl LogStore {
         .await
     }
 
-    /// Writes `entries` in one durable transaction. Returns once they are on disk.
+    /// Writes `entries` in one durable transaction. Returns once they are on disk, and readable
+    /// from memory.
     async fn append_entries(&self, entries: Vec<Entry>) -> Result<(), StorageError> {
         if entries.is_empty() {
             return Ok(());
         }
+        let recent = Arc::clone(&self.recent);
         self.run(ErrorSubject::Logs, ErrorVerb::Write, move |db| {
-            write_txn(db, |txn| {
+            let written = write_txn(db, |txn| {
                 let mut table = txn.open_table(ENTRIES)?;
-                for entry in &entries {
-                    let bytes = encode_entry(entry)?;
+                let mut written = Vec::with_capacity(entries.len());
+                for entry in entries {
+                    let bytes = encode_entry(&entry)?;
                     table.insert(entry.log_id.index, bytes.as_slice())?;
+                    let size = super::recent_entries::memory_size(&entry, bytes.len());
+                    written.push((entry, size));
                 }
-                Ok(())
-            })
+                Ok(written)
+            });
+            // Kept only once durable, so a read from memory never returns what the file may
+            // lack; and told here, on the blocking thread, which runs to the end even when the
+            // caller stops waiting, so that the window and the file never part.
+            let mut window = lock_window(&recent);
+            match written {
+                Ok(written) => {
+                    window.appended(written);
+                    Ok(())
+                }
+                Err(failure) => {
+                    window.forget();
+                    Err(failure)
+                }
+            }
         })
         .await
+        .inspect_err(|_| self.recent_entries().forget())
+    }
+
+    fn recent_entries(&self) -> std::sync::MutexGuard<'_, RecentEntries> {
+        lock_window(&self.recent)
     }
 
     /// Runs blocking redb work on tokio's blocking pool, so that a slow fsync never stalls the
@@ -303,20 +344,27 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let Some((start, end)) = index_bounds(&range) else {
             return Ok(Vec::new());
         };
-        self.run(ErrorSubject::Logs, ErrorVerb::Read, move |db| {
-            read_txn(db, |txn| {
-                let table = txn.open_table(ENTRIES)?;
-                let end = end.map_or(Bound::Unbounded, Bound::Excluded);
-                let mut entries = Vec::new();
-                for item in table.range::<u64>((Bound::Included(start), end))? {
-                    let (key, value) = item?;
-                    entries.push(decode_entry(key.value(), value.value())?);
-                }
-                Ok(entries)
-            })
-        })
-        .await
+        let from_memory = self.recent_entries().read(start, end);
+        crate::telemetry::metrics::record_log_read(from_memory.is_some());
+        if let Some(entries) = from_memory {
+            return Ok(entries);
+        }
+        self.run(ErrorSubject::Logs, ErrorVerb::Read, move |db| read_file_entries(db, start, end)).await
     }
+}
+
+/// The entries of `[start, end)` as the file holds them, decoded.
+fn read_file_entries(db: &Database, start: u64, end: Option<u64>) -> Result<Vec<Entry>, Failure> {
+    read_txn(db, |txn| {
+        let table = txn.open_table(ENTRIES)?;
+        let end = end.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut entries = Vec::new();
+        for item in table.range::<u64>((Bound::Included(start), end))? {
+            let (key, value) = item?;
+            entries.push(decode_entry(key.value(), value.value())?);
+        }
+        Ok(entries)
+    })
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
@@ -384,21 +432,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(since = %log_id, "truncating raft log");
+        let recent = Arc::clone(&self.recent);
         self.run(ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
+            // Out of memory first: while the file still holds the tail, a read sees the log as
+            // it will be, never a tail the file no longer has.
+            lock_window(&recent).truncate_from(log_id.index);
             write_txn(db, |txn| {
                 // One transaction deletes the whole tail, so a crash cannot leave a hole.
                 txn.open_table(ENTRIES)?.retain_in(log_id.index.., |_, _| false)?;
                 Ok(())
             })
+            .inspect_err(|_| lock_window(&recent).forget())
         })
         .await
+        .inspect_err(|_| self.recent_entries().forget())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(upto = %log_id, "purging raft log");
         let bytes = encode(&log_id, "last purged log id")
             .map_err(|failure| failure.into_storage_error(ErrorSubject::Logs, ErrorVerb::Delete))?;
+        let recent = Arc::clone(&self.recent);
         self.run(ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
+            lock_window(&recent).purge_through(log_id.index);
             write_txn(db, |txn| {
                 // The purge mark and the deletion commit together: after a crash either both
                 // happened or neither did, and `get_log_state` stays consistent.
@@ -406,9 +462,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 txn.open_table(ENTRIES)?.retain_in(..=log_id.index, |_, _| false)?;
                 Ok(())
             })
+            .inspect_err(|_| lock_window(&recent).forget())
         })
         .await
+        .inspect_err(|_| self.recent_entries().forget())
     }
+}
+
+/// The window's lock. Only bookkeeping happens under it, never I/O or an await; should a panic
+/// have poisoned it, the window is emptied and its end forgotten, which every read tolerates.
+fn lock_window(recent: &std::sync::Mutex<RecentEntries>) -> std::sync::MutexGuard<'_, RecentEntries> {
+    recent.lock().unwrap_or_else(|poisoned| {
+        let mut window = poisoned.into_inner();
+        window.forget();
+        window
+    })
 }
 
 fn create_tables(db: &Database) -> Result<(), Box<redb::Error>> {
@@ -675,7 +743,7 @@ mod tests {
             grouped: Vec::new(),
             proposed_at_ms: 0,
         };
-        Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(batch) }
+        Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(Arc::new(batch)) }
     }
 
     fn membership(term: u64, index: u64) -> Entry {
@@ -764,21 +832,21 @@ mod tests {
         // With a request id, it is the last thing in the entry.
         let mut with_id = normal(3, 7);
         if let EntryPayload::Normal(batch) = &mut with_id.payload {
-            batch.request_id = Some(crate::raft::types::RequestId(5));
+            Arc::make_mut(batch).request_id = Some(crate::raft::types::RequestId(5));
         }
         let bytes = encode_entry(&with_id).unwrap();
         assert_eq!(&bytes[..36], &GOLDEN_NORMAL[..36]);
         assert_eq!(&bytes[36..], &[1, 5, 0, 0, 0]);
         // Grouped requests come after it.
         if let EntryPayload::Normal(batch) = &mut with_id.payload {
-            batch.grouped = vec![crate::raft::types::GroupedRequest {
+            Arc::make_mut(batch).grouped = vec![crate::raft::types::GroupedRequest {
                 operations: vec![IndexOperation::Delete { id: "x".to_string() }],
                 request_id: crate::raft::types::RequestId(6),
             }];
         }
         // And the leader's stamp after them (postcard varint of 1,700,000,000,000 ms).
         if let EntryPayload::Normal(batch) = &mut with_id.payload {
-            batch.proposed_at_ms = 1_700_000_000_000;
+            Arc::make_mut(batch).proposed_at_ms = 1_700_000_000_000;
         }
         let bytes = encode_entry(&with_id).unwrap();
         assert_eq!(&bytes[36..], &[1, 5, 0, 1, 1, 1, 1, b'x', 6, 128, 208, 149, 255, 188, 49]);
@@ -939,6 +1007,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = open(&dir);
         store.blocking_append((1..=3).map(|index| normal(1, index))).await.unwrap();
+        // What a store appended it answers from memory; the file is read after a restart.
+        store.recent_entries().forget();
 
         // Garbage bytes under index 2, written behind the store's back.
         write_txn(&store.db, |txn| {
@@ -986,6 +1056,132 @@ mod tests {
         std::fs::write(&junk, vec![0x5a_u8; 8192]).unwrap();
         let error = LogStore::open(&junk).unwrap_err();
         assert!(error.to_string().starts_with(&format!("cannot open raft log at {}", junk.display())), "{error}");
+    }
+
+    /// One step of a log's history, as openraft drives it (appends at the end, truncations of a
+    /// conflicting tail, purges after a snapshot), plus a restart.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// `count` entries after the last, of the current term or a new one, each with a
+        /// document of `size` bytes.
+        Append {
+            count: u64,
+            new_term: bool,
+            size: usize,
+        },
+        /// Truncate the last `back` entries, then append `count` of a new term (a new leader's).
+        Replace {
+            back: u64,
+            count: u64,
+        },
+        Purge {
+            ahead: u64,
+        },
+        /// A snapshot installed: everything through `first + ahead` purged, past the log's end
+        /// when `ahead` reaches it, and the log continues after the snapshot.
+        InstallSnapshot {
+            ahead: u64,
+        },
+        Reopen,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (1..6_u64, any::<bool>(), 0..3000_usize)
+                .prop_map(|(count, new_term, size)| Step::Append { count, new_term, size }),
+            2 => (0..8_u64, 0..4_u64).prop_map(|(back, count)| Step::Replace { back, count }),
+            1 => (0..8_u64).prop_map(|ahead| Step::Purge { ahead }),
+            1 => (0..12_u64).prop_map(|ahead| Step::InstallSnapshot { ahead }),
+            1 => Just(Step::Reopen),
+        ]
+    }
+
+    fn sized(term: u64, index: u64, size: usize) -> Entry {
+        let mut entry = normal(term, index);
+        if let EntryPayload::Normal(batch) = &mut entry.payload {
+            Arc::make_mut(batch).operations.push(IndexOperation::Delete { id: "x".repeat(size) });
+        }
+        entry
+    }
+
+    /// Whatever the history, a read answers what the file holds: from memory or not, every
+    /// range, entry for entry (the window is 8 KiB here, so entries also fall out of it).
+    #[test]
+    fn reads_from_memory_are_what_the_file_holds() {
+        use proptest::prelude::*;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let config = ProptestConfig { cases: 64, ..ProptestConfig::default() };
+        let (answered_from_memory, reads) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        proptest!(config, |(steps in proptest::collection::vec(step(), 1..40))| {
+            runtime.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let reopen = |store: Option<LogStore>| {
+                    drop(store);
+                    let store = open(&dir);
+                    let end = store.recent_entries().end();
+                    *store.recent_entries() = RecentEntries::new(8 * 1024, end);
+                    store
+                };
+                let mut store = reopen(None);
+                let (mut term, mut first, mut next) = (1_u64, 0_u64, 0_u64);
+                for step in steps {
+                    match step {
+                        Step::Append { count, new_term, size } => {
+                            term += u64::from(new_term);
+                            store.blocking_append((next..next + count).map(|index| sized(term, index, size))).await.unwrap();
+                            next += count;
+                        }
+                        Step::Replace { back, count } => {
+                            let from = next.saturating_sub(back).max(first);
+                            if from < next {
+                                store.truncate(log_id(term, from)).await.unwrap();
+                                next = from;
+                            }
+                            term += 1;
+                            store.blocking_append((next..next + count).map(|index| sized(term, index, 10))).await.unwrap();
+                            next += count;
+                        }
+                        Step::Purge { ahead } => {
+                            let through = (first + ahead).min(next.saturating_sub(1));
+                            if next > first {
+                                let entries = store.try_get_log_entries(through..=through).await.unwrap();
+                                store.purge(entries[0].log_id).await.unwrap();
+                                first = through + 1;
+                            }
+                        }
+                        Step::InstallSnapshot { ahead } => {
+                            let through = first + ahead;
+                            store.purge(log_id(term, through)).await.unwrap();
+                            first = through + 1;
+                            next = next.max(first);
+                        }
+                        Step::Reopen => store = reopen(Some(store)),
+                    }
+                    let db = Arc::clone(&store.db);
+                    for start in first.saturating_sub(1)..=next + 1 {
+                        for end in [None, Some(start + 1), Some(start + 3), Some(next + 2)] {
+                            reads.fetch_add(1, Ordering::Relaxed);
+                            if store.recent_entries().read(start, end).is_some() {
+                                answered_from_memory.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let read = store.try_get_log_entries((Bound::Included(start), end.map_or(Bound::Unbounded, Bound::Excluded))).await.unwrap();
+                            let file = read_file_entries(&db, start, end).unwrap();
+                            prop_assert_eq!(ids(&read), ids(&file), "{}..{:?}", start, end);
+                            for (read, file) in read.iter().zip(&file) {
+                                prop_assert!(read.log_id == file.log_id && read.payload == file.payload, "entry {}", read.log_id);
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        });
+        // Not a test of the file alone: most reads were answered from memory.
+        let (memory, all) = (answered_from_memory.load(Ordering::Relaxed), reads.load(Ordering::Relaxed));
+        eprintln!("{memory} of {all} reads answered from memory");
+        assert!(memory * 8 > all, "{memory} of {all} reads answered from memory");
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@ pub mod dedup;
 pub mod election;
 pub mod log_store;
 pub mod network;
+pub mod recent_entries;
 pub mod snapshot;
 pub mod state_machine;
 pub mod types;

@@ -302,11 +302,12 @@ fn apply_entries(
             }
             EntryPayload::Normal(batch) => {
                 let grouped = !batch.grouped.is_empty();
-                let head = Request { operations: batch.operations, request_id: batch.request_id, keys: batch.keys };
+                let head =
+                    Request { operations: &batch.operations, request_id: batch.request_id, keys: batch.keys.as_ref() };
                 let mut outcome = apply_request(index, &mut state, log_id, head, grouped, &mut keys_changed)?;
-                for request in batch.grouped {
+                for request in &batch.grouped {
                     let request =
-                        Request { operations: request.operations, request_id: Some(request.request_id), keys: None };
+                        Request { operations: &request.operations, request_id: Some(request.request_id), keys: None };
                     let grouped_outcome = apply_request(index, &mut state, log_id, request, true, &mut keys_changed)?;
                     outcome.grouped.push(grouped_outcome);
                 }
@@ -318,11 +319,12 @@ fn apply_entries(
     Ok((state, outcomes, keys_changed))
 }
 
-/// One client request of a log entry: the entry's own, or one grouped with it.
-struct Request {
-    operations: Vec<IndexOperation>,
+/// One client request of a log entry: the entry's own, or one grouped with it. Borrowed: the
+/// entry's batch is shared with the log's newest entries.
+struct Request<'a> {
+    operations: &'a [IndexOperation],
     request_id: Option<crate::raft::types::RequestId>,
-    keys: Option<crate::access::KeyChange>,
+    keys: Option<&'a crate::access::KeyChange>,
 }
 
 /// Whether a request may share its log entry with others: puts and deletes only, no key change.
@@ -339,7 +341,7 @@ fn apply_request(
     index: &SearchIndex,
     state: &mut AppliedState,
     log_id: LogId,
-    request: Request,
+    request: Request<'_>,
     grouped: bool,
     keys_changed: &mut bool,
 ) -> Result<BatchOutcome, Box<StorageError>> {
@@ -355,7 +357,7 @@ fn apply_request(
     }
     let operations = request.operations.len() as u64;
     let recorded = |error: Option<String>| RecordedOutcome { applied_index: log_id.index, operations, error };
-    if grouped && (request.keys.is_some() || !groupable_operations(&request.operations)) {
+    if grouped && (request.keys.is_some() || !groupable_operations(request.operations)) {
         let message = "a request grouped with others may only put and delete documents".to_string();
         if let Some(request_id) = request.request_id {
             state.requests.record(request_id, recorded(Some(message.clone())));
@@ -373,7 +375,7 @@ fn apply_request(
     }
     // A key change is applied before the operations, for the same reason. A refused one
     // (unknown id, table full) is refused alike on every replica.
-    let key_error = match &request.keys {
+    let key_error = match request.keys {
         Some(change) => match state.keys.apply(change) {
             Ok(()) => {
                 *keys_changed = true;
@@ -399,7 +401,7 @@ fn apply_request(
         .map_err(|error| Box::new(StorageIOError::apply(log_id, &error).into()))?;
     let _span = tracing::info_span!("bayard.apply", log_index = log_id.index, operations).entered();
     let started = std::time::Instant::now();
-    let error = match index.apply(&request.operations, payload.as_deref()) {
+    let error = match index.apply(request.operations, payload.as_deref()) {
         Ok(outcome) => {
             if outcome.committed {
                 crate::telemetry::metrics::record_index_commit(started.elapsed());

@@ -117,10 +117,16 @@ impl std::fmt::Display for MemberNode {
     }
 }
 
+/// A log entry's batch, shared: the log keeps its newest entries in memory
+/// (`raft::recent_entries`), and every read of one (to apply it, to send it to each follower) is
+/// then a reference count, not a copy of its documents. serde writes an `Arc` as what it holds,
+/// so the log and the wire carry the batch's bytes exactly as before.
+pub type SharedBatch = std::sync::Arc<IndexBatch>;
+
 openraft::declare_raft_types!(
     /// Types bayard's Raft runs with.
     pub TypeConfig:
-        D = IndexBatch,
+        D = SharedBatch,
         R = BatchOutcome,
         NodeId = NodeId,
         Node = MemberNode,

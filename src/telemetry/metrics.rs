@@ -78,6 +78,11 @@ struct LimitLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     version: String,
 }
@@ -118,6 +123,8 @@ struct Metrics {
     requests_forgotten_early: Counter,
     write_group_requests: Histogram,
     election_assists: Family<ReasonLabels, Counter>,
+    raft_log_reads_from_memory: Counter,
+    raft_log_reads_from_file: Counter,
     /// Followers each node last reported a lag for, so that series of followers that left (or of
     /// a node that lost leadership) disappear instead of freezing at their last value.
     lag_followers: Mutex<HashMap<u64, BTreeSet<u64>>>,
@@ -249,6 +256,18 @@ impl Metrics {
             election_assists.clone(),
         );
 
+        let raft_log_reads: Family<SourceLabels, Counter> = Family::default();
+        registry.register(
+            "raft_log_reads",
+            "Reads of Raft log entries (to apply, to replicate), by where they were answered from: memory (the \
+             newest entries, kept as appended) or file (read from the log file and decoded)",
+            raft_log_reads.clone(),
+        );
+        // Both series exist from the start, and a read counts without building a label.
+        let raft_log_reads_from_memory =
+            raft_log_reads.get_or_create(&SourceLabels { source: "memory".into() }).clone();
+        let raft_log_reads_from_file = raft_log_reads.get_or_create(&SourceLabels { source: "file".into() }).clone();
+
         let build_info: Family<VersionLabels, Gauge> = Family::default();
         registry.register("build_info", "Always 1; the version is a label", build_info.clone());
         build_info.get_or_create(&VersionLabels { version: env!("CARGO_PKG_VERSION").to_string() }).set(1);
@@ -283,6 +302,8 @@ impl Metrics {
             requests_forgotten_early,
             write_group_requests,
             election_assists,
+            raft_log_reads_from_memory,
+            raft_log_reads_from_file,
             lag_followers: Mutex::new(HashMap::new()),
         }
     }
@@ -432,6 +453,17 @@ pub fn record_request_forgotten_early() {
 /// One Raft entry proposed by the leader's group commit, carrying `requests` client requests.
 pub fn record_write_group(requests: usize) {
     metrics().write_group_requests.observe(requests as f64);
+}
+
+/// One read of Raft log entries, answered from memory (the newest entries,
+/// `raft::recent_entries`) or from the file (redb, decoded).
+pub fn record_log_read(from_memory: bool) {
+    let metrics = metrics();
+    if from_memory {
+        metrics.raft_log_reads_from_memory.inc();
+    } else {
+        metrics.raft_log_reads_from_file.inc();
+    }
 }
 
 /// One stream accepted, by stream kind (`client`, `admin`, `raft`).
