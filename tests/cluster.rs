@@ -71,6 +71,12 @@ async fn three_nodes_join_and_replicate_writes_made_through_a_follower() {
     // nodes and by other tests, which only add to it).
     let memory_reads = log_reads_from_memory() - memory_reads_before;
     assert!(memory_reads >= 5.0, "{memory_reads} log reads answered from memory");
+    // Once every node applied them and every follower holds them, they are given back.
+    for node_id in [1, 2, 3] {
+        let node = &cluster.nodes[&node_id];
+        let released = eventually(SETTLE, || async { node.log_entries_in_memory_bytes() == 0 }).await;
+        assert!(released, "node {node_id} still keeps {} bytes of entries", node.log_entries_in_memory_bytes());
+    }
 
     // Liveness comes from the membership exchange, which converges within a few seconds.
     let viewer = cluster.client_of(follower);

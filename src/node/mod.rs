@@ -339,6 +339,12 @@ impl RunningNode {
         &self.state.raft
     }
 
+    /// Bytes of Raft log entries this node keeps in memory for reading back (for tests and
+    /// tools; `bayard_raft_log_memory_bytes`).
+    pub fn log_entries_in_memory_bytes(&self) -> usize {
+        self.state.log_store.entries_in_memory_bytes()
+    }
+
     /// The node's cluster handle (the write path, for tests and tools).
     pub fn cluster(&self) -> &crate::cluster::Cluster {
         &self.state.cluster
@@ -819,6 +825,17 @@ async fn update_metrics(state: Arc<NodeState>, mut shutdown: watch::Receiver<boo
         let raft_metrics = state.raft.metrics().borrow().clone();
         telemetry::update_from_raft_metrics(node_id, &raft_metrics);
         telemetry::metrics::set_raft_commit_index(node_id, state.log_store.committed_index());
+        // Entries every reader has read are not read again: give their memory back, so that a
+        // burst's entries do not stay held after it.
+        let matched: Option<Vec<Option<u64>>> = raft_metrics
+            .replication
+            .as_ref()
+            .map(|targets| targets.values().map(|matched| matched.map(|log_id| log_id.index)).collect());
+        let last_applied = raft_metrics.last_applied.map(|log_id| log_id.index);
+        if let Some(index) = crate::raft::recent_entries::read_by_everyone(last_applied, matched.as_deref()) {
+            state.log_store.release_entries_through(index);
+        }
+        telemetry::metrics::set_raft_log_memory_bytes(node_id, state.log_store.entries_in_memory_bytes());
         let index = state.index.current();
         telemetry::metrics::set_index_stats(index.document_count(), index.segment_count() as u64);
         // From the local membership table: no network call.

@@ -250,6 +250,17 @@ impl LogStore {
         self.committed_index.load(std::sync::atomic::Ordering::Acquire).checked_sub(1)
     }
 
+    /// Gives back the entries through `index` kept in memory: every reader has read them
+    /// (`recent_entries::read_by_everyone`). A later read of one goes to the file.
+    pub fn release_entries_through(&self, index: u64) {
+        self.recent_entries().purge_through(index);
+    }
+
+    /// Bytes of entries kept in memory (`recent_entries::memory_size`).
+    pub fn entries_in_memory_bytes(&self) -> usize {
+        self.recent_entries().bytes()
+    }
+
     /// The file this store was opened from.
     pub fn path(&self) -> &Path {
         &self.path

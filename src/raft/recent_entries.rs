@@ -50,6 +50,21 @@ pub fn memory_size(entry: &Entry, encoded: usize) -> usize {
     .saturating_add(std::mem::size_of::<Entry>())
 }
 
+/// The index through which every reader of this node's log has read the entries (the state
+/// machine applied them, and on a leader every follower and learner holds them), so the window
+/// can give them back: after a burst of writes it empties within the node's next metrics tick
+/// instead of holding its budget until newer entries push them out. `None` while some reader may
+/// still need the oldest ones: nothing applied yet, or a target of the leader with nothing
+/// matched. A reader that needs a released entry after all (a follower elected leader, a new
+/// member) reads it from the file.
+pub fn read_by_everyone(last_applied: Option<u64>, matched_by_targets: Option<&[Option<u64>]>) -> Option<u64> {
+    let applied = last_applied?;
+    match matched_by_targets {
+        None => Some(applied),
+        Some(matched) => matched.iter().try_fold(applied, |lowest, target| Some(lowest.min((*target)?))),
+    }
+}
+
 /// What the window knows of the index of the log's last entry: the file's, or above it. Kept even
 /// when the window is empty, so that an append can tell whether it makes the end of the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -337,6 +352,25 @@ mod tests {
             let encoded = postcard::to_stdvec(&entry).unwrap().len();
             let ratio = memory_size(&entry, encoded) as f64 / encoded as f64;
             assert!((at_least..=at_most).contains(&ratio), "{what}: {ratio:.2} times the encoded size");
+        }
+    }
+
+    /// Each case: the applied index, the leader's targets' matched indexes (`None`: not the
+    /// leader), and the index through which the window may give entries back.
+    #[test]
+    fn entries_are_given_back_once_every_reader_has_them() {
+        type Case = (&'static str, Option<u64>, Option<&'static [Option<u64>]>, Option<u64>);
+        let cases: [Case; 7] = [
+            ("a follower: what it applied", Some(9), None, Some(9)),
+            ("nothing applied yet", None, None, None),
+            ("a leader whose followers hold more than it applied", Some(9), Some(&[Some(12), Some(11)]), Some(9)),
+            ("a leader with a follower behind", Some(9), Some(&[Some(12), Some(4)]), Some(4)),
+            ("a target with nothing matched holds everything", Some(9), Some(&[Some(12), None]), None),
+            ("a leader alone", Some(9), Some(&[]), Some(9)),
+            ("a leader that applied nothing", None, Some(&[Some(3)]), None),
+        ];
+        for (case, applied, matched, expected) in cases {
+            assert_eq!(read_by_everyone(applied, matched), expected, "{case}");
         }
     }
 

@@ -123,6 +123,7 @@ struct Metrics {
     requests_forgotten_early: Counter,
     write_group_requests: Histogram,
     election_assists: Family<ReasonLabels, Counter>,
+    raft_log_memory_bytes: Family<NodeLabels, Gauge>,
     raft_log_reads_from_memory: Counter,
     raft_log_reads_from_file: Counter,
     /// Followers each node last reported a lag for, so that series of followers that left (or of
@@ -256,6 +257,14 @@ impl Metrics {
             election_assists.clone(),
         );
 
+        let raft_log_memory_bytes = Family::default();
+        registry.register(
+            "raft_log_memory_bytes",
+            "Bytes of the newest Raft log entries kept in memory for reading back (at most 16 MiB; given back once \
+             applied and, on the leader, held by every follower)",
+            raft_log_memory_bytes.clone(),
+        );
+
         let raft_log_reads: Family<SourceLabels, Counter> = Family::default();
         registry.register(
             "raft_log_reads",
@@ -302,6 +311,7 @@ impl Metrics {
             requests_forgotten_early,
             write_group_requests,
             election_assists,
+            raft_log_memory_bytes,
             raft_log_reads_from_memory,
             raft_log_reads_from_file,
             lag_followers: Mutex::new(HashMap::new()),
@@ -453,6 +463,11 @@ pub fn record_request_forgotten_early() {
 /// One Raft entry proposed by the leader's group commit, carrying `requests` client requests.
 pub fn record_write_group(requests: usize) {
     metrics().write_group_requests.observe(requests as f64);
+}
+
+/// Bytes of Raft log entries node `node_id` keeps in memory for reading back.
+pub fn set_raft_log_memory_bytes(node_id: u64, bytes: usize) {
+    metrics().raft_log_memory_bytes.get_or_create(&NodeLabels { node: node_id }).set(gauge_value(bytes as u64));
 }
 
 /// One read of Raft log entries, answered from memory (the newest entries,
