@@ -253,7 +253,9 @@ impl LogStore {
     /// Gives back the entries through `index` kept in memory: every reader has read them
     /// (`recent_entries::read_by_everyone`). A later read of one goes to the file.
     pub fn release_entries_through(&self, index: u64) {
-        self.recent_entries().purge_through(index);
+        // Freed here, after the lock is let go: readers on the Raft core wait for that lock.
+        let released = self.recent_entries().release_through(index);
+        drop(released);
     }
 
     /// Bytes of entries kept in memory (`recent_entries::memory_size`).
@@ -465,7 +467,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|failure| failure.into_storage_error(ErrorSubject::Logs, ErrorVerb::Delete))?;
         let recent = Arc::clone(&self.recent);
         self.run(ErrorSubject::Logs, ErrorVerb::Delete, move |db| {
-            lock_window(&recent).purge_through(log_id.index);
+            let released = lock_window(&recent).release_through(log_id.index);
+            drop(released);
             write_txn(db, |txn| {
                 // The purge mark and the deletion commit together: after a crash either both
                 // happened or neither did, and `get_log_state` stays consistent.
@@ -1093,6 +1096,11 @@ mod tests {
         InstallSnapshot {
             ahead: u64,
         },
+        /// Entries through `first + ahead` given back from memory (every reader has them); the
+        /// file keeps them.
+        Release {
+            ahead: u64,
+        },
         Reopen,
     }
 
@@ -1104,6 +1112,7 @@ mod tests {
             2 => (0..8_u64, 0..4_u64).prop_map(|(back, count)| Step::Replace { back, count }),
             1 => (0..8_u64).prop_map(|ahead| Step::Purge { ahead }),
             1 => (0..12_u64).prop_map(|ahead| Step::InstallSnapshot { ahead }),
+            1 => (0..12_u64).prop_map(|ahead| Step::Release { ahead }),
             1 => Just(Step::Reopen),
         ]
     }
@@ -1168,6 +1177,7 @@ mod tests {
                             first = through + 1;
                             next = next.max(first);
                         }
+                        Step::Release { ahead } => store.release_entries_through(first + ahead),
                         Step::Reopen => store = reopen(Some(store)),
                     }
                     let db = Arc::clone(&store.db);

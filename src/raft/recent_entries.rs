@@ -23,7 +23,8 @@ use crate::index::IndexOperation;
 
 /// Bytes of entries kept, at most ([`memory_size`]). Replication and apply lag the append by a
 /// few entries; this holds tens of a bulk load's 1,000-document entries, or thousands of group
-/// commit's. A node's memory after a burst keeps up to this much.
+/// commit's. After a burst the node gives them back once every reader has them
+/// ([`read_by_everyone`]).
 pub const RECENT_ENTRIES_BYTES: usize = 16 * 1024 * 1024;
 
 /// What an entry costs in memory, about: its encoded size, plus for each operation its place in
@@ -188,11 +189,17 @@ impl RecentEntries {
 
     /// The log lost every entry up to and including `index`. Its end does not move.
     pub fn purge_through(&mut self, index: u64) {
-        while self.first_index().is_some_and(|first| first <= index) {
-            if let Some((_, size)) = self.entries.pop_front() {
-                self.bytes = self.bytes.saturating_sub(size);
-            }
-        }
+        drop(self.release_through(index));
+    }
+
+    /// Takes the entries through `index` out of the window (every reader has read them; the
+    /// file keeps them) and hands them to the caller, who frees them after letting go of the
+    /// lock: a burst's batches are hundreds of thousands of strings.
+    pub fn release_through(&mut self, index: u64) -> Vec<Entry> {
+        let count = self.entries.iter().take_while(|(entry, _)| entry.log_id.index <= index).count();
+        let released: Vec<Entry> = self.entries.drain(..count).map(|(entry, _)| entry).collect();
+        self.bytes = self.entries.iter().map(|(_, size)| size).sum();
+        released
     }
 
     /// Forgets everything, the log's end included: a write failed, and the file may hold more

@@ -261,7 +261,7 @@ impl Metrics {
         registry.register(
             "raft_log_memory_bytes",
             "Bytes of the newest Raft log entries kept in memory for reading back (at most 16 MiB; given back once \
-             applied and, on the leader, held by every follower)",
+             applied and, on the leader, held by every follower and learner)",
             raft_log_memory_bytes.clone(),
         );
 
