@@ -187,18 +187,17 @@ impl RecentEntries {
         };
     }
 
-    /// The log lost every entry up to and including `index`. Its end does not move.
-    pub fn purge_through(&mut self, index: u64) {
-        drop(self.release_through(index));
-    }
-
-    /// Takes the entries through `index` out of the window (every reader has read them; the
-    /// file keeps them) and hands them to the caller, who frees them after letting go of the
-    /// lock: a burst's batches are hundreds of thousands of strings.
+    /// Takes the entries through `index` out of the window (the log purged them, or every
+    /// reader has read them and the file keeps them) and hands them to the caller, who frees
+    /// them after letting go of the lock: a burst's batches are hundreds of thousands of
+    /// strings. The log's end does not move.
     pub fn release_through(&mut self, index: u64) -> Vec<Entry> {
         let count = self.entries.iter().take_while(|(entry, _)| entry.log_id.index <= index).count();
-        let released: Vec<Entry> = self.entries.drain(..count).map(|(entry, _)| entry).collect();
-        self.bytes = self.entries.iter().map(|(_, size)| size).sum();
+        let mut released = Vec::with_capacity(count);
+        for (entry, size) in self.entries.drain(..count) {
+            self.bytes = self.bytes.saturating_sub(size);
+            released.push(entry);
+        }
         released
     }
 
@@ -242,6 +241,10 @@ mod tests {
 
     fn kept(recent: &RecentEntries) -> Vec<(u64, u64)> {
         recent.entries.iter().map(|(entry, _)| (entry.log_id.leader_id.term, entry.log_id.index)).collect()
+    }
+
+    fn drop_released(recent: &mut RecentEntries, index: u64) {
+        drop(recent.release_through(index));
     }
 
     fn indexes(entries: Option<Vec<Entry>>) -> Option<Vec<u64>> {
@@ -324,7 +327,7 @@ mod tests {
                 vec![(4, 0)],
                 LogEnd::AtMost(0),
             ),
-            ("a purge drops the head", |r| r.purge_through(6), vec![(1, 7), (1, 8), (1, 9)], LogEnd::AtMost(9)),
+            ("a purge drops the head", |r| drop(r.release_through(6)), vec![(1, 7), (1, 8), (1, 9)], LogEnd::AtMost(9)),
         ];
         for (case, step, expected, end) in cases {
             let mut recent = RecentEntries::new(100, LogEnd::AtMost(4));
@@ -405,9 +408,9 @@ mod tests {
         let mut recent = RecentEntries::new(100, LogEnd::Empty);
         recent.appended(run(1, 5..=9, 10));
         recent.truncate_from(10);
-        recent.purge_through(4);
+        drop_released(&mut recent, 4);
         assert_eq!(kept(&recent).len(), 5, "outside the window: nothing to drop");
-        recent.purge_through(9);
+        drop_released(&mut recent, 9);
         assert_eq!(
             (kept(&recent), recent.bytes(), recent.end),
             (vec![], 0, LogEnd::AtMost(9)),
