@@ -38,7 +38,10 @@ pub use schema::{check_id_field, load_schema, load_schema_file, SchemaFile};
 pub use search::{
     FacetCounts, FacetRequest, SearchHit, SearchRequest, SearchResponse, SortSpec, MAX_SEARCH_LIMIT, MAX_SEARCH_OFFSET,
 };
-pub use search_index::{validate_document, ApplyOutcome, IndexOperation, SearchIndex, StoredDocument};
+pub use search_index::{
+    new_index_settings, validate_document, ApplyOutcome, IndexOperation, SearchIndex, StoredDocument,
+    DOCSTORE_BLOCK_BYTES,
+};
 
 /// The field holding each document's unique id. Added to the schema when the schema file does
 /// not declare it.

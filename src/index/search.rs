@@ -179,6 +179,10 @@ impl SearchIndex {
             return Ok(SearchResponse::default());
         }
 
+        if facet_plans.is_empty() && sort_plan.is_none() {
+            return self.search_by_score(query.as_ref(), request, wants_count, wants_documents, budget);
+        }
+
         let mut collectors = MultiCollector::new();
         let count_handle = wants_count.then(|| collectors.add_collector(Count));
         let top_docs_handle = wants_documents.then(|| {
@@ -233,6 +237,37 @@ impl SearchIndex {
 
         let docs = self.load_hits(&searcher, ranked_documents, sort_plan.as_ref())?;
         Ok(SearchResponse { count, docs, facets })
+    }
+
+    /// The common search, a page ranked by score and the count, with no facets and no sort: the
+    /// collectors are one typed tuple. Through a `MultiCollector` every matching document went
+    /// through two dynamic calls per collector; on a union of a few terms over 50,000 documents
+    /// that was a tenth of the node's CPU per search.
+    fn search_by_score(
+        &self,
+        query: &dyn Query,
+        request: &SearchRequest,
+        wants_count: bool,
+        wants_documents: bool,
+        budget: SearchBudget,
+    ) -> Result<SearchResponse, IndexError> {
+        // `limit > 0` whenever documents are wanted, which `TopDocs::with_limit` requires.
+        let top_docs =
+            wants_documents.then(|| TopDocs::with_limit(request.limit).and_offset(request.from).order_by_score());
+        let collector = WithinBudget { inner: (wants_count.then_some(Count), top_docs), budget };
+        let searcher = self.reader.searcher();
+        let (count, top_documents) = match searcher.search(query, &collector) {
+            Ok(fruits) => fruits,
+            Err(_) if budget.expired() => return Err(IndexError::DeadlineExceeded),
+            Err(error) => return Err(error.into()),
+        };
+        let ranked_documents = top_documents
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(score, address)| RankedDocument { address, score: Some(score), sort_value: None })
+            .collect();
+        let docs = self.load_hits(&searcher, ranked_documents, None)?;
+        Ok(SearchResponse { count: count.map(|count| count as u64), docs, facets: Vec::new() })
     }
 
     fn parse_query(&self, query_text: &str) -> Result<Box<dyn Query>, IndexError> {

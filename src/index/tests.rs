@@ -998,3 +998,96 @@ fn the_schema_file_may_set_the_default_search_fields_and_their_boosts() {
     let refused = index.set_default_search_fields(&[("year".to_string(), 1.0)]).unwrap_err().to_string();
     assert!(refused.contains("indexed text field"), "{refused}");
 }
+
+#[test]
+fn a_search_without_facets_or_sort_answers_as_the_general_collectors_do() {
+    // Searches with neither facets nor a sort take typed collectors; with a facet they go
+    // through a MultiCollector. Both must agree on count, page, order and scores, with and
+    // without a time budget (the budget runs its own loop), across segments and deletions.
+    let (_directory, index) = index_with_books();
+    let more: Vec<IndexOperation> = (11..=30)
+        .map(|number| {
+            let document = serde_json::json!({
+                "title": format!("book {number} about rust and go"),
+                "body": "a second segment of books",
+                "category": "/lang/rust",
+                "year": 2000 + number,
+            });
+            index.prepare_put(&format!("b{number}"), &document.to_string()).unwrap()
+        })
+        .chain([IndexOperation::Delete { id: "b12".to_string() }, IndexOperation::Commit])
+        .collect();
+    index.apply(&more, None).unwrap();
+    let limits = QueryLimits::default();
+    let budgets = [
+        SearchBudget::unlimited(),
+        SearchBudget::until(std::time::Instant::now() + std::time::Duration::from_secs(60)),
+    ];
+    let cases: &[(&str, usize, usize, bool, bool)] = &[
+        // query, from, limit, exclude_count, exclude_docs
+        ("book", 0, 10, false, false),
+        ("book", 5, 10, false, false),
+        ("rust go", 0, 3, false, false),
+        ("rust go", 0, 3, true, false),
+        ("rust", 0, 0, false, false),
+        ("*", 0, 50, false, false),
+        ("title:b1 OR segment", 2, 4, false, false),
+        ("book", 0, 10, false, true),
+        ("nothing-matches-this", 0, 10, false, false),
+    ];
+    for &(query_text, from, limit, exclude_count, exclude_docs) in cases {
+        let plain = SearchRequest {
+            query: query_text.to_string(),
+            from,
+            limit,
+            exclude_count,
+            exclude_docs,
+            ..SearchRequest::default()
+        };
+        let with_facet = SearchRequest {
+            facets: vec![FacetRequest { field: "category".to_string(), prefixes: vec!["/".to_string()] }],
+            ..plain.clone()
+        };
+        for budget in budgets {
+            let typed = index.search_within(&plain, &limits, budget).unwrap();
+            let general = index.search_within(&with_facet, &limits, budget).unwrap();
+            let case = format!("{query_text:?} from {from} limit {limit} budget {:?}", budget.deadline.is_some());
+            assert_eq!(typed.count, general.count, "{case}");
+            assert_eq!(typed.docs, general.docs, "{case}");
+            assert!(typed.facets.is_empty(), "{case}");
+            assert_eq!(general.facets.len(), 1, "{case}");
+        }
+    }
+    // And the answers are what the documents say.
+    let response = index.search_within(&query("book", 100), &limits, budgets[1]).unwrap();
+    assert_eq!(response.count, Some(29));
+    assert_eq!(response.docs.len(), 29);
+    assert!(!hit_ids(&response).contains(&"b12".to_string()));
+    assert!(response.docs.windows(2).all(|pair| pair[0].score >= pair[1].score));
+}
+
+fn docstore_blocksize(directory: &Path) -> u64 {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(directory.join("meta.json")).unwrap()).unwrap();
+    meta["index_settings"]["docstore_blocksize"].as_u64().unwrap()
+}
+
+#[test]
+fn a_new_index_stores_documents_in_small_blocks_and_an_old_one_keeps_its_own() {
+    let (directory, index) = open_example_index();
+    put(&index, "a", r#"{"title": "small blocks"}"#);
+    commit(&index);
+    assert_eq!(docstore_blocksize(directory.path()), DOCSTORE_BLOCK_BYTES as u64);
+
+    // An index made with tantivy's defaults (16 KiB blocks, as before) opens, takes writes and
+    // keeps its setting.
+    let old = tempfile::tempdir().unwrap();
+    let schema = load_schema(DEFAULT_SCHEMA_JSON).unwrap();
+    tantivy::Index::create_in_dir(old.path(), schema).unwrap();
+    assert_eq!(docstore_blocksize(old.path()), 16_384);
+    let index = open_at(old.path());
+    put(&index, "b", r#"{"title": "large blocks"}"#);
+    commit(&index);
+    assert_eq!(hit_ids(&search(&index, query("blocks", 10))), vec!["b".to_string()]);
+    assert_eq!(docstore_blocksize(old.path()), 16_384);
+}
