@@ -6,7 +6,9 @@
 //! of the GCIDE dictionary (`benches/common/corpus.rs`, fetched with `apt-get download
 //! dict-gcide`); the queries are runs of 2–5 words from its articles. Every search asks for the
 //! top 10, the count of matches, and the stored documents. `BAYARD_BENCH_DOCUMENTS` (default
-//! 50000) and `BAYARD_BENCH_QUERIES` (default 1000) size it. Everything (node and load
+//! 50000) and `BAYARD_BENCH_QUERIES` (default 1000) size it; `BAYARD_BENCH_CONCURRENCY` (say
+//! `8`) and `BAYARD_BENCH_PATHS` (words of the rows' names, say `quic,in-process`) run only some
+//! rows, for a profile of one. Everything (node and load
 //! generator) shares this machine's cores: CPU per query is the whole process's.
 
 mod common;
@@ -183,6 +185,22 @@ async fn main() {
         }
     };
 
+    let megabytes = |bytes: u64| bytes as f64 / 1e6;
+    match &tantivy_serve {
+        Some(server) => println!(
+            "doc store: {:.1} MB in {} B blocks (the node's settings, the in-process index), {:.1} MB in \
+             tantivy's default 16384 B blocks (the tantivy serve index)",
+            megabytes(common::doc_store_bytes(raw_directory.path())),
+            bayard::index::DOCSTORE_BLOCK_BYTES,
+            megabytes(common::doc_store_bytes(server.directory.path())),
+        ),
+        None => println!(
+            "doc store: {:.1} MB in {} B blocks (the node's settings, the in-process index)",
+            megabytes(common::doc_store_bytes(raw_directory.path())),
+            bayard::index::DOCSTORE_BLOCK_BYTES,
+        ),
+    }
+
     let certificates = Certificates::new();
     let data = tempfile::tempdir().expect("temp dir");
     let node = common::start_node(&certificates, data.path()).await;
@@ -200,30 +218,42 @@ async fn main() {
     println!("loaded the node in {:.1} s", loaded.elapsed().as_secs_f64());
     let http_address = node.http_address().expect("https");
 
+    // For profiling one row: `BAYARD_BENCH_CONCURRENCY=8 BAYARD_BENCH_PATHS=quic` runs only the
+    // rows at that concurrency whose name contains one of the (comma-separated, any case) words.
+    let concurrencies: Vec<usize> = std::env::var("BAYARD_BENCH_CONCURRENCY")
+        .ok()
+        .map(|list| list.split(',').filter_map(|item| item.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 8, 32]);
+    let path_words: Vec<String> = std::env::var("BAYARD_BENCH_PATHS")
+        .map(|list| list.split(',').map(|word| word.trim().to_lowercase()).filter(|word| !word.is_empty()).collect())
+        .unwrap_or_default();
+    let wanted = |name: &str| path_words.is_empty() || path_words.iter().any(|word| name.to_lowercase().contains(word));
     let mut figures = Vec::new();
-    for concurrency in [1, 8, 32] {
+    for concurrency in concurrencies {
         let total = queries.len().max(concurrency * 100);
-        let in_process = {
-            let (raw, queries) = (raw.clone(), queries.clone());
-            measure(
-                "tantivy in-process",
-                concurrency,
-                total,
-                |_| async {},
-                move |(), number| {
-                    let (raw, queries) = (raw.clone(), queries.clone());
-                    async move {
-                        tokio::task::spawn_blocking(move || raw.search(&queries[number % queries.len()]))
-                            .await
-                            .expect("search");
-                    }
-                },
-            )
-            .await
-        };
-        figures.push(in_process);
+        if wanted("tantivy in-process") {
+            let in_process = {
+                let (raw, queries) = (raw.clone(), queries.clone());
+                measure(
+                    "tantivy in-process",
+                    concurrency,
+                    total,
+                    |_| async {},
+                    move |(), number| {
+                        let (raw, queries) = (raw.clone(), queries.clone());
+                        async move {
+                            tokio::task::spawn_blocking(move || raw.search(&queries[number % queries.len()]))
+                                .await
+                                .expect("search");
+                        }
+                    },
+                )
+                .await
+            };
+            figures.push(in_process);
+        }
 
-        if let Some(server) = &tantivy_serve {
+        if let Some(server) = tantivy_serve.as_ref().filter(|_| wanted(TANTIVY_SERVE)) {
             let server_cpu_before = server.cpu();
             let (server, queries) = (server.clone(), queries.clone());
             let mut figure = measure(
@@ -251,38 +281,43 @@ async fn main() {
             figures.push(figure);
         }
 
-        let quic = {
-            let queries = queries.clone();
-            let files = client_files.clone();
-            let address = node.local_address().to_string();
-            measure(
-                "QUIC client",
-                concurrency,
-                total,
-                |_| {
-                    let options = ClientOptions::new(vec![address.clone()], files.clone());
-                    async move { Arc::new(Client::connect(options).expect("client")) }
-                },
-                move |client, number| {
-                    let queries = queries.clone();
-                    async move {
-                        let request = SearchRequest {
-                            query: queries[number % queries.len()].clone(),
-                            limit: 10,
-                            ..Default::default()
-                        };
-                        client.search(request, Consistency::Local).await.expect("search");
-                        client
-                    }
-                },
-            )
-            .await
-        };
-        figures.push(quic);
+        if wanted("QUIC client") {
+            let quic = {
+                let queries = queries.clone();
+                let files = client_files.clone();
+                let address = node.local_address().to_string();
+                measure(
+                    "QUIC client",
+                    concurrency,
+                    total,
+                    |_| {
+                        let options = ClientOptions::new(vec![address.clone()], files.clone());
+                        async move { Arc::new(Client::connect(options).expect("client")) }
+                    },
+                    move |client, number| {
+                        let queries = queries.clone();
+                        async move {
+                            let request = SearchRequest {
+                                query: queries[number % queries.len()].clone(),
+                                limit: 10,
+                                ..Default::default()
+                            };
+                            client.search(request, Consistency::Local).await.expect("search");
+                            client
+                        }
+                    },
+                )
+                .await
+            };
+            figures.push(quic);
+        }
 
         for (name, path) in
             [("HTTPS /v1/search", "/v1/search?limit=10"), ("HTTPS _search (JSON DSL)", "/bayard/_search")]
         {
+            if !wanted(name) {
+                continue;
+            }
             let queries = queries.clone();
             let files = client_files.clone();
             let figure = measure(

@@ -87,12 +87,31 @@ pub fn milliseconds(duration: Duration) -> f64 {
 /// in-process baseline the benches compare against.
 pub fn raw_tantivy_index(directory: &std::path::Path) -> (tantivy::Index, tantivy::schema::Schema) {
     let schema = bayard::index::load_schema(DEFAULT_SCHEMA_JSON).expect("schema");
-    let index = tantivy::Index::create_in_dir(directory, schema.clone()).expect("index");
+    // The node's settings: the baseline is the same index.
+    let index = tantivy::Index::builder()
+        .schema(schema.clone())
+        .settings(bayard::index::new_index_settings())
+        .create_in_dir(directory)
+        .expect("index");
     bayard::index::AnalyzerConfig::from_json(DEFAULT_TOKENIZER_JSON)
         .expect("analyzers")
         .register_into(index.tokenizers())
         .expect("register");
     (index, schema)
+}
+
+/// Bytes of an index's doc stores (its `.store` files).
+pub fn doc_store_bytes(directory: &std::path::Path) -> u64 {
+    std::fs::read_dir(directory)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|entry| entry.path().extension().is_some_and(|extension| extension == "store"))
+                .filter_map(|entry| entry.metadata().ok())
+                .map(|metadata| metadata.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Indexes the articles as the node's documents into `index` (2 threads, 128 MB, as a node's

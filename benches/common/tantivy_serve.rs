@@ -31,7 +31,8 @@ pub fn binary() -> Option<PathBuf> {
 pub struct TantivyServe {
     child: Child,
     pub address: SocketAddr,
-    _directory: tempfile::TempDir,
+    /// Its index, built with tantivy's default settings.
+    pub directory: tempfile::TempDir,
     stop_words: Vec<String>,
 }
 
@@ -58,7 +59,7 @@ impl TantivyServe {
             .spawn()
             .expect("start tantivy serve");
         let stop_words = lang_en_stop_words();
-        let server = TantivyServe { child, address, _directory: directory, stop_words };
+        let server = TantivyServe { child, address, directory, stop_words };
         let started = Instant::now();
         loop {
             if server.search_blocking("dictionary").is_ok() {
