@@ -220,10 +220,16 @@ async fn main() {
 
     // For profiling one row: `BAYARD_BENCH_CONCURRENCY=8 BAYARD_BENCH_PATHS=quic` runs only the
     // rows at that concurrency whose name contains one of the (comma-separated, any case) words.
-    let concurrencies: Vec<usize> = std::env::var("BAYARD_BENCH_CONCURRENCY")
-        .ok()
-        .map(|list| list.split(',').filter_map(|item| item.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1, 8, 32]);
+    let concurrencies: Vec<usize> = match std::env::var("BAYARD_BENCH_CONCURRENCY") {
+        Ok(list) => list
+            .split(',')
+            .map(|item| match item.trim().parse() {
+                Ok(concurrency) if concurrency > 0 => concurrency,
+                _ => panic!("BAYARD_BENCH_CONCURRENCY is a comma-separated list of numbers above 0, not {list:?}"),
+            })
+            .collect(),
+        Err(_) => vec![1, 8, 32],
+    };
     let path_words: Vec<String> = std::env::var("BAYARD_BENCH_PATHS")
         .map(|list| list.split(',').map(|word| word.trim().to_lowercase()).filter(|word| !word.is_empty()).collect())
         .unwrap_or_default();

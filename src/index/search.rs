@@ -209,11 +209,7 @@ impl SearchIndex {
 
         let searcher = self.reader.searcher();
         let collector = WithinBudget { inner: collectors, budget };
-        let mut fruits = match searcher.search(query.as_ref(), &collector) {
-            Ok(fruits) => fruits,
-            Err(_) if budget.expired() => return Err(IndexError::DeadlineExceeded),
-            Err(error) => return Err(error.into()),
-        };
+        let mut fruits = searcher.search(query.as_ref(), &collector).map_err(|error| search_error(error, budget))?;
 
         let count = count_handle.map(|handle| handle.extract(&mut fruits) as u64);
         let ranked_documents = match top_docs_handle {
@@ -241,8 +237,9 @@ impl SearchIndex {
 
     /// The common search, a page ranked by score and the count, with no facets and no sort: the
     /// collectors are one typed tuple. Through a `MultiCollector` every matching document went
-    /// through two dynamic calls per collector; on a union of a few terms over 50,000 documents
-    /// that was a tenth of the node's CPU per search.
+    /// through two dynamic calls per collector, about 5% of the node's CPU per search on a
+    /// union of a few terms over 50,000 documents (docs/performance.md). The JSON query
+    /// language (`query_dsl`) still collects through a `MultiCollector`.
     fn search_by_score(
         &self,
         query: &dyn Query,
@@ -256,11 +253,7 @@ impl SearchIndex {
             wants_documents.then(|| TopDocs::with_limit(request.limit).and_offset(request.from).order_by_score());
         let collector = WithinBudget { inner: (wants_count.then_some(Count), top_docs), budget };
         let searcher = self.reader.searcher();
-        let (count, top_documents) = match searcher.search(query, &collector) {
-            Ok(fruits) => fruits,
-            Err(_) if budget.expired() => return Err(IndexError::DeadlineExceeded),
-            Err(error) => return Err(error.into()),
-        };
+        let (count, top_documents) = searcher.search(query, &collector).map_err(|error| search_error(error, budget))?;
         let ranked_documents = top_documents
             .unwrap_or_default()
             .into_iter()
@@ -366,6 +359,15 @@ impl SearchIndex {
             });
         }
         Ok(hits)
+    }
+}
+
+/// A search that failed once its budget was spent stopped for that reason (`WithinBudget`).
+fn search_error(error: tantivy::TantivyError, budget: SearchBudget) -> IndexError {
+    if budget.expired() {
+        IndexError::DeadlineExceeded
+    } else {
+        error.into()
     }
 }
 

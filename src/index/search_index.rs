@@ -24,8 +24,9 @@ use super::{IndexError, ID_FIELD};
 
 /// Bytes of stored documents compressed together in the doc store. tantivy's default is 16 KiB;
 /// every hit of a search decompresses its whole block, and with documents of a few hundred bytes
-/// a page of ten hits spent more CPU in lz4 than in ranking. 4 KiB blocks cost a few percent of
-/// doc store size (docs/performance.md) and read back four times less per hit.
+/// lz4 was about an eighth of a search's CPU on the node (docs/performance.md). 4 KiB blocks
+/// decompress a quarter as much per hit; the store grew 8.6% on the bench's corpus. tantivy's
+/// cache of decompressed blocks (100 per segment) holds a quarter as many bytes with them.
 pub const DOCSTORE_BLOCK_BYTES: usize = 4096;
 
 /// The settings a new index is created with (an existing index keeps those in its meta.json).

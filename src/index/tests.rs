@@ -1015,7 +1015,12 @@ fn a_search_without_facets_or_sort_answers_as_the_general_collectors_do() {
             });
             index.prepare_put(&format!("b{number}"), &document.to_string()).unwrap()
         })
-        .chain([IndexOperation::Delete { id: "b12".to_string() }, IndexOperation::Commit])
+        // One deletion in the new segment, one in the older one.
+        .chain([
+            IndexOperation::Delete { id: "b12".to_string() },
+            IndexOperation::Delete { id: "b3".to_string() },
+            IndexOperation::Commit,
+        ])
         .collect();
     index.apply(&more, None).unwrap();
     let limits = QueryLimits::default();
@@ -1034,6 +1039,7 @@ fn a_search_without_facets_or_sort_answers_as_the_general_collectors_do() {
         ("title:b1 OR segment", 2, 4, false, false),
         ("book", 0, 10, false, true),
         ("nothing-matches-this", 0, 10, false, false),
+        ("book", 40, 10, false, false),
     ];
     for &(query_text, from, limit, exclude_count, exclude_docs) in cases {
         let plain = SearchRequest {
@@ -1060,9 +1066,13 @@ fn a_search_without_facets_or_sort_answers_as_the_general_collectors_do() {
     }
     // And the answers are what the documents say.
     let response = index.search_within(&query("book", 100), &limits, budgets[1]).unwrap();
-    assert_eq!(response.count, Some(29));
-    assert_eq!(response.docs.len(), 29);
+    assert_eq!(response.count, Some(28));
+    assert_eq!(response.docs.len(), 28);
     assert!(!hit_ids(&response).contains(&"b12".to_string()));
+    assert!(!hit_ids(&response).contains(&"b3".to_string()));
+    let past_the_end = SearchRequest { from: 40, ..query("book", 10) };
+    let response = index.search_within(&past_the_end, &limits, budgets[1]).unwrap();
+    assert_eq!((response.count, response.docs.len()), (Some(28), 0));
     assert!(response.docs.windows(2).all(|pair| pair[0].score >= pair[1].score));
 }
 
@@ -1077,7 +1087,7 @@ fn a_new_index_stores_documents_in_small_blocks_and_an_old_one_keeps_its_own() {
     let (directory, index) = open_example_index();
     put(&index, "a", r#"{"title": "small blocks"}"#);
     commit(&index);
-    assert_eq!(docstore_blocksize(directory.path()), DOCSTORE_BLOCK_BYTES as u64);
+    assert_eq!(docstore_blocksize(directory.path()), 4096);
 
     // An index made with tantivy's defaults (16 KiB blocks, as before) opens, takes writes and
     // keeps its setting.
