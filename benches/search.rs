@@ -1,6 +1,7 @@
 //! Search latency and throughput, in one run, over the same data: tantivy in-process (the
 //! baseline), then one node through its QUIC client, its REST gateway (`POST /v1/search`) and its
-//! Elasticsearch `_search` (the JSON query language), at concurrency 1, 8 and 32.
+//! Elasticsearch `_search` (the JSON query language), at concurrency 1, 8 and 32; and a QUIC
+//! request with nothing to search for, the floor of the transport and the request path.
 //!
 //! `just bench` (or `cargo bench --bench search`). The corpus is real English text, the articles
 //! of the GCIDE dictionary (`benches/common/corpus.rs`, fetched with `apt-get download
@@ -316,6 +317,35 @@ async fn main() {
                 .await
             };
             figures.push(quic);
+        }
+
+        if wanted("QUIC empty") {
+            // The same round trip with nothing to search for (no count, no documents): what the
+            // transport and the node's request path cost on their own.
+            let files = client_files.clone();
+            let address = node.local_address().to_string();
+            let figure = measure(
+                "QUIC empty request (floor)",
+                concurrency,
+                total,
+                |_| {
+                    let options = ClientOptions::new(vec![address.clone()], files.clone());
+                    async move { Arc::new(Client::connect(options).expect("client")) }
+                },
+                move |client, _| async move {
+                    let request = SearchRequest {
+                        query: "*".to_string(),
+                        limit: 0,
+                        exclude_count: true,
+                        exclude_docs: true,
+                        ..Default::default()
+                    };
+                    client.search(request, Consistency::Local).await.expect("search");
+                    client
+                },
+            )
+            .await;
+            figures.push(figure);
         }
 
         for (name, path) in
