@@ -9,8 +9,8 @@
 //! top 10, the count of matches, and the stored documents. `BAYARD_BENCH_DOCUMENTS` (default
 //! 50000) and `BAYARD_BENCH_QUERIES` (default 1000) size it; `BAYARD_BENCH_CONCURRENCY` (say
 //! `8`) and `BAYARD_BENCH_PATHS` (words of the rows' names, say `quic,in-process`) run only some
-//! rows, for a profile of one. Everything (node and load
-//! generator) shares this machine's cores: CPU per query is the whole process's.
+//! rows, for a profile of one. Everything (node and load generator) shares this machine's
+//! cores: CPU per query is the whole process's.
 
 mod common;
 
@@ -134,6 +134,7 @@ impl RawTantivy {
 }
 
 const TANTIVY_SERVE: &str = "tantivy serve (HTTP, Connection: close)";
+const QUIC_FLOOR: &str = "QUIC empty request (floor)";
 
 fn print_table(figures: &[Figure]) {
     println!(
@@ -319,13 +320,13 @@ async fn main() {
             figures.push(quic);
         }
 
-        if wanted("QUIC empty") {
+        if wanted(QUIC_FLOOR) {
             // The same round trip with nothing to search for (no count, no documents): what the
             // transport and the node's request path cost on their own.
             let files = client_files.clone();
             let address = node.local_address().to_string();
             let figure = measure(
-                "QUIC empty request (floor)",
+                QUIC_FLOOR,
                 concurrency,
                 total,
                 |_| {
