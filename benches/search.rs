@@ -133,7 +133,9 @@ impl RawTantivy {
     }
 }
 
+const IN_PROCESS: &str = "tantivy in-process";
 const TANTIVY_SERVE: &str = "tantivy serve (HTTP, Connection: close)";
+const QUIC_CLIENT: &str = "QUIC client";
 const QUIC_FLOOR: &str = "QUIC empty request (floor)";
 
 fn print_table(figures: &[Figure]) {
@@ -158,9 +160,9 @@ fn print_table(figures: &[Figure]) {
             figure.p50.as_secs_f64() * 1000.0,
             figure.p99.as_secs_f64() * 1000.0,
             figure.cpu_per_query.as_secs_f64() * 1000.0,
-            ratio(same("tantivy in-process")),
+            ratio(same(IN_PROCESS)),
             ratio(same(TANTIVY_SERVE)),
-            ratio(same("QUIC client")),
+            ratio(same(QUIC_CLIENT)),
         );
     }
 }
@@ -187,21 +189,18 @@ async fn main() {
         }
     };
 
-    let megabytes = |bytes: u64| bytes as f64 / 1e6;
-    match &tantivy_serve {
-        Some(server) => println!(
-            "doc store: {:.1} MB in {} B blocks (the node's settings, the in-process index), {:.1} MB in \
-             tantivy's default 16384 B blocks (the tantivy serve index)",
-            megabytes(common::doc_store_bytes(raw_directory.path())),
-            bayard::index::DOCSTORE_BLOCK_BYTES,
-            megabytes(common::doc_store_bytes(server.directory.path())),
-        ),
-        None => println!(
-            "doc store: {:.1} MB in {} B blocks (the node's settings, the in-process index)",
-            megabytes(common::doc_store_bytes(raw_directory.path())),
-            bayard::index::DOCSTORE_BLOCK_BYTES,
-        ),
-    }
+    let megabytes = |directory: &std::path::Path| common::doc_store_bytes(directory) as f64 / 1e6;
+    let default_blocks = tantivy_serve.as_ref().map_or(String::new(), |server| {
+        format!(
+            ", {:.1} MB in tantivy's default 16384 B blocks (the tantivy serve index)",
+            megabytes(server.directory.path())
+        )
+    });
+    println!(
+        "doc store: {:.1} MB in {} B blocks (the node's settings, the in-process index){default_blocks}",
+        megabytes(raw_directory.path()),
+        bayard::index::DOCSTORE_BLOCK_BYTES,
+    );
 
     let certificates = Certificates::new();
     let data = tempfile::tempdir().expect("temp dir");
@@ -236,14 +235,20 @@ async fn main() {
         .map(|list| list.split(',').map(|word| word.trim().to_lowercase()).filter(|word| !word.is_empty()).collect())
         .unwrap_or_default();
     let wanted = |name: &str| path_words.is_empty() || path_words.iter().any(|word| name.to_lowercase().contains(word));
+    // Each QUIC worker has its own client, and so its own connection.
+    let node_address = node.local_address().to_string();
+    let connect_quic = |_worker: usize| {
+        let options = ClientOptions::new(vec![node_address.clone()], client_files.clone());
+        async move { Arc::new(Client::connect(options).expect("client")) }
+    };
     let mut figures = Vec::new();
     for concurrency in concurrencies {
         let total = queries.len().max(concurrency * 100);
-        if wanted("tantivy in-process") {
+        if wanted(IN_PROCESS) {
             let in_process = {
                 let (raw, queries) = (raw.clone(), queries.clone());
                 measure(
-                    "tantivy in-process",
+                    IN_PROCESS,
                     concurrency,
                     total,
                     |_| async {},
@@ -289,32 +294,21 @@ async fn main() {
             figures.push(figure);
         }
 
-        if wanted("QUIC client") {
+        if wanted(QUIC_CLIENT) {
             let quic = {
                 let queries = queries.clone();
-                let files = client_files.clone();
-                let address = node.local_address().to_string();
-                measure(
-                    "QUIC client",
-                    concurrency,
-                    total,
-                    |_| {
-                        let options = ClientOptions::new(vec![address.clone()], files.clone());
-                        async move { Arc::new(Client::connect(options).expect("client")) }
-                    },
-                    move |client, number| {
-                        let queries = queries.clone();
-                        async move {
-                            let request = SearchRequest {
-                                query: queries[number % queries.len()].clone(),
-                                limit: 10,
-                                ..Default::default()
-                            };
-                            client.search(request, Consistency::Local).await.expect("search");
-                            client
-                        }
-                    },
-                )
+                measure(QUIC_CLIENT, concurrency, total, &connect_quic, move |client, number| {
+                    let queries = queries.clone();
+                    async move {
+                        let request = SearchRequest {
+                            query: queries[number % queries.len()].clone(),
+                            limit: 10,
+                            ..Default::default()
+                        };
+                        client.search(request, Consistency::Local).await.expect("search");
+                        client
+                    }
+                })
                 .await
             };
             figures.push(quic);
@@ -323,28 +317,17 @@ async fn main() {
         if wanted(QUIC_FLOOR) {
             // The same round trip with nothing to search for (no count, no documents): what the
             // transport and the node's request path cost on their own.
-            let files = client_files.clone();
-            let address = node.local_address().to_string();
-            let figure = measure(
-                QUIC_FLOOR,
-                concurrency,
-                total,
-                |_| {
-                    let options = ClientOptions::new(vec![address.clone()], files.clone());
-                    async move { Arc::new(Client::connect(options).expect("client")) }
-                },
-                move |client, _| async move {
-                    let request = SearchRequest {
-                        query: "*".to_string(),
-                        limit: 0,
-                        exclude_count: true,
-                        exclude_docs: true,
-                        ..Default::default()
-                    };
-                    client.search(request, Consistency::Local).await.expect("search");
-                    client
-                },
-            )
+            let figure = measure(QUIC_FLOOR, concurrency, total, &connect_quic, move |client, _| async move {
+                let request = SearchRequest {
+                    query: "*".to_string(),
+                    limit: 0,
+                    exclude_count: true,
+                    exclude_docs: true,
+                    ..Default::default()
+                };
+                client.search(request, Consistency::Local).await.expect("search");
+                client
+            })
             .await;
             figures.push(figure);
         }

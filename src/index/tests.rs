@@ -1070,10 +1070,10 @@ fn a_search_without_facets_or_sort_answers_as_the_general_collectors_do() {
     assert_eq!(response.docs.len(), 28);
     assert!(!hit_ids(&response).contains(&"b12".to_string()));
     assert!(!hit_ids(&response).contains(&"b3".to_string()));
+    assert!(response.docs.windows(2).all(|pair| pair[0].score >= pair[1].score));
     let past_the_end = SearchRequest { from: 40, ..query("book", 10) };
     let response = index.search_within(&past_the_end, &limits, budgets[1]).unwrap();
     assert_eq!((response.count, response.docs.len()), (Some(28), 0));
-    assert!(response.docs.windows(2).all(|pair| pair[0].score >= pair[1].score));
 }
 
 fn docstore_blocksize(directory: &Path) -> u64 {
